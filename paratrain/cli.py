@@ -1,0 +1,150 @@
+"""`paratrain` command line. Bad input: one line on stderr and exit status 2, before any worker."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from paratrain.config import ConfigError, RunConfig, load_toml, merge, parse_layout, validate
+
+# flag -> (section, setting, type). Every flag defaults to None: "not given", so that the
+# TOML file (--config) can supply a value and a flag overrides it.
+FLAGS: dict[str, tuple[str, str, type, str]] = {
+    "--model": ("model", "name", str, "model preset: tiny, small, gpt2, gpt2-medium"),
+    "--dp": ("layout", "dp", int, "data-parallel degree"),
+    "--tp": ("layout", "tp", int, "tensor-parallel degree"),
+    "--pp": ("layout", "pp", int, "pipeline-parallel degree"),
+    "--zero": ("layout", "zero", int, "ZeRO stage 0..3"),
+    "--schedule": ("layout", "schedule", str, "pipeline schedule: gpipe, 1f1b, interleaved"),
+    "--microbatches": ("layout", "microbatches", int, "micro-batches per step (gradient accumulation in dp)"),
+    "--global-batch": ("train", "global_batch", int, "sequences per optimizer step, over all ranks"),
+    "--seq-len": ("train", "seq_len", int, "tokens per sequence"),
+    "--steps": ("train", "steps", int, "optimizer steps"),
+    "--lr": ("train", "lr", float, "peak learning rate (warm-up then cosine decay)"),
+    "--warmup-steps": ("train", "warmup_steps", int, "linear warm-up steps"),
+    "--grad-clip": ("train", "grad_clip", float, "clip the global gradient norm (0: off)"),
+    "--seed": ("train", "seed", int, "seed of the weights and the batches"),
+    "--precision": ("train", "precision", str, "fp32, bf16 or fp16"),
+    "--device": ("train", "device", str, "cpu (gloo) or cuda (NCCL); default: cuda if present"),
+    "--bucket-mb": ("train", "bucket_mb", float, "data-parallel gradient bucket size in MiB"),
+    "--eval-every": ("train", "eval_every", int, "validation every N steps (0: at the end only)"),
+    "--metrics": ("train", "metrics", str, "write JSON-lines metrics to this file"),
+    "--max-restarts": ("train", "max_restarts", int, "restart the workers up to R times after a failure"),
+    "--compress": ("train", "compress", str, "gradient compression: none, fp16, bf16, topk:R, powersgd:R"),
+    "--sync": ("train", "sync", str, "allreduce or ps (parameter server)"),
+    "--servers": ("train", "servers", int, "parameter servers with --sync ps"),
+    "--staleness": ("train", "staleness", int, "bounded staleness for --sync ps (-1: asynchronous)"),
+    "--simulate-failure": ("train", "simulate_failure", str, "testing aid: RANK:STEP raises in that rank"),
+    "--data": ("data", "path", str, "'stdlib' (default) or a text file or folder of text files"),
+    "--checkpoint-dir": ("checkpoint", "dir", str, "checkpoint folder"),
+    "--checkpoint-every": ("checkpoint", "every", int, "save every N steps"),
+}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but an error is one line (no usage block) and exit status 2."""
+
+    def error(self, message: str):
+        fail(message)
+
+
+def fail(message: str):
+    print(f"paratrain: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="paratrain", description="Distributed training on torch.distributed.")
+    sub = parser.add_subparsers(dest="command", parser_class=OneLineParser)
+    train = sub.add_parser("train", help="train a model (no flags: `small` on the stdlib corpus)")
+    train.add_argument("--config", help="TOML file with [model] [layout] [train] [data] [checkpoint] tables")
+    train.add_argument("--layout", help="a layout such as dp=2,tp=1,pp=1,zero=0, or 'auto'")
+    for flag, (_, _, typ, help_) in FLAGS.items():
+        train.add_argument(flag, type=typ, default=None, help=help_)
+    train.add_argument("--resume", action="store_true", default=None, help="resume from the latest checkpoint")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def default_layout_dp(global_batch: int, device: str) -> int:
+    """A local data-parallel degree for this machine: one rank per GPU, or per core (up to 4) on CPU."""
+    from paratrain.launch import cpu_count
+
+    if device == "cuda":
+        import torch
+
+        limit = torch.cuda.device_count()
+    else:
+        limit = min(cpu_count(), 4)
+    dp = 1
+    while dp * 2 <= limit and global_batch % (dp * 2) == 0:
+        dp *= 2
+    return dp
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    cfg = RunConfig()
+    toml = load_toml(args.config) if args.config else {}
+    merge(cfg, toml, source=args.config)
+    layout_given = "layout" in toml
+    device_given = "device" in toml.get("train", {}) or args.device is not None
+    if args.layout:
+        if args.layout == "auto":
+            raise ConfigError("--layout: auto (the planner's choice) is not yet supported in this version")
+        lay = parse_layout(args.layout)
+        cfg.layout.dp, cfg.layout.tp, cfg.layout.pp, cfg.layout.zero = lay.dp, lay.tp, lay.pp, lay.zero
+        layout_given = True
+    overrides: dict[str, dict] = {}
+    for flag, (section, name, _, _) in FLAGS.items():
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if value is not None:
+            overrides.setdefault(section, {})[name] = value
+            layout_given = layout_given or flag in ("--dp", "--tp", "--pp")
+    if args.resume is not None:
+        overrides.setdefault("checkpoint", {})["resume"] = True
+    merge(cfg, overrides, source="flags")
+    if args.no_progress:
+        cfg.train.progress = False
+    if not device_given:
+        import torch
+
+        cfg.train.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not layout_given:
+        cfg.layout.dp = default_layout_dp(cfg.train.global_batch, cfg.train.device)
+    return cfg
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import os
+
+    from paratrain.launch import WorkerFailed, launch, run_worker, under_torchrun
+
+    try:
+        cfg = config_from_args(args)
+        world = int(os.environ["WORLD_SIZE"]) if under_torchrun() else None
+        validate(cfg, world_size=world)
+    except ConfigError as e:
+        fail(str(e))
+    if under_torchrun():
+        run_worker(cfg.to_dict())
+        return 0
+    try:
+        launch(cfg)
+    except WorkerFailed as e:
+        for line in e.lines:
+            print(f"paratrain: {line}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "train":
+        return cmd_train(args)
+    parser.print_help()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""Thin wrappers over torch.distributed collectives that record every call.
+
+Each call adds the payload it hands to the engine (the tensor's bytes, i.e. what this rank
+contributes) and one to the count of its operation. The trainer sums the bytes over ranks for
+the metrics' `comm_bytes` and tests assert the number of collectives a scheme promises. On the
+wire a ring all-reduce moves 2(n-1)/n times the payload per rank; the payload is what we count.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class CommStats:
+    bytes: int = 0
+    calls: Counter = field(default_factory=Counter)
+
+    def record(self, op: str, tensor: torch.Tensor, group: dist.ProcessGroup | None) -> None:
+        if group is not None and dist.get_world_size(group) == 1:
+            return  # a group of one sends nothing
+        self.bytes += tensor.numel() * tensor.element_size()
+        self.calls[op] += 1
+
+    def reset(self) -> None:
+        self.bytes = 0
+        self.calls.clear()
+
+
+def all_reduce(tensor: torch.Tensor, group: dist.ProcessGroup, stats: CommStats,
+               op: dist.ReduceOp = dist.ReduceOp.SUM, async_op: bool = False):
+    stats.record("all_reduce", tensor, group)
+    return dist.all_reduce(tensor, op=op, group=group, async_op=async_op)
+
+
+def broadcast(tensor: torch.Tensor, src: int, group: dist.ProcessGroup, stats: CommStats,
+              async_op: bool = False):
+    """Broadcast from global rank `src` to every rank of `group`."""
+    stats.record("broadcast", tensor, group)
+    return dist.broadcast(tensor, src=src, group=group, async_op=async_op)

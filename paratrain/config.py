@@ -1,0 +1,277 @@
+"""Run configuration: dataclasses, TOML loading, flag overrides and validation.
+
+A run is described by one `RunConfig` made of five parts (model, layout, train, data,
+checkpoint). It is built from defaults, then a TOML file (`--config`), then flags, and
+`validate()` rejects impossible settings with one line naming the field *before* any worker
+process starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+from paratrain.models.gpt import PRESETS
+
+
+class ConfigError(ValueError):
+    """An impossible or unsupported setting. Its message is one line naming the field."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "small"  # a preset of paratrain.models.gpt.PRESETS
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+
+
+@dataclass
+class LayoutConfig:
+    dp: int = 1
+    tp: int = 1
+    pp: int = 1
+    zero: int = 0
+    schedule: str = "1f1b"
+    microbatches: int = 1  # per optimizer step: gradient accumulation in dp, pipeline micro-batches in pp
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.tp * self.pp
+
+    def __str__(self) -> str:
+        return format_layout(self)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    global_batch: int = 16  # sequences per optimizer step, over all dp ranks and micro-batches
+    seq_len: int = 128
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # on the global gradient norm; 0 disables clipping
+    seed: int = 1234
+    precision: str = "fp32"
+    device: str = "cpu"
+    bucket_mb: float = 25.0  # data-parallel gradient bucket size
+    eval_every: int = 0  # 0: only at the end
+    eval_batches: int = 4
+    metrics: str | None = None
+    max_restarts: int = 0
+    compress: str = "none"
+    sync: str = "allreduce"
+    servers: int = 0
+    staleness: int = 0
+    simulate_failure: str | None = None  # "RANK:STEP", a testing aid
+    progress: bool = True
+
+
+@dataclass
+class DataConfig:
+    path: str = "stdlib"  # "stdlib" or a text file or a folder of text files
+    val_fraction: float = 0.05
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str | None = None
+    every: int = 0
+    resume: bool = False
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    layout: LayoutConfig = field(default_factory=LayoutConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+        cfg = cls()
+        merge(cfg, d, source="config")
+        return cfg
+
+
+SECTIONS = ("model", "layout", "train", "data", "checkpoint")
+
+
+def format_layout(layout: LayoutConfig) -> str:
+    """The one spelling of a layout used everywhere: `dp=2,tp=1,pp=1,zero=0`."""
+    return f"dp={layout.dp},tp={layout.tp},pp={layout.pp},zero={layout.zero}"
+
+
+def parse_layout(text: str) -> LayoutConfig:
+    """Parse `dp=2,tp=2` (missing keys default to 1, zero to 0; `schedule=` and `mb=` allowed)."""
+    layout = LayoutConfig()
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        key, sep, value = item.partition("=")
+        key = {"mb": "microbatches"}.get(key.strip(), key.strip())
+        if not sep or key not in {f.name for f in dataclasses.fields(LayoutConfig)}:
+            raise ConfigError(f"layout: cannot read {item!r} in {text!r}; write e.g. dp=2,tp=2,pp=1,zero=0")
+        if key == "schedule":
+            layout.schedule = value.strip()
+        else:
+            try:
+                setattr(layout, key, int(value))
+            except ValueError:
+                raise ConfigError(f"layout: {key} must be an integer, got {value!r}") from None
+    return layout
+
+
+def merge(cfg: RunConfig, overrides: dict[str, Any], source: str) -> None:
+    """Apply a nested dict {section: {key: value}} onto `cfg`, rejecting unknown names."""
+    for section, values in overrides.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{source}: unknown section [{section}]; known: {', '.join(SECTIONS)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: [{section}] must be a table of settings")
+        part = getattr(cfg, section)
+        names = {f.name: f for f in dataclasses.fields(part)}
+        for key, value in values.items():
+            if key not in names:
+                raise ConfigError(
+                    f"{source}: unknown setting {section}.{key}; known: {', '.join(sorted(names))}"
+                )
+            setattr(part, key, _coerce(f"{section}.{key}", names[key], value, getattr(part, key)))
+
+
+def _coerce(name: str, f: dataclasses.Field, value: Any, current: Any) -> Any:
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    if value is None:
+        if "None" in kind:
+            return None
+        raise ConfigError(f"{name} cannot be empty")
+    if kind.startswith("bool"):
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    if kind.startswith("int"):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+        return value
+    if kind.startswith("float"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name} must be a number, got {value!r}")
+        return float(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"{name} must be a string, got {value!r}")
+    return value
+
+
+def load_toml(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config: no such file {path!r}")
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"--config: {path} is not valid TOML: {e}") from None
+
+
+# Settings that later parts of paratrain implement. Until then they are refused clearly.
+NOT_YET = {
+    "layout.tp": (lambda c: c.layout.tp != 1, "tensor parallelism (--tp > 1)"),
+    "layout.pp": (lambda c: c.layout.pp != 1, "pipeline parallelism (--pp > 1)"),
+    "layout.zero": (lambda c: c.layout.zero != 0, "ZeRO sharding (--zero > 0)"),
+    "train.precision": (lambda c: c.train.precision != "fp32", "mixed precision (--precision bf16|fp16)"),
+    "train.compress": (lambda c: c.train.compress != "none", "gradient compression (--compress)"),
+    "train.sync": (lambda c: c.train.sync != "allreduce", "parameter servers (--sync ps)"),
+    "train.staleness": (lambda c: c.train.staleness != 0, "asynchronous updates (--staleness)"),
+    "train.servers": (lambda c: c.train.servers != 0, "parameter servers (--servers)"),
+    "checkpoint.dir": (lambda c: c.checkpoint.dir is not None, "checkpoints (--checkpoint-dir)"),
+    "checkpoint.every": (lambda c: c.checkpoint.every != 0, "checkpoints (--checkpoint-every)"),
+    "checkpoint.resume": (lambda c: c.checkpoint.resume, "resuming (--resume)"),
+}
+
+
+def validate(cfg: RunConfig, world_size: int | None = None) -> None:
+    """Reject impossible settings with a one-line ConfigError naming the field and a fix.
+
+    `world_size`, when given (a run under torchrun), must equal dp * tp * pp.
+    """
+    if cfg.model.name not in PRESETS:
+        raise ConfigError(f"--model: unknown model {cfg.model.name!r}; choose one of {', '.join(PRESETS)}")
+    preset = PRESETS[cfg.model.name]
+    lay, tr = cfg.layout, cfg.train
+    for name in ("dp", "tp", "pp", "microbatches"):
+        if getattr(lay, name) < 1:
+            raise ConfigError(f"--{name}: must be at least 1, got {getattr(lay, name)}")
+    if lay.zero not in (0, 1, 2, 3):
+        raise ConfigError(f"--zero: must be 0, 1, 2 or 3, got {lay.zero}")
+    if lay.schedule not in ("gpipe", "1f1b", "interleaved"):
+        raise ConfigError(f"--schedule: must be gpipe, 1f1b or interleaved, got {lay.schedule!r}")
+    if tr.steps < 1:
+        raise ConfigError(f"--steps: must be at least 1, got {tr.steps}")
+    if tr.global_batch < 1:
+        raise ConfigError(f"--global-batch: must be at least 1, got {tr.global_batch}")
+    if tr.global_batch % (lay.dp * lay.microbatches):
+        raise ConfigError(
+            f"--global-batch: {tr.global_batch} sequences do not split evenly over dp={lay.dp} x "
+            f"microbatches={lay.microbatches}; use a multiple of {lay.dp * lay.microbatches}"
+        )
+    if not 1 <= tr.seq_len <= preset.max_seq_len:
+        raise ConfigError(
+            f"--seq-len: must be between 1 and {preset.max_seq_len} for model {cfg.model.name}, got {tr.seq_len}"
+        )
+    if not tr.lr > 0:
+        raise ConfigError(f"--lr: must be positive, got {tr.lr}")
+    if not 0 <= tr.min_lr_ratio <= 1:
+        raise ConfigError(f"train.min_lr_ratio: must be between 0 and 1, got {tr.min_lr_ratio}")
+    if tr.warmup_steps < 0 or tr.grad_clip < 0 or tr.weight_decay < 0:
+        raise ConfigError("train.warmup_steps, train.grad_clip and train.weight_decay must not be negative")
+    if not 0 <= cfg.model.dropout < 1:
+        raise ConfigError(f"model.dropout: must be in [0, 1), got {cfg.model.dropout}")
+    if tr.bucket_mb <= 0:
+        raise ConfigError(f"--bucket-mb: must be positive, got {tr.bucket_mb}")
+    if tr.eval_every < 0 or tr.eval_batches < 1:
+        raise ConfigError("train.eval_every must be >= 0 and train.eval_batches >= 1")
+    if tr.max_restarts < 0:
+        raise ConfigError(f"--max-restarts: must be at least 0, got {tr.max_restarts}")
+    if tr.precision not in ("fp32", "bf16", "fp16"):
+        raise ConfigError(f"--precision: must be fp32, bf16 or fp16, got {tr.precision!r}")
+    if tr.device not in ("cpu", "cuda"):
+        raise ConfigError(f"--device: must be cpu or cuda, got {tr.device!r}")
+    if tr.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("--device: cuda was asked for but torch sees no CUDA device; use --device cpu")
+        if world_size is None and lay.world_size > torch.cuda.device_count():
+            raise ConfigError(
+                f"--device: layout {lay} needs {lay.world_size} GPUs but this machine has "
+                f"{torch.cuda.device_count()}; use torchrun across nodes or a smaller layout"
+            )
+    if tr.simulate_failure is not None:
+        rank, _, step = tr.simulate_failure.partition(":")
+        if not (rank.isdigit() and step.isdigit()) or int(rank) >= lay.world_size:
+            raise ConfigError(
+                f"--simulate-failure: expected RANK:STEP with RANK < {lay.world_size}, got {tr.simulate_failure!r}"
+            )
+    if cfg.data.path != "stdlib" and not os.path.exists(cfg.data.path):
+        raise ConfigError(f"--data: no such file or folder {cfg.data.path!r}; give a text file, a folder, or 'stdlib'")
+    if not 0 < cfg.data.val_fraction < 0.5:
+        raise ConfigError(f"data.val_fraction: must be in (0, 0.5), got {cfg.data.val_fraction}")
+    if world_size is not None and world_size != lay.world_size:
+        raise ConfigError(
+            f"layout: {lay} needs world size {lay.world_size} but the launcher started {world_size} "
+            f"processes; set --dp/--tp/--pp so that dp*tp*pp = {world_size}"
+        )
+    for name, (is_set, what) in NOT_YET.items():
+        if is_set(cfg):
+            raise ConfigError(f"{name}: {what} is not yet supported in this version of paratrain")

@@ -1,0 +1,133 @@
+"""Byte-level text data whose global batch depends only on (seed, step), never on the layout.
+
+The corpus is one stream of bytes (default: the running Python's standard library sources, a
+real text corpus present on every machine). Its tail is held out for validation. The batch of
+step k is drawn with a counter-based generator seeded by (seed, split, k), so every layout sees
+the same sequences, each data-parallel rank takes its contiguous slice, and the loader's whole
+state is the next step number: saving and restoring it is exact.
+"""
+
+from __future__ import annotations
+
+import os
+import sysconfig
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+VOCAB_SIZE = 256
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids 0..255. Lossless for any text, no vocabulary file to ship."""
+
+    vocab_size = VOCAB_SIZE
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids) -> str:
+        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+
+def stdlib_files() -> list[str]:
+    """The `.py` files of the running Python's standard library (third-party packages excluded)."""
+    root = sysconfig.get_paths()["stdlib"]
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "dist-packages", "__pycache__"))
+        files.extend(os.path.join(dirpath, f) for f in sorted(filenames) if f.endswith(".py"))
+    return files
+
+
+def text_files(path: str) -> list[str]:
+    if os.path.isfile(path):
+        return [path]
+    files = []
+    for dirpath, dirnames, filenames in os.walk(path):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        files.extend(os.path.join(dirpath, f) for f in sorted(filenames) if not f.startswith("."))
+    return files
+
+
+def load_corpus(path: str = "stdlib", max_bytes: int = 64 << 20) -> np.ndarray:
+    """Read the corpus into one uint8 array (files in sorted order, at most `max_bytes`)."""
+    files = stdlib_files() if path == "stdlib" else text_files(path)
+    chunks, total = [], 0
+    for f in files:
+        with open(f, "rb") as fh:
+            data = fh.read()
+        if b"\0" in data[:4096]:  # skip binary files in a user's folder
+            continue
+        chunks.append(data)
+        total += len(data)
+        if total >= max_bytes:
+            break
+    corpus = np.frombuffer(b"".join(chunks)[:max_bytes], dtype=np.uint8)
+    if corpus.size == 0:
+        raise ValueError(f"--data: no text found in {path!r}")
+    return corpus
+
+
+@dataclass
+class Batch:
+    inputs: torch.Tensor  # (B, T) int64
+    targets: torch.Tensor  # (B, T) int64, inputs shifted by one
+
+
+class TokenLoader:
+    """Deterministic batches of `global_batch` windows of `seq_len + 1` bytes.
+
+    `batch(step)` is the same on every rank and in every layout; `local_batch(step, dp_rank, dp)`
+    is this rank's contiguous slice of it, and `microbatches(...)` splits that slice further.
+    """
+
+    def __init__(
+        self,
+        corpus: np.ndarray,
+        seq_len: int,
+        global_batch: int,
+        seed: int,
+        val_fraction: float = 0.05,
+    ):
+        if corpus.size < 4 * (seq_len + 1):
+            raise ValueError(f"--data: the corpus has {corpus.size} bytes, too few for --seq-len {seq_len}")
+        n_val = max(int(corpus.size * val_fraction), 2 * (seq_len + 1))
+        self.splits = {"train": corpus[:-n_val], "val": corpus[-n_val:]}
+        self.seq_len = seq_len
+        self.global_batch = global_batch
+        self.seed = seed
+        self.step = 1  # the next training step to serve; the loader's whole state
+
+    def batch(self, step: int, split: str = "train") -> Batch:
+        data = self.splits[split]
+        rng = np.random.default_rng([self.seed, {"train": 0, "val": 1}[split], step])
+        starts = rng.integers(0, data.size - self.seq_len - 1, size=self.global_batch)
+        windows = np.stack([data[s : s + self.seq_len + 1] for s in starts]).astype(np.int64)
+        w = torch.from_numpy(windows)
+        return Batch(inputs=w[:, :-1], targets=w[:, 1:])
+
+    def local_batch(self, step: int, dp_rank: int, dp: int, split: str = "train") -> Batch:
+        full = self.batch(step, split)
+        n = self.global_batch // dp
+        sl = slice(dp_rank * n, (dp_rank + 1) * n)
+        return Batch(inputs=full.inputs[sl], targets=full.targets[sl])
+
+    def next(self, dp_rank: int, dp: int) -> Batch:
+        """This rank's slice of the next training batch; advances the state."""
+        b = self.local_batch(self.step, dp_rank, dp)
+        self.step += 1
+        return b
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["seed"] != self.seed:
+            raise ValueError(f"loader state was saved with seed {state['seed']}, this run uses {self.seed}")
+        self.step = int(state["step"])
+
+
+def split_microbatches(batch: Batch, n: int) -> list[Batch]:
+    return [Batch(i, t) for i, t in zip(batch.inputs.chunk(n), batch.targets.chunk(n))]

@@ -1,0 +1,237 @@
+"""The Trainer: one optimizer step at a time, the same math in every layout.
+
+A step takes the global batch of that step (a function of seed and step only), lets each
+data-parallel rank run its slice in `microbatches` pieces, normalises every loss by the global
+token count (so summed gradients are the gradient of the global mean loss), clips on the global
+gradient norm, and applies AdamW with linear warm-up and cosine decay. One rank writes the
+metrics file of DESIGN.md and shows a progress bar; all ranks contribute measured memory and
+communication figures.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from paratrain.config import RunConfig, format_layout
+from paratrain.data import ByteTokenizer, TokenLoader, load_corpus, split_microbatches
+from paratrain.mesh import Mesh
+from paratrain.models.gpt import build_model, count_params
+from paratrain.parallel.data import DataParallel
+
+
+def lr_at(step: int, base_lr: float, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay to `base_lr * min_ratio` at `total`."""
+    if step <= warmup:
+        return base_lr * step / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Measured peak: allocator high-water mark on CUDA, the process's peak resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+@dataclass
+class StepStats:
+    step: int
+    loss: float
+    tokens: int
+    step_time_s: float
+    peak_mem_bytes: int
+    comm_bytes: int
+    grad_norm: float
+    lr: float
+
+    def as_metrics(self) -> dict:
+        return {
+            "step": self.step,
+            "loss": self.loss,
+            "tokens": self.tokens,
+            "step_time_s": self.step_time_s,
+            "tokens_per_s": self.tokens / self.step_time_s,
+            "peak_mem_bytes": self.peak_mem_bytes,
+            "comm_bytes": self.comm_bytes,
+            "grad_norm": self.grad_norm,
+            "lr": self.lr,
+        }
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, mesh: Mesh, device: torch.device | None = None):
+        self.cfg = cfg
+        self.mesh = mesh
+        self.device = device or torch.device("cpu")
+        self.rank = dist.get_rank()
+        self.dp_rank, self.dp = mesh.coord("dp"), mesh.size("dp")
+        tr = cfg.train
+        model = build_model(cfg.model.name, tr.seed, cfg.model.dropout, cfg.model.tie_embeddings)
+        self.n_params = count_params(model)
+        self.model = DataParallel(model.to(self.device), mesh, bucket_mb=tr.bucket_mb)
+        decay = [p for p in model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in model.parameters() if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": tr.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=tr.lr,
+            betas=(tr.beta1, tr.beta2),
+        )
+        corpus = load_corpus(cfg.data.path)
+        self.corpus_bytes = corpus.size
+        self.loader = TokenLoader(corpus, tr.seq_len, tr.global_batch, tr.seed, cfg.data.val_fraction)
+        self.tokens_per_step = tr.global_batch * tr.seq_len
+        # The rank whose loss counts: every dp replica holds a part of the global batch.
+        self.is_loss_rank = mesh.coord("tp") == 0 and mesh.coord("pp") == mesh.size("pp") - 1
+        fail = tr.simulate_failure
+        self.fail_at = tuple(int(x) for x in fail.split(":")) if fail else None
+
+    # ------------------------------------------------------------------ one step
+    def _loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self.model(inputs.to(self.device))
+        return F.cross_entropy(
+            logits.flatten(0, 1).float(), targets.to(self.device).flatten(), reduction="sum"
+        ) / self.tokens_per_step
+
+    def train_step(self, step: int) -> tuple[torch.Tensor, float, float]:
+        """Forward, backward and update for `step`. Returns (this rank's loss part, grad norm, lr)."""
+        tr = self.cfg.train
+        if self.fail_at == (self.rank, step):
+            raise RuntimeError(f"simulated failure of rank {self.rank} at step {step} (--simulate-failure)")
+        self.model.train()
+        self.model.zero_grad()
+        micro = split_microbatches(self.loader.next(self.dp_rank, self.dp), self.cfg.layout.microbatches)
+        loss_part = torch.zeros((), device=self.device)
+        for i, mb in enumerate(micro):
+            sync = i == len(micro) - 1  # communicate only after the last micro-batch
+            with nullcontext() if sync else self.model.no_sync():
+                loss = self._loss(mb.inputs, mb.targets)
+                loss.backward()
+            loss_part += loss.detach()
+        self.model.finish_grad_sync()
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), tr.grad_clip if tr.grad_clip > 0 else float("inf")
+        )
+        lr = lr_at(step, tr.lr, tr.warmup_steps, tr.steps, tr.min_lr_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        return loss_part, float(grad_norm), lr
+
+    def _gather(self, values: list[float]) -> torch.Tensor:
+        """All ranks' `values` as a (world, len) float64 tensor on CPU (one small collective)."""
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, t)
+        return torch.stack(out).cpu()
+
+    def step(self, step: int) -> StepStats:
+        self.mesh.comm.reset()
+        t0 = time.perf_counter()
+        loss_part, grad_norm, lr = self.train_step(step)
+        loss_value = float(loss_part) if self.is_loss_rank else 0.0  # float() waits for the device
+        dt = time.perf_counter() - t0
+        g = self._gather([loss_value, self.mesh.comm.bytes, peak_memory_bytes(self.device), dt])
+        self.peak_per_rank = [int(x) for x in g[:, 2]]
+        return StepStats(
+            step=step,
+            loss=float(g[:, 0].sum()),
+            tokens=self.tokens_per_step,
+            step_time_s=float(g[:, 3].max()),
+            peak_mem_bytes=max(self.peak_per_rank),
+            comm_bytes=int(g[:, 1].sum()),
+            grad_norm=grad_norm,
+            lr=lr,
+        )
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss per token over `eval_batches` fixed batches of the held-out split."""
+        self.model.eval()
+        total = 0.0
+        n = self.cfg.train.eval_batches
+        for i in range(1, n + 1):
+            b = self.loader.local_batch(i, self.dp_rank, self.dp, split="val")
+            total += float(self._loss(b.inputs, b.targets)) if self.is_loss_rank else 0.0
+        return float(self._gather([total / n])[:, 0].sum())
+
+    def sample(self, prompt: str = "def ", n_new: int = 120) -> str:
+        tok = ByteTokenizer()
+        idx = torch.tensor([tok.encode(prompt)], device=self.device)
+        gen = torch.Generator(device=self.device).manual_seed(self.cfg.train.seed)
+        self.model.eval()
+        out = self.model.module.generate(idx, n_new, generator=gen)
+        return tok.decode(out[0].tolist())
+
+    # ------------------------------------------------------------------ the run
+    def fit(self) -> dict:
+        tr = self.cfg.train
+        lead = self.rank == 0
+        layout = format_layout(self.cfg.layout)
+        metrics = open(tr.metrics, "w") if (lead and tr.metrics) else None
+
+        def emit(record: dict) -> None:
+            if metrics:
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+
+        emit({"event": "start", "layout": layout, "world_size": self.mesh.world_size,
+              "params": self.n_params, "config": self.cfg.to_dict()})
+        if lead:
+            print(f"paratrain: training {self.cfg.model.name} ({self.n_params / 1e6:.2f}M parameters) on "
+                  f"{self.cfg.data.path} ({self.corpus_bytes / 1e6:.1f} MB) with {layout}, "
+                  f"{tr.global_batch} x {tr.seq_len} tokens per step, device {self.device.type}", flush=True)
+        bar = tqdm(total=tr.steps, disable=not (lead and tr.progress), desc="train", unit="step",
+                   dynamic_ncols=True, file=sys.stderr)
+        losses, val_losses, times = [], [], []
+        first = last = None
+        for k in range(self.loader.step, tr.steps + 1):
+            s = self.step(k)
+            losses.append(s.loss)
+            times.append(s.step_time_s)
+            first = first or s
+            last = s
+            emit(s.as_metrics())
+            bar.set_postfix(loss=f"{s.loss:.3f}", tok_s=f"{s.tokens / s.step_time_s:,.0f}")
+            bar.update(1)
+            if tr.eval_every and k % tr.eval_every == 0 and k != tr.steps:
+                val_losses.append((k, self.evaluate()))
+                emit({"event": "eval", "step": k, "val_loss": val_losses[-1][1]})
+        bar.close()
+        val = self.evaluate()
+        val_losses.append((tr.steps, val))
+        steady = times[1:] or times  # the first step pays for warm-up; leave it out if we can
+        throughput = self.tokens_per_step * len(steady) / sum(steady)
+        sample = self.sample() if lead else ""
+        summary = {
+            "event": "end",
+            "steps": tr.steps,
+            "final_loss": last.loss,
+            "first_loss": first.loss,
+            "val_loss": val,
+            "tokens_per_s": throughput,
+            "peak_mem_bytes_per_rank": self.peak_per_rank,
+            "layout": layout,
+            "sample": sample,
+        }
+        emit(summary)
+        if metrics:
+            metrics.close()
+        if lead:
+            mem = ", ".join(f"rank {r} {b / 2**20:,.0f} MiB" for r, b in enumerate(self.peak_per_rank))
+            print(f"paratrain: done. loss {first.loss:.3f} (step 1) -> {last.loss:.3f} (step {tr.steps}), "
+                  f"validation loss {val:.3f}", flush=True)
+            print(f"  throughput {throughput:,.0f} tokens/s over steps 2-{tr.steps}; peak memory: {mem}")
+            print(f"  sample: {sample!r}", flush=True)
+        return {"losses": losses, "val_losses": val_losses, **summary}
