@@ -51,7 +51,7 @@ class LayoutConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 100
+    steps: int = 200
     global_batch: int = 16  # sequences per optimizer step, over all dp ranks and micro-batches
     seq_len: int = 128
     lr: float = 2e-3

@@ -90,7 +90,8 @@ def launch(cfg: RunConfig) -> dict:
 
     nproc = cfg.layout.world_size
     # The engine logs each restart and failure at length; the user gets our one line per rank.
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    for name in ("torch.distributed.elastic", "torch.multiprocessing"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     os.environ["OMP_NUM_THREADS"] = str(threads_per_worker(nproc))
     config = LaunchConfig(
         min_nodes=1,
