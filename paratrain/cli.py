@@ -34,7 +34,7 @@ FLAGS: dict[str, tuple[str, str, type, str]] = {
     "--sync": ("train", "sync", str, "allreduce or ps (parameter server)"),
     "--servers": ("train", "servers", int, "parameter servers with --sync ps"),
     "--staleness": ("train", "staleness", int, "bounded staleness for --sync ps (-1: asynchronous)"),
-    "--simulate-failure": ("train", "simulate_failure", str, "testing aid: RANK:STEP raises in that rank"),
+    "--simulate-failure": ("train", "simulate_failure", str, "testing aid: RANK:STEP raises there (first attempt only)"),
     "--data": ("data", "path", str, "'stdlib' (default) or a text file or folder of text files"),
     "--checkpoint-dir": ("checkpoint", "dir", str, "checkpoint folder"),
     "--checkpoint-every": ("checkpoint", "every", int, "save every N steps"),

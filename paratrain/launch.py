@@ -52,12 +52,35 @@ def run_worker(cfg_dict: dict) -> dict:
     else:
         device = torch.device("cpu")
         backend = "gloo"
-    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10))
+    init_process_group(backend)
     try:
         mesh = Mesh.build(cfg.layout.dp, cfg.layout.tp, cfg.layout.pp, device_type=device.type)
         return Trainer(cfg, mesh, device).fit()
     finally:
         dist.destroy_process_group()
+
+
+def init_process_group(backend: str, timeout: datetime.timedelta = datetime.timedelta(minutes=10)) -> None:
+    """Join the default group from the launcher's environment (torchrun or our elastic launch).
+
+    Under the elastic agent every restart reuses the agent's TCPStore, where the previous
+    attempt's keys (such as the gloo peers' addresses) are still present: a restarted worker
+    could read a dead peer's address and fail to connect. Each attempt therefore gets its own
+    key prefix.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        dist.init_process_group(backend, timeout=timeout)
+        return
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=timeout)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(
+        backend,
+        store=dist.PrefixStore(f"paratrain/attempt_{attempt}", store),
+        rank=int(os.environ["RANK"]),
+        world_size=int(os.environ["WORLD_SIZE"]),
+        timeout=timeout,
+    )
 
 
 class WorkerFailed(RuntimeError):

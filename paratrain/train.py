@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import sys
 import time
@@ -94,8 +95,10 @@ class Trainer:
         self.tokens_per_step = tr.global_batch * tr.seq_len
         # The rank whose loss counts: every dp replica holds a part of the global batch.
         self.is_loss_rank = mesh.coord("tp") == 0 and mesh.coord("pp") == mesh.size("pp") - 1
+        # --simulate-failure RANK:STEP: a transient fault, raised in the first attempt only
         fail = tr.simulate_failure
-        self.fail_at = tuple(int(x) for x in fail.split(":")) if fail else None
+        first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+        self.fail_at = tuple(int(x) for x in fail.split(":")) if fail and first_attempt else None
 
     # ------------------------------------------------------------------ one step
     def _loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

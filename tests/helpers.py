@@ -1,0 +1,59 @@
+"""Spawn N gloo ranks on CPU for a test and collect what each returns."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import pickle
+import tempfile
+import traceback
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+
+def _entry(fn: Callable, rank: int, world: int, init_file: str, queue, args: tuple) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+        # plain pickle: tensors travel by value, not as shared memory that dies with the process
+        queue.put((rank, True, pickle.dumps(fn(*args))))
+    except BaseException:
+        queue.put((rank, False, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def spawn(fn: Callable, world: int, *args: Any, timeout: float = 180) -> list[Any]:
+    """Run `fn(*args)` on `world` ranks (process group already initialised); return per-rank results."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = os.path.join(tmp, "init")
+        procs = [ctx.Process(target=_entry, args=(fn, r, world, init_file, queue, args)) for r in range(world)]
+        for p in procs:
+            p.start()
+        results: dict[int, Any] = {}
+        errors = []
+        for _ in range(world):
+            try:
+                rank, ok, value = queue.get(timeout=timeout)
+            except Exception as e:
+                errors.append(f"no answer from some rank within {timeout} s ({e!r})")
+                break
+            if ok:
+                results[rank] = pickle.loads(value)
+            else:
+                errors.append(f"rank {rank}:\n{value}")
+            if errors:
+                break
+        for p in procs:
+            p.join(timeout=5 if errors else timeout)
+            if p.is_alive():
+                p.kill()
+    if errors:
+        raise AssertionError("\n".join(errors))
+    return [results[r] for r in range(world)]
