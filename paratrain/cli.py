@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--layout", help="a layout such as dp=2,tp=1,pp=1,zero=0, or 'auto'")
     for flag, (_, _, typ, help_) in FLAGS.items():
         train.add_argument(flag, type=typ, default=None, help=help_)
+    train.add_argument("--sequence-parallel", action="store_true", default=None,
+                       help="with --tp: shard norms and dropout along the sequence (reduce-scatter + all-gather)")
     train.add_argument("--resume", action="store_true", default=None, help="resume from the latest checkpoint")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
@@ -100,6 +102,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         if value is not None:
             overrides.setdefault(section, {})[name] = value
             layout_given = layout_given or flag in ("--dp", "--tp", "--pp")
+    if args.sequence_parallel is not None:
+        overrides.setdefault("layout", {})["sequence_parallel"] = True
     if args.resume is not None:
         overrides.setdefault("checkpoint", {})["resume"] = True
     merge(cfg, overrides, source="flags")

@@ -40,6 +40,7 @@ class LayoutConfig:
     zero: int = 0
     schedule: str = "1f1b"
     microbatches: int = 1  # per optimizer step: gradient accumulation in dp, pipeline micro-batches in pp
+    sequence_parallel: bool = False  # with tp > 1: norms and dropout on sequence shards
 
     @property
     def world_size(self) -> int:
@@ -186,7 +187,6 @@ def load_toml(path: str) -> dict[str, Any]:
 
 # Settings that later parts of paratrain implement. Until then they are refused clearly.
 NOT_YET = {
-    "layout.tp": (lambda c: c.layout.tp != 1, "tensor parallelism (--tp > 1)"),
     "layout.pp": (lambda c: c.layout.pp != 1, "pipeline parallelism (--pp > 1)"),
     "layout.zero": (lambda c: c.layout.zero != 0, "ZeRO sharding (--zero > 0)"),
     "train.precision": (lambda c: c.train.precision != "fp32", "mixed precision (--precision bf16|fp16)"),
@@ -216,6 +216,18 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         raise ConfigError(f"--zero: must be 0, 1, 2 or 3, got {lay.zero}")
     if lay.schedule not in ("gpipe", "1f1b", "interleaved"):
         raise ConfigError(f"--schedule: must be gpipe, 1f1b or interleaved, got {lay.schedule!r}")
+    if lay.tp > 1:
+        for what, n in (("attention heads", preset.n_head), ("hidden size", preset.d_model),
+                        ("MLP size", preset.d_mlp), ("vocabulary", preset.vocab_size)):
+            if n % lay.tp:
+                raise ConfigError(
+                    f"--tp: model {cfg.model.name} has {n} {what}, not divisible by tp={lay.tp}; "
+                    f"use a tp that divides {n}"
+                )
+    if lay.sequence_parallel and tr.seq_len % lay.tp:
+        raise ConfigError(
+            f"--sequence-parallel: --seq-len {tr.seq_len} is not divisible by tp={lay.tp}; use a multiple of {lay.tp}"
+        )
     if tr.steps < 1:
         raise ConfigError(f"--steps: must be at least 1, got {tr.steps}")
     if tr.global_batch < 1:

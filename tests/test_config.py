@@ -58,7 +58,8 @@ BAD = [
     (["--data", "/no/such/file.txt"], "--data"),
     (["--steps", "ten"], "--steps"),
     (["--bogus-flag"], "unrecognized"),
-    (["--tp", "2"], "not yet supported"),
+    (["--tp", "3"], "--tp"),  # 4 heads
+    (["--tp", "2", "--sequence-parallel", "--seq-len", "33"], "--sequence-parallel"),
     (["--pp", "2"], "not yet supported"),
     (["--layout", "auto"], "--layout"),
     (["--layout", "dp=x"], "layout"),

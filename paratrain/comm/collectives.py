@@ -42,3 +42,28 @@ def broadcast(tensor: torch.Tensor, src: int, group: dist.ProcessGroup, stats: C
     """Broadcast from global rank `src` to every rank of `group`."""
     stats.record("broadcast", tensor, group)
     return dist.broadcast(tensor, src=src, group=group, async_op=async_op)
+
+
+# torch 2.13 renamed the tensor forms of these two collectives; accept both spellings.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def all_gather(tensor: torch.Tensor, group: dist.ProcessGroup, stats: CommStats, dim: int = 0) -> torch.Tensor:
+    """Concatenate every rank's `tensor` along `dim`, in group-rank order."""
+    n = dist.get_world_size(group)
+    stats.record("all_gather", tensor, group)
+    x = tensor.movedim(dim, 0).contiguous()
+    out = torch.empty((n * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+    _all_gather_single(out, x, group=group)
+    return out.movedim(0, dim)
+
+
+def reduce_scatter(tensor: torch.Tensor, group: dist.ProcessGroup, stats: CommStats, dim: int = 0) -> torch.Tensor:
+    """Sum over ranks, then keep this rank's chunk of the result along `dim`."""
+    n = dist.get_world_size(group)
+    stats.record("reduce_scatter", tensor, group)
+    x = tensor.movedim(dim, 0).contiguous()
+    out = torch.empty((x.shape[0] // n, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    _reduce_scatter_single(out, x, group=group)
+    return out.movedim(0, dim)
