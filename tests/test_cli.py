@@ -34,7 +34,7 @@ def test_train_writes_the_metrics_contract(tmp_path):
         assert STEP_KEYS <= set(s)
         assert s["tokens"] == 8 * 32 and s["peak_mem_bytes"] > 10 * 2**20
         assert s["tokens_per_s"] == pytest.approx(s["tokens"] / s["step_time_s"])
-    # dp=2: each rank hands every gradient byte to all-reduce once per step (tied head counted once)
+    # dp=2: a ring all-reduce of the 4P gradient bytes sends 2(n-1)/n * 4P = 4P from each rank
     assert steps[0]["comm_bytes"] == 2 * 4 * start["params"]
     assert end["event"] == "end" and end["steps"] == 4 and end["final_loss"] == steps[-1]["loss"]
     assert end["tokens_per_s"] > 0 and len(end["peak_mem_bytes_per_rank"]) == 2

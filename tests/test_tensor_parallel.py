@@ -132,16 +132,16 @@ def _count_collectives(n_layer, sp):
     mesh.comm.reset()
     logits = model(ids)
     loss = vocab_parallel_cross_entropy(logits, ids, TPGroup.from_mesh(mesh)).sum()
-    forward = dict(mesh.comm.calls)
+    forward, forward_bytes = dict(mesh.comm.calls), mesh.comm.bytes
     mesh.comm.reset()
     loss.backward()
-    return forward, dict(mesh.comm.calls)
+    return forward, dict(mesh.comm.calls), forward_bytes + mesh.comm.bytes
 
 
 @pytest.mark.parametrize("sp", [False, True], ids=["no-sp", "sp"])
 def test_collectives_per_block(sp):
-    f2, b2 = spawn(_count_collectives, 2, 2, sp)[0]  # 2 blocks
-    f3, b3 = spawn(_count_collectives, 2, 3, sp)[0]  # 3 blocks: the difference is one block
+    f2, b2, _ = spawn(_count_collectives, 2, 2, sp)[0]  # 2 blocks
+    f3, b3, _ = spawn(_count_collectives, 2, 3, sp)[0]  # 3 blocks: the difference is one block
 
     def per_block(a, b):
         return {op: b.get(op, 0) - a.get(op, 0) for op in set(a) | set(b) if b.get(op, 0) != a.get(op, 0)}
@@ -152,6 +152,16 @@ def test_collectives_per_block(sp):
     else:  # Megatron: attention and MLP each one all-reduce forward and one backward
         assert per_block(f2, f3) == {"all_reduce": 2}
         assert per_block(b2, b3) == {"all_reduce": 2}
+
+
+def test_sequence_parallel_sends_the_same_bytes_per_block():
+    per_block = {}
+    for sp in (False, True):
+        b2, b3 = (spawn(_count_collectives, 2, n, sp)[0][2] for n in (2, 3))
+        per_block[sp] = b3 - b2
+    # one block: 4 all-reduces of (2, 16, 32) fp32 = 4 x 2(n-1)/n x 4 KiB, or the same bytes as
+    # 4 reduce-scatters plus 4 all-gathers
+    assert per_block[False] == per_block[True] == 4 * 4096
 
 
 def _rng_streams():
@@ -223,3 +233,21 @@ def _sequence_parallel_grad_sync():
 def test_sequence_parallel_grads_are_summed_over_tp():
     for g in spawn(_sequence_parallel_grad_sync, 2):
         assert torch.equal(g, torch.full((3,), 3.0))
+
+
+def _replicated_stream_with_dropout():
+    mesh = Mesh.build(tp=dist.get_world_size())
+    torch.manual_seed(0)  # the trainer seeds the default generator alike on every rank
+    model = parallelize_tensor(GPT(GPTConfig(n_layer=2, n_head=4, d_model=32, max_seq_len=16, dropout=0.5)),
+                               mesh, GPT_PLAN, seed=0)
+    seen = []
+    model.blocks[-1].register_forward_hook(lambda m, i, out: seen.append(out.detach()))
+    model(torch.randint(0, 256, (2, 16)))
+    return seen[0]
+
+
+def test_dropout_masks_agree_on_replicated_activations():
+    # Residual and embedding dropout act on activations every tp rank holds in full: their masks
+    # must agree, or the ranks' copies of the residual stream would drift apart.
+    a, b = spawn(_replicated_stream_with_dropout, 2)
+    assert torch.equal(a, b)

@@ -1,9 +1,11 @@
 """Thin wrappers over torch.distributed collectives that record every call.
 
-Each call adds the payload it hands to the engine (the tensor's bytes, i.e. what this rank
-contributes) and one to the count of its operation. The trainer sums the bytes over ranks for
-the metrics' `comm_bytes` and tests assert the number of collectives a scheme promises. On the
-wire a ring all-reduce moves 2(n-1)/n times the payload per rank; the payload is what we count.
+Each call adds one to the count of its operation (tests assert the collectives a scheme
+promises) and the bytes this rank sends for it under the bandwidth-optimal ring algorithms that
+gloo and NCCL use, for a payload of S bytes over n ranks: all-reduce 2(n-1)/n S, reduce-scatter
+(n-1)/n S of its input, all-gather (n-1) S of its input, broadcast (n-1)/n S. The trainer sums
+them over ranks for the metrics' `comm_bytes`. So an all-reduce and the reduce-scatter plus
+all-gather that replace it under sequence parallelism count the same, as they should.
 """
 
 from __future__ import annotations
@@ -15,15 +17,25 @@ import torch
 import torch.distributed as dist
 
 
+RING_FACTOR = {
+    "all_reduce": lambda n: 2 * (n - 1) / n,
+    "reduce_scatter": lambda n: (n - 1) / n,
+    "all_gather": lambda n: n - 1,
+    "broadcast": lambda n: (n - 1) / n,
+}
+
+
 @dataclass
 class CommStats:
     bytes: int = 0
     calls: Counter = field(default_factory=Counter)
 
     def record(self, op: str, tensor: torch.Tensor, group: dist.ProcessGroup | None) -> None:
-        if group is not None and dist.get_world_size(group) == 1:
+        n = dist.get_world_size(group)
+        if n == 1:
             return  # a group of one sends nothing
-        self.bytes += tensor.numel() * tensor.element_size()
+        size = tensor.numel() * tensor.element_size()
+        self.bytes += round(size * RING_FACTOR[op](n))
         self.calls[op] += 1
 
     def reset(self) -> None:
