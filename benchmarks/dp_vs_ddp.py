@@ -13,18 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
 import sys
-import tempfile
 import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+from common import print_speed, spawn_ranks
 from paratrain.data import TokenLoader, load_corpus
 from paratrain.launch import threads_per_worker
 from paratrain.mesh import Mesh
@@ -100,17 +97,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--json", help="also write the figures to this file")
     args = p.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "result.json")
-        mp.spawn(worker, args=(args.world, os.path.join(tmp, "init"), args, out), nprocs=args.world)
-        with open(out) as fh:
-            res = json.load(fh)
-    print(f"{'contender':<10} {'tokens/s median':>16} {'min':>9} {'max':>9}   first-step loss")
-    for name, tps in res["tokens_per_s"].items():
-        print(f"{name:<10} {statistics.median(tps):>16,.0f} {min(tps):>9,.0f} {max(tps):>9,.0f}"
-              f"   {res['first_loss'][name]:.6f}")
-    ours, ddp = (statistics.median(res["tokens_per_s"][k]) for k in ("paratrain", "ddp"))
-    ratio = ours / ddp
+    res = spawn_ranks(worker, args.world, args)
+    ratio = print_speed(res, "paratrain", "ddp")
     print(f"ratio paratrain/ddp tokens/s: {ratio:.2f}x (world {args.world}, model {args.model}, "
           f"batch {args.global_batch}x{args.seq_len}, bucket {args.bucket_mb:g} MB, "
           f"{args.rounds} rounds of {args.steps} steps, torch {torch.__version__})")

@@ -15,14 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
-import tempfile
 import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import (
@@ -32,6 +28,7 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
+from common import print_speed, spawn_ranks
 from paratrain.data import TokenLoader, load_corpus
 from paratrain.launch import threads_per_worker
 from paratrain.mesh import Mesh
@@ -124,28 +121,20 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--json", help="also write the figures to this file")
     args = p.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "result.json")
-        mp.spawn(worker, args=(args.tp, os.path.join(tmp, "init"), args, out), nprocs=args.tp)
-        with open(out) as fh:
-            res = json.load(fh)
-    print(f"{'contender':<10} {'tokens/s median':>16} {'min':>9} {'max':>9}   first-step loss")
-    for name, tps in res["tokens_per_s"].items():
-        print(f"{name:<10} {statistics.median(tps):>16,.0f} {min(tps):>9,.0f} {max(tps):>9,.0f}"
-              f"   {res['first_loss'][name]:.6f}")
+    res = spawn_ranks(worker, args.tp, args)
+    ratio = print_speed(res, "paratrain", "torch-tp")
     mem = res["param_bytes_rank0"]
     for name, m in mem.items():
         print(f"parameter bytes on rank 0, {name:<10}: blocks {m['blocks'] / 2**20:7.2f} MiB, "
               f"all {m['all'] / 2**20:7.2f} MiB")
     print(f"block weights per rank / unsharded: {mem['paratrain']['blocks'] / mem['unsharded']['blocks']:.3f} "
           f"(1/tp = {1 / args.tp:.3f})")
-    ours, peer = (statistics.median(res["tokens_per_s"][k]) for k in ("paratrain", "torch-tp"))
-    print(f"ratio paratrain/torch-tp tokens/s: {ours / peer:.2f}x (tp {args.tp}, model {args.model}, "
+    print(f"ratio paratrain/torch-tp tokens/s: {ratio:.2f}x (tp {args.tp}, model {args.model}, "
           f"batch {args.global_batch}x{args.seq_len}, {args.rounds} rounds of {args.steps} steps, "
           f"torch {torch.__version__})")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({**res, "ratio": ours / peer, "args": vars(args)}, fh, indent=1)
+            json.dump({**res, "ratio": ratio, "args": vars(args)}, fh, indent=1)
 
 
 if __name__ == "__main__":
