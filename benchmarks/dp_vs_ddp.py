@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import math
 import time
 
 import torch
@@ -29,8 +29,13 @@ from paratrain.models.gpt import build_model
 from paratrain.parallel.data import DataParallel
 
 
-def build(contender: str, args: argparse.Namespace, mesh: Mesh):
+Wrapped = DataParallel | DistributedDataParallel
+
+
+def build(contender: str, args: argparse.Namespace, mesh: Mesh) -> tuple[Wrapped, torch.optim.Optimizer]:
+    """The same model from the same seed, wrapped by `contender`, and its AdamW."""
     model = build_model(args.model, seed=0)
+    wrapped: Wrapped
     if contender == "paratrain":
         wrapped = DataParallel(model, mesh, bucket_mb=args.bucket_mb)
     else:
@@ -38,8 +43,10 @@ def build(contender: str, args: argparse.Namespace, mesh: Mesh):
     return wrapped, torch.optim.AdamW(model.parameters(), lr=1e-3)
 
 
-def train_steps(contender: str, model, optimizer, loader: TokenLoader, first: int, n: int, world: int) -> float:
-    """Run `n` steps from batch `first`; return the loss of the first one (global mean)."""
+def train_steps(contender: str, model: Wrapped, optimizer: torch.optim.Optimizer, loader: TokenLoader,
+                first: int, n: int, world: int) -> float:
+    """Run `n` steps from batch `first`; return this rank's share of the first step's global mean
+    loss (the shares sum to it over ranks)."""
     rank, tokens = dist.get_rank(), loader.global_batch * loader.seq_len
     first_loss = 0.0
     for step in range(first, first + n):
@@ -66,7 +73,7 @@ def worker(rank: int, world: int, init_file: str, args: argparse.Namespace, out:
     loader = TokenLoader(load_corpus("stdlib"), args.seq_len, args.global_batch, seed=0)
     tokens = args.global_batch * args.seq_len
     results: dict[str, list[float]] = {"paratrain": [], "ddp": []}
-    first_losses = {}
+    first_losses: dict[str, float] = {}
     for _ in range(args.rounds):
         for contender in results:
             model, opt = build(contender, args, mesh)
@@ -97,15 +104,24 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--json", help="also write the figures to this file")
     args = p.parse_args()
+    if args.global_batch % args.world:
+        p.error(f"--global-batch {args.global_batch} must be a multiple of --world {args.world}")
+    if min(args.warmup, args.steps, args.rounds) < 1:
+        p.error("--warmup, --steps and --rounds must be at least 1 (the loss check uses the first warm-up step)")
     res = spawn_ranks(worker, args.world, args)
     ratio = print_speed(res, "paratrain", "ddp")
+    ours, peer = res["first_loss"]["paratrain"], res["first_loss"]["ddp"]
+    agree = math.isclose(ours, peer, rel_tol=1e-5)
+    print(f"first-step loss: paratrain {ours:.6f}, ddp {peer:.6f}: {'agree' if agree else 'DIFFER'}")
     print(f"ratio paratrain/ddp tokens/s: {ratio:.2f}x (world {args.world}, model {args.model}, "
           f"batch {args.global_batch}x{args.seq_len}, bucket {args.bucket_mb:g} MB, "
           f"{args.rounds} rounds of {args.steps} steps, torch {torch.__version__})")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({**res, "ratio": ratio, "args": vars(args)}, fh, indent=1)
+            json.dump({**res, "ratio": ratio, "first_loss_agree": agree, "args": vars(args)}, fh, indent=1)
+    if not agree:
+        raise SystemExit("the contenders disagree on the first-step loss: they do not compute the same thing")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -41,6 +41,7 @@ class LayoutConfig:
     schedule: str = "1f1b"
     microbatches: int = 1  # per optimizer step: gradient accumulation in dp, pipeline micro-batches in pp
     sequence_parallel: bool = False  # with tp > 1: norms and dropout on sequence shards
+    virtual_stages: int = 2  # model chunks per pipeline rank with the interleaved schedule
 
     @property
     def world_size(self) -> int:
@@ -187,7 +188,6 @@ def load_toml(path: str) -> dict[str, Any]:
 
 # Settings that later parts of paratrain implement. Until then they are refused clearly.
 NOT_YET = {
-    "layout.pp": (lambda c: c.layout.pp != 1, "pipeline parallelism (--pp > 1)"),
     "layout.zero": (lambda c: c.layout.zero != 0, "ZeRO sharding (--zero > 0)"),
     "train.precision": (lambda c: c.train.precision != "fp32", "mixed precision (--precision bf16|fp16)"),
     "train.compress": (lambda c: c.train.compress != "none", "gradient compression (--compress)"),
@@ -228,6 +228,24 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         raise ConfigError(
             f"--sequence-parallel: --seq-len {tr.seq_len} is not divisible by tp={lay.tp}; use a multiple of {lay.tp}"
         )
+    if lay.pp > 1:
+        v = lay.virtual_stages if lay.schedule == "interleaved" else 1
+        if lay.virtual_stages < 1:
+            raise ConfigError(f"--virtual-stages: must be at least 1, got {lay.virtual_stages}")
+        if preset.n_layer < lay.pp * v:
+            raise ConfigError(
+                f"--pp: model {cfg.model.name} has {preset.n_layer} layers, fewer than the {lay.pp * v} "
+                f"stages of pp={lay.pp}" + (f" x {v} virtual stages" if v > 1 else "") + "; use fewer stages"
+            )
+        if lay.microbatches < lay.pp:
+            raise ConfigError(
+                f"--microbatches: {lay.microbatches} micro-batches cannot fill pp={lay.pp} stages; "
+                f"use at least {lay.pp}"
+            )
+        if lay.schedule == "interleaved" and lay.microbatches % lay.pp:
+            raise ConfigError(
+                f"--microbatches: the interleaved schedule needs a multiple of pp={lay.pp}, got {lay.microbatches}"
+            )
     if tr.steps < 1:
         raise ConfigError(f"--steps: must be at least 1, got {tr.steps}")
     if tr.global_batch < 1:

@@ -45,6 +45,11 @@ def axis_groups(shape: dict[str, int], axis: str) -> list[list[int]]:
     return groups
 
 
+def embedding_groups(shape: dict[str, int]) -> list[list[int]]:
+    """For each pp group, its first and last rank: the stages that hold the tied embedding."""
+    return [[g[0], g[-1]] for g in axis_groups(shape, "pp")]
+
+
 @dataclass
 class Mesh:
     """This rank's view of the pp x dp x tp mesh: sizes, coordinates and process groups."""
@@ -54,6 +59,7 @@ class Mesh:
     device_mesh: object  # torch.distributed.device_mesh.DeviceMesh
     device_type: str
     comm: CommStats = field(default_factory=CommStats)  # what this rank's collectives sent
+    embedding_group: dist.ProcessGroup | None = None  # first + last pipeline stage, if pp > 1
 
     @classmethod
     def build(cls, dp: int = 1, tp: int = 1, pp: int = 1, device_type: str = "cpu") -> "Mesh":
@@ -68,6 +74,11 @@ class Mesh:
         for axis in AXES:
             got = dist.get_process_group_ranks(mesh.group(axis))
             assert got == mesh.ranks(axis), f"{axis} group {got} != expected {mesh.ranks(axis)}"
+        if pp > 1:  # first and last stage share the tied embedding: one group per (dp, tp) pair
+            for pair in embedding_groups(mesh.shape):
+                group = dist.new_group(pair)  # every rank takes part in creating every group
+                if mesh.rank in pair:
+                    mesh.embedding_group = group
         return mesh
 
     @property

@@ -29,11 +29,15 @@ from paratrain.data import ByteTokenizer, TokenLoader, load_corpus, split_microb
 from paratrain.mesh import Mesh
 from paratrain.models.gpt import build_model, count_params
 from paratrain.parallel.data import DataParallel
+from paratrain.comm import all_reduce
+from paratrain.models.gpt import PRESETS
+from paratrain.parallel.pipeline.executor import PipelineExecutor
+from paratrain.parallel.pipeline.partition import build_stages, split_gpt
+from paratrain.parallel.pipeline.schedule import build_schedule
 from paratrain.parallel.tensor import (
     GPT_PLAN,
     ColumnParallelLinear,
     TPGroup,
-    clip_grad_norm,
     parallelize_tensor,
     sync_sequence_parallel_grads,
     vocab_parallel_cross_entropy,
@@ -53,6 +57,35 @@ def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def clip_grad_norm(model: torch.nn.Module, mesh: Mesh, max_norm: float) -> float:
+    """Clip on the norm of the whole model's gradient and return that norm.
+
+    Gradients are dp-reduced already, so every dp replica computes the same norm. tp-sharded
+    parameters contribute their squares summed over the tp group, replicated ones once, and the
+    stages' sums add up over the pp group; the last stage's copy of a tied embedding is left out.
+    Same formula as `torch.nn.utils.clip_grad_norm_` (max_norm <= 0: no clipping).
+    """
+    params = [p for p in model.parameters() if p.grad is not None]
+    device = params[0].grad.device
+
+    def sum_sq(ps) -> torch.Tensor:
+        return torch.stack([p.grad.detach().float().pow(2).sum() for p in ps]).sum() if ps else torch.zeros((), device=device)
+
+    counted = [p for p in params if not getattr(p, "pp_duplicate", False)]
+    total = sum_sq([p for p in counted if getattr(p, "tp_sharded", False)])
+    if mesh.size("tp") > 1:
+        all_reduce(total, mesh.group("tp"), mesh.comm)
+    total = total + sum_sq([p for p in counted if not getattr(p, "tp_sharded", False)])
+    if mesh.size("pp") > 1:
+        all_reduce(total, mesh.group("pp"), mesh.comm)
+    norm = total.sqrt()
+    if max_norm > 0:
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for p in params:
+            p.grad.mul_(coef.to(p.grad.dtype))
+    return float(norm)
 
 
 @dataclass
@@ -94,8 +127,13 @@ class Trainer:
         # The fixed order of DESIGN.md: tensor parallel, then data parallel.
         model = parallelize_tensor(model.to(self.device), mesh, GPT_PLAN, lay.sequence_parallel, tr.seed)
         self.tp = TPGroup.from_mesh(mesh) if mesh.size("tp") > 1 else None
+        self.pipeline: PipelineExecutor | None = None
+        if mesh.size("pp") > 1:
+            model = self._split_pipeline(model)
         self.param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         self.model = DataParallel(model, mesh, bucket_mb=tr.bucket_mb)
+        if self.pipeline:
+            self.pipeline.no_sync = self.model.no_sync
         decay = [p for p in model.parameters() if p.dim() >= 2]
         no_decay = [p for p in model.parameters() if p.dim() < 2]
         self.optimizer = torch.optim.AdamW(
@@ -114,9 +152,41 @@ class Trainer:
         first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
         self.fail_at = tuple(int(x) for x in fail.split(":")) if fail and first_attempt else None
 
+    def _split_pipeline(self, model) -> torch.nn.ModuleList:
+        """Cut the (tensor-parallel) model into balanced stages and keep this rank's chunks."""
+        cfg, lay, mesh = self.cfg, self.cfg.layout, self.mesh
+        p, pp_rank = mesh.size("pp"), mesh.coord("pp")
+        v = lay.virtual_stages if lay.schedule == "interleaved" else 1
+        splits = split_gpt(PRESETS[cfg.model.name], cfg.train.seq_len, p * v)
+        if self.rank == 0:
+            print("paratrain: pipeline stages (blocks): "
+                  + " ".join(f"{s}:[{r.start}-{r.stop - 1}]" for s, r in enumerate(splits)), flush=True)
+        chunks = build_stages(model, splits, pp_rank, p)
+        self.tied = None
+        if cfg.model.tie_embeddings:  # first and last stage each hold the shared embedding matrix
+            if chunks[0].first:
+                self.tied = chunks[0].wte.weight
+            if chunks[-1].last:
+                self.tied = chunks[-1].head.weight
+                self.tied.pp_duplicate = True  # counted once, on the first stage, in the norm
+        table = build_schedule(lay.schedule, p, lay.microbatches, v)
+        seq = cfg.train.seq_len // (mesh.size("tp") if lay.sequence_parallel else 1)
+        micro = cfg.train.global_batch // self.dp // lay.microbatches
+        self.pipeline = PipelineExecutor(chunks, mesh, table[pp_rank], p * v,
+                                         (micro, seq, PRESETS[cfg.model.name].d_model), self.device)
+        return torch.nn.ModuleList(chunks)
+
+    def _sync_tied_embedding(self) -> None:
+        """The first stage's embedding and the last stage's head are one matrix in two places:
+        add their gradients so both copies take the same step (Megatron's embedding group)."""
+        if self.pipeline and self.tied is not None:
+            all_reduce(self.tied.grad, self.mesh.embedding_group, self.mesh.comm)
+
     # ------------------------------------------------------------------ one step
     def _loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = self.model(inputs.to(self.device))
+        return self._loss_of_logits(self.model(inputs.to(self.device)), targets)
+
+    def _loss_of_logits(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         targets = targets.to(self.device)
         if self.tp is not None:  # logits are split along the vocabulary
             return vocab_parallel_cross_entropy(logits, targets, self.tp).sum() / self.tokens_per_step
@@ -130,15 +200,20 @@ class Trainer:
         self.model.train()
         self.model.zero_grad()
         micro = split_microbatches(self.loader.next(self.dp_rank, self.dp), self.cfg.layout.microbatches)
-        loss_part = torch.zeros((), device=self.device)
-        for i, mb in enumerate(micro):
-            sync = i == len(micro) - 1  # communicate only after the last micro-batch
-            with nullcontext() if sync else self.model.no_sync():
-                loss = self._loss(mb.inputs, mb.targets)
-                loss.backward()
-            loss_part += loss.detach()
+        if self.pipeline:
+            loss_part = self.pipeline.run([mb.inputs for mb in micro],
+                                          lambda logits, i: self._loss_of_logits(logits, micro[i].targets))
+        else:
+            loss_part = torch.zeros((), device=self.device)
+            for i, mb in enumerate(micro):
+                sync = i == len(micro) - 1  # communicate only after the last micro-batch
+                with nullcontext() if sync else self.model.no_sync():
+                    loss = self._loss(mb.inputs, mb.targets)
+                    loss.backward()
+                loss_part += loss.detach()
         self.model.finish_grad_sync()
         sync_sequence_parallel_grads(self.model, self.mesh)
+        self._sync_tied_embedding()
         grad_norm = clip_grad_norm(self.model, self.mesh, tr.grad_clip)
         lr = lr_at(step, tr.lr, tr.warmup_steps, tr.steps, tr.min_lr_ratio)
         for group in self.optimizer.param_groups:
@@ -180,7 +255,13 @@ class Trainer:
         n = self.cfg.train.eval_batches
         for i in range(1, n + 1):
             b = self.loader.local_batch(i, self.dp_rank, self.dp, split="val")
-            loss = float(self._loss(b.inputs, b.targets))  # every rank: the forward has collectives
+            if self.pipeline:
+                micro = split_microbatches(b, self.cfg.layout.microbatches)
+                loss = float(self.pipeline.run([mb.inputs for mb in micro],
+                                               lambda logits, j: self._loss_of_logits(logits, micro[j].targets),
+                                               forward_only=True))
+            else:
+                loss = float(self._loss(b.inputs, b.targets))  # every rank: the forward has collectives
             total += loss if self.is_loss_rank else 0.0
         return float(self._gather([total / n])[:, 0].sum())
 
@@ -241,8 +322,8 @@ class Trainer:
         val_losses.append((tr.steps, val))
         steady = times[1:] or times  # the first step pays for warm-up; leave it out if we can
         throughput = self.tokens_per_step * len(steady) / sum(steady)
-        samplers = self.mesh.coord("dp") == 0 and self.mesh.coord("pp") == 0
-        sample = self.sample() if samplers and not self.cfg.layout.sequence_parallel else ""
+        samplers = self.mesh.coord("dp") == 0 and not self.pipeline and not self.cfg.layout.sequence_parallel
+        sample = self.sample() if samplers else ""
         summary = {
             "event": "end",
             "steps": tr.steps,

@@ -60,7 +60,7 @@ BAD = [
     (["--bogus-flag"], "unrecognized"),
     (["--tp", "3"], "--tp"),  # 4 heads
     (["--tp", "2", "--sequence-parallel", "--seq-len", "33"], "--sequence-parallel"),
-    (["--pp", "2"], "not yet supported"),
+    (["--pp", "2", "--microbatches", "1"], "--microbatches"),
     (["--layout", "auto"], "--layout"),
     (["--layout", "dp=x"], "layout"),
     (["--simulate-failure", "9:1"], "--simulate-failure"),

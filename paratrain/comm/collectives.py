@@ -5,7 +5,8 @@ promises) and the bytes this rank sends for it under the bandwidth-optimal ring 
 gloo and NCCL use, for a payload of S bytes over n ranks: all-reduce 2(n-1)/n S, reduce-scatter
 (n-1)/n S of its input, all-gather (n-1) S of its input, broadcast (n-1)/n S. The trainer sums
 them over ranks for the metrics' `comm_bytes`. So an all-reduce and the reduce-scatter plus
-all-gather that replace it under sequence parallelism count the same, as they should.
+all-gather that replace it under sequence parallelism count the same, as they should. A
+point-to-point send counts its payload.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ RING_FACTOR = {
     "reduce_scatter": lambda n: (n - 1) / n,
     "all_gather": lambda n: n - 1,
     "broadcast": lambda n: (n - 1) / n,
+    "send": lambda n: 1,  # point to point
 }
 
 
@@ -79,3 +81,15 @@ def reduce_scatter(tensor: torch.Tensor, group: dist.ProcessGroup, stats: CommSt
     out = torch.empty((x.shape[0] // n, *x.shape[1:]), dtype=x.dtype, device=x.device)
     _reduce_scatter_single(out, x, group=group)
     return out.movedim(0, dim)
+
+
+def isend(tensor: torch.Tensor, dst: int, group: dist.ProcessGroup, stats: CommStats, tag: int = 0):
+    """Non-blocking send to global rank `dst`; returns the work handle."""
+    stats.record("send", tensor, group)
+    return dist.isend(tensor, dst=dst, group=group, tag=tag)
+
+
+def recv(tensor: torch.Tensor, src: int, group: dist.ProcessGroup, tag: int = 0) -> torch.Tensor:
+    """Blocking receive from global rank `src` into `tensor` (counted on the sender's side)."""
+    dist.recv(tensor, src=src, group=group, tag=tag)
+    return tensor

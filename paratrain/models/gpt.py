@@ -36,7 +36,7 @@ class GPTConfig:
 # `gpt2` is GPT-2 small's shape (124M with its 50257-token vocabulary, padded to 50304 as
 # is usual for GPU efficiency; the byte tokenizer uses only the first 256 ids).
 PRESETS: dict[str, GPTConfig] = {
-    "tiny": GPTConfig(n_layer=2, n_head=4, d_model=64, max_seq_len=128),
+    "tiny": GPTConfig(n_layer=8, n_head=4, d_model=64, max_seq_len=128),
     "small": GPTConfig(n_layer=4, n_head=8, d_model=256, max_seq_len=256),
     "gpt2": GPTConfig(n_layer=12, n_head=12, d_model=768, vocab_size=50304, max_seq_len=1024),
     "gpt2-medium": GPTConfig(n_layer=24, n_head=16, d_model=1024, vocab_size=50304, max_seq_len=1024),
@@ -118,11 +118,18 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Token ids (B, T) -> logits (B, T, vocab)."""
-        T = idx.shape[1]
-        pos = torch.arange(T, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(pos))
+        x = self.embed(idx)
         for block in self.blocks:
             x = block(x)
+        return self.output(x)
+
+    # The two ends of forward, apart so that a pipeline stage holding `wte`, `wpe`, `drop` (or
+    # `ln_f`, `head`) under the same names can run them.
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(idx.shape[1], device=idx.device)
+        return self.drop(self.wte(idx) + self.wpe(pos))
+
+    def output(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.ln_f(x))
 
     @torch.no_grad()

@@ -454,27 +454,3 @@ def sync_sequence_parallel_grads(model: nn.Module, mesh: Mesh) -> None:
     for g in grads:
         g.copy_(flat[offset : offset + g.numel()].view_as(g))
         offset += g.numel()
-
-
-def clip_grad_norm(model: nn.Module, mesh: Mesh, max_norm: float) -> float:
-    """Clip on the norm of the whole model's gradient and return that norm.
-
-    Gradients are dp-reduced already, so every dp replica computes the same norm; tp-sharded
-    parameters contribute their squares summed over the tp group, replicated ones once. Same
-    formula as `torch.nn.utils.clip_grad_norm_` (max_norm <= 0: no clipping).
-    """
-    params = [p for p in model.parameters() if p.grad is not None]
-    device = params[0].grad.device
-
-    def sum_sq(ps):
-        return torch.stack([p.grad.detach().float().pow(2).sum() for p in ps]).sum() if ps else torch.zeros((), device=device)
-
-    sharded = sum_sq([p for p in params if getattr(p, "tp_sharded", False)])
-    if mesh.size("tp") > 1:
-        all_reduce(sharded, mesh.group("tp"), mesh.comm)
-    norm = (sharded + sum_sq([p for p in params if not getattr(p, "tp_sharded", False)])).sqrt()
-    if max_norm > 0:
-        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        for p in params:
-            p.grad.mul_(coef.to(p.grad.dtype))
-    return float(norm)

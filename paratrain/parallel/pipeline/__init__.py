@@ -1,0 +1,1 @@
+"""Pipeline parallelism: schedules as data (schedule.py), an executor that runs them, timelines."""
