@@ -36,6 +36,7 @@ FLAGS: dict[str, tuple[str, str, type, str]] = {
     "--servers": ("train", "servers", int, "parameter servers with --sync ps"),
     "--staleness": ("train", "staleness", int, "bounded staleness for --sync ps (-1: asynchronous)"),
     "--simulate-failure": ("train", "simulate_failure", str, "testing aid: RANK:STEP raises there (first attempt only)"),
+    "--timeline": ("train", "timeline", str, "with --pp: write the last step's pipeline timeline (JSON trace + PNG) here"),
     "--data": ("data", "path", str, "'stdlib' (default) or a text file or folder of text files"),
     "--checkpoint-dir": ("checkpoint", "dir", str, "checkpoint folder"),
     "--checkpoint-every": ("checkpoint", "every", int, "save every N steps"),

@@ -77,6 +77,7 @@ class TrainConfig:
     staleness: int = 0
     simulate_failure: str | None = None  # "RANK:STEP", a testing aid
     progress: bool = True
+    timeline: str | None = None  # folder for the pipeline timeline of the last step (pp > 1)
 
 
 @dataclass
@@ -246,6 +247,8 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
             raise ConfigError(
                 f"--microbatches: the interleaved schedule needs a multiple of pp={lay.pp}, got {lay.microbatches}"
             )
+    if tr.timeline is not None and lay.pp == 1:
+        raise ConfigError("--timeline: draws the pipeline schedule and needs --pp 2 or more")
     if tr.steps < 1:
         raise ConfigError(f"--steps: must be at least 1, got {tr.steps}")
     if tr.global_batch < 1:

@@ -26,14 +26,15 @@ from tqdm import tqdm
 
 from paratrain.config import RunConfig, format_layout
 from paratrain.data import ByteTokenizer, TokenLoader, load_corpus, split_microbatches
-from paratrain.mesh import Mesh
+from paratrain.mesh import Mesh, coords_of
 from paratrain.models.gpt import build_model, count_params
 from paratrain.parallel.data import DataParallel
 from paratrain.comm import all_reduce
 from paratrain.models.gpt import PRESETS
 from paratrain.parallel.pipeline.executor import PipelineExecutor
 from paratrain.parallel.pipeline.partition import build_stages, split_gpt
-from paratrain.parallel.pipeline.schedule import build_schedule
+from paratrain.parallel.pipeline.schedule import bubble_fraction, build_schedule
+from paratrain.parallel.pipeline.timeline import chrome_trace, plot_timeline
 from paratrain.parallel.tensor import (
     GPT_PLAN,
     ColumnParallelLinear,
@@ -98,8 +99,10 @@ class StepStats:
     comm_bytes: int
     grad_norm: float
     lr: float
+    idle_per_rank: list[float] | None = None  # pipeline: measured idle fraction of each rank
 
     def as_metrics(self) -> dict:
+        extra = {"pipeline_idle": sum(self.idle_per_rank) / len(self.idle_per_rank)} if self.idle_per_rank else {}
         return {
             "step": self.step,
             "loss": self.loss,
@@ -110,6 +113,7 @@ class StepStats:
             "comm_bytes": self.comm_bytes,
             "grad_norm": self.grad_norm,
             "lr": self.lr,
+            **extra,
         }
 
 
@@ -170,6 +174,7 @@ class Trainer:
                 self.tied = chunks[-1].head.weight
                 self.tied.pp_duplicate = True  # counted once, on the first stage, in the norm
         table = build_schedule(lay.schedule, p, lay.microbatches, v)
+        self.bubble_theory = bubble_fraction(table, p)
         seq = cfg.train.seq_len // (mesh.size("tp") if lay.sequence_parallel else 1)
         micro = cfg.train.global_batch // self.dp // lay.microbatches
         self.pipeline = PipelineExecutor(chunks, mesh, table[pp_rank], p * v,
@@ -234,7 +239,8 @@ class Trainer:
         loss_part, grad_norm, lr = self.train_step(step)
         loss_value = float(loss_part) if self.is_loss_rank else 0.0  # float() waits for the device
         dt = time.perf_counter() - t0
-        g = self._gather([loss_value, self.mesh.comm.bytes, peak_memory_bytes(self.device), dt])
+        idle = self.pipeline.idle_fraction() if self.pipeline else 0.0
+        g = self._gather([loss_value, self.mesh.comm.bytes, peak_memory_bytes(self.device), dt, idle])
         self.peak_per_rank = [int(x) for x in g[:, 2]]
         return StepStats(
             step=step,
@@ -245,7 +251,38 @@ class Trainer:
             comm_bytes=int(g[:, 1].sum()),
             grad_norm=grad_norm,
             lr=lr,
+            idle_per_rank=[float(x) for x in g[:, 4]] if self.pipeline else None,
         )
+
+    def pipeline_report(self, steps: list[StepStats]) -> dict:
+        """Measured idle fraction per pipeline stage (mean over the given steps and over the
+        dp x tp ranks of that stage) beside the schedule's theoretical bubble."""
+        stage_of_rank = [coords_of(r, self.mesh.shape)["pp"] for r in range(self.mesh.world_size)]
+        per_stage = []
+        for stage in range(self.mesh.size("pp")):
+            ranks = [r for r, s in enumerate(stage_of_rank) if s == stage]
+            per_stage.append(sum(st.idle_per_rank[r] for st in steps for r in ranks) / (len(steps) * len(ranks)))
+        return {"pipeline_idle_per_stage": per_stage, "pipeline_bubble_theory": self.bubble_theory}
+
+    def write_timeline(self, folder: str) -> None:
+        """The last run of the executor, every stage (dp and tp coordinate 0), as a Chrome trace
+        (`timeline.json`) and a PNG (`timeline.png`). Collective: every rank calls it."""
+        mine = []
+        if self.mesh.coord("dp") == 0 and self.mesh.coord("tp") == 0:
+            mine = [{**e, "rank": self.mesh.coord("pp")} for e in self.pipeline.events]
+        gathered: list = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, (self.pipeline.wall_start, mine))
+        if self.rank != 0:
+            return
+        t0 = min(w for w, ev in gathered if ev)
+        events = [{**e, "start": e["start"] + w - t0, "end": e["end"] + w - t0} for w, ev in gathered for e in ev]
+        os.makedirs(folder, exist_ok=True)
+        lay = self.cfg.layout
+        chrome_trace(events, os.path.join(folder, "timeline.json"))
+        plot_timeline(events, os.path.join(folder, "timeline.png"),
+                      title=f"{format_layout(lay)} {lay.schedule}, {lay.microbatches} micro-batches "
+                            f"(step {self.cfg.train.steps})", row="stage")
+        print(f"paratrain: pipeline timeline written to {folder}/timeline.json and timeline.png", flush=True)
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -303,12 +340,13 @@ class Trainer:
                   f"{tr.global_batch} x {tr.seq_len} tokens per step, device {self.device.type}", flush=True)
         bar = tqdm(total=tr.steps, disable=not (lead and tr.progress), desc="train", unit="step",
                    dynamic_ncols=True, file=sys.stderr)
-        losses, val_losses, times = [], [], []
+        losses, val_losses, times, steps_seen = [], [], [], []
         first = last = None
         for k in range(self.loader.step, tr.steps + 1):
             s = self.step(k)
             losses.append(s.loss)
             times.append(s.step_time_s)
+            steps_seen.append(s)
             first = first or s
             last = s
             emit(s.as_metrics())
@@ -318,12 +356,16 @@ class Trainer:
                 val_losses.append((k, self.evaluate()))
                 emit({"event": "eval", "step": k, "val_loss": val_losses[-1][1]})
         bar.close()
+        if self.pipeline and tr.timeline:
+            self.write_timeline(tr.timeline)
         val = self.evaluate()
         val_losses.append((tr.steps, val))
         steady = times[1:] or times  # the first step pays for warm-up; leave it out if we can
         throughput = self.tokens_per_step * len(steady) / sum(steady)
         samplers = self.mesh.coord("dp") == 0 and not self.pipeline and not self.cfg.layout.sequence_parallel
         sample = self.sample() if samplers else ""
+        steady_steps = steps_seen[1:] or steps_seen
+        pipe = self.pipeline_report(steady_steps) if self.pipeline else {}
         summary = {
             "event": "end",
             "steps": tr.steps,
@@ -335,6 +377,7 @@ class Trainer:
             "param_bytes_per_rank": [int(b) for b in self._gather([self.param_bytes])[:, 0]],
             "layout": layout,
             "sample": sample,
+            **pipe,
         }
         emit(summary)
         if metrics:
@@ -344,6 +387,9 @@ class Trainer:
             print(f"paratrain: done. loss {first.loss:.3f} (step 1) -> {last.loss:.3f} (step {tr.steps}), "
                   f"validation loss {val:.3f}", flush=True)
             print(f"  throughput {throughput:,.0f} tokens/s over steps 2-{tr.steps}; peak memory: {mem}")
+            if pipe:
+                idle = ", ".join(f"stage {i} {f:.1%}" for i, f in enumerate(pipe["pipeline_idle_per_stage"]))
+                print(f"  pipeline idle (measured): {idle}; schedule bubble (theory) {self.bubble_theory:.1%}")
             if sample:
                 print(f"  sample: {sample!r}", flush=True)
         return {"losses": losses, "val_losses": val_losses, **summary}

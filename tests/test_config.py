@@ -52,6 +52,7 @@ BAD = [
     (["--steps", "0"], "--steps"),
     (["--lr", "-1"], "--lr"),
     (["--zero", "5"], "--zero"),
+    (["--timeline", "out"], "--timeline"),  # needs --pp
     (["--schedule", "zigzag"], "--schedule"),
     (["--precision", "fp8"], "--precision"),
     (["--device", "tpu"], "--device"),

@@ -14,13 +14,15 @@ from paratrain.models.gpt import PRESETS, GPTConfig, build_model
 from paratrain.parallel.pipeline.partition import balanced_split, build_stages, split_gpt
 
 
-def run(dp=1, tp=1, pp=1, schedule="1f1b", microbatches=4, steps=10):
+def run(dp=1, tp=1, pp=1, schedule="1f1b", microbatches=4, steps=10, **train):
     cfg = RunConfig()
     cfg.model.name = "tiny"
     cfg.layout.dp, cfg.layout.tp, cfg.layout.pp = dp, tp, pp
     cfg.layout.schedule, cfg.layout.microbatches = schedule, microbatches
     cfg.train.steps, cfg.train.global_batch, cfg.train.seq_len = steps, 16, 32
     cfg.train.seed, cfg.train.progress, cfg.train.lr, cfg.train.warmup_steps = 9, False, 3e-3, 2
+    for key, value in train.items():
+        setattr(cfg.train, key, value)
     validate(cfg)
     return launch(cfg)
 
@@ -86,3 +88,21 @@ def test_layouts_are_validated_before_start():
     with pytest.raises(ConfigError, match="multiple of pp=2"):
         validate(cfg)
     assert GPTConfig(n_layer=1, n_head=1, d_model=8)  # unrelated configs still build
+
+
+def test_timeline_and_idle_fraction_from_a_real_run(tmp_path):
+    """--timeline writes the last step's schedule as a Chrome trace and a PNG; the end record
+    carries each stage's measured idle fraction beside the schedule's theoretical bubble."""
+    import json
+
+    result = run(pp=2, schedule="interleaved", microbatches=4, steps=2, timeline=str(tmp_path))
+    trace = json.load(open(tmp_path / "timeline.json"))["traceEvents"]
+    boxes = [e for e in trace if e["ph"] == "X"]
+    for stage in (0, 1):  # 4 micro-batches x 2 chunks, forward and backward, on each stage
+        assert sorted(e["cat"] for e in boxes if e["tid"] == stage and e["cat"] in "FB") == ["B"] * 8 + ["F"] * 8
+        assert any(e["cat"] == "recv" for e in boxes if e["tid"] == stage)
+    assert all(e["dur"] >= 0 and e["ts"] >= 0 for e in boxes)
+    assert (tmp_path / "timeline.png").read_bytes()[:4] == b"\x89PNG"
+    idle = result["pipeline_idle_per_stage"]
+    assert len(idle) == 2 and all(0 <= f < 1 for f in idle)
+    assert result["pipeline_bubble_theory"] == pytest.approx(1 / 9)  # (p-1)/(v m + p-1), v=2

@@ -36,6 +36,7 @@ class PipelineExecutor:
         self.act_shape, self.device = act_shape, device
         self.no_sync = no_sync or nullcontext
         self.events: list[dict] = []  # {"rank", "name", "kind", "start", "end"} of the last run
+        self.wall_start = 0.0  # time.time() when the last run began: aligns the ranks' events
 
     def _tag(self, mb: int, stage: int, backward: bool) -> int:
         return (2 * mb + backward) * self.n_stages + stage
@@ -67,7 +68,7 @@ class PipelineExecutor:
         """Run the schedule on micro-batches `inputs` (token ids, used by stage 0); `loss_fn(logits,
         mb)` is called on the last stage. Returns the sum of this rank's micro-batch losses (zero
         unless it holds the last stage)."""
-        self.events, self.t_start = [], time.perf_counter()
+        self.events, self.t_start, self.wall_start = [], time.perf_counter(), time.time()
         total = torch.zeros((), device=self.device)
         saved: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor]] = {}
         pending: list = []

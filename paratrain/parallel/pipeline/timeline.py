@@ -44,7 +44,7 @@ def _label(e: dict) -> str:
     return name[len(kind):] if kind in ("F", "B") and name.startswith(kind) else name
 
 
-def plot_timeline(events: list[dict], path: str, title: str = "") -> None:
+def plot_timeline(events: list[dict], path: str, title: str = "", row: str = "rank") -> None:
     """Save a PNG: one row per rank (rank 0 on top), F and B boxes labelled with the micro-batch,
     send/recv as thin bars under them, x axis time in seconds."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -52,7 +52,7 @@ def plot_timeline(events: list[dict], path: str, title: str = "") -> None:
     from matplotlib.patches import Patch
 
     ranks = sorted({int(e["rank"]) for e in events}) or [0]
-    row = {r: i for i, r in enumerate(ranks)}
+    index = {r: i for i, r in enumerate(ranks)}
     t_end = max((float(e["end"]) for e in events), default=1.0) or 1.0
     fig = Figure(figsize=(max(8.0, min(24.0, 0.25 * len(events) / len(ranks) + 4)), 1 + 0.6 * len(ranks)))
     FigureCanvasAgg(fig)
@@ -60,7 +60,7 @@ def plot_timeline(events: list[dict], path: str, title: str = "") -> None:
     for e in events:
         kind, start = str(e["kind"]), float(e["start"])
         width = max(float(e["end"]) - start, 0.0)
-        y = row[int(e["rank"])]
+        y = index[int(e["rank"])]
         colour = COLOURS.get(kind, "#8172B2")
         if kind in THIN:
             ax.barh(y + 0.48, width, left=start, height=0.1, color=colour)
@@ -68,7 +68,7 @@ def plot_timeline(events: list[dict], path: str, title: str = "") -> None:
         ax.barh(y, width, left=start, height=0.8, color=colour, edgecolor="black", linewidth=0.4)
         if kind in ("F", "B") and width > 0.012 * t_end:
             ax.text(start + width / 2, y, _label(e), ha="center", va="center", fontsize=7, color="white")
-    ax.set_yticks(range(len(ranks)), [f"rank {r}" for r in ranks])
+    ax.set_yticks(range(len(ranks)), [f"{row} {r}" for r in ranks])
     ax.set_ylim(len(ranks) - 0.5, -0.5)
     ax.set_xlim(0, t_end)
     ax.set_xlabel("time (s)")
