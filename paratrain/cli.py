@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
         train.add_argument(flag, type=typ, default=None, help=help_)
     train.add_argument("--sequence-parallel", action="store_true", default=None,
                        help="with --tp: shard norms and dropout along the sequence (reduce-scatter + all-gather)")
+    train.add_argument("--activation-checkpointing", action="store_true", default=None,
+                       help="recompute each block's activations in backward instead of keeping them")
     train.add_argument("--resume", action="store_true", default=None, help="resume from the latest checkpoint")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
@@ -106,6 +108,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             layout_given = layout_given or flag in ("--dp", "--tp", "--pp")
     if args.sequence_parallel is not None:
         overrides.setdefault("layout", {})["sequence_parallel"] = True
+    if args.activation_checkpointing is not None:
+        overrides.setdefault("train", {})["activation_checkpointing"] = True
     if args.resume is not None:
         overrides.setdefault("checkpoint", {})["resume"] = True
     merge(cfg, overrides, source="flags")

@@ -29,6 +29,7 @@ from paratrain.data import ByteTokenizer, TokenLoader, load_corpus, split_microb
 from paratrain.mesh import Mesh, coords_of
 from paratrain.models.gpt import build_model, count_params
 from paratrain.parallel.data import DataParallel
+from paratrain.parallel.zero import ZeroDataParallel
 from paratrain.comm import all_reduce
 from paratrain.models.gpt import PRESETS
 from paratrain.parallel.pipeline.executor import PipelineExecutor
@@ -60,33 +61,75 @@ def peak_memory_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def clip_grad_norm(model: torch.nn.Module, mesh: Mesh, max_norm: float) -> float:
+def clip_grad_norm(parts: list[tuple[torch.Tensor, torch.nn.Parameter]], mesh: Mesh, max_norm: float,
+                   dp_sharded: bool = False) -> float:
     """Clip on the norm of the whole model's gradient and return that norm.
 
-    Gradients are dp-reduced already, so every dp replica computes the same norm. tp-sharded
-    parameters contribute their squares summed over the tp group, replicated ones once, and the
-    stages' sums add up over the pp group; the last stage's copy of a tied embedding is left out.
-    Same formula as `torch.nn.utils.clip_grad_norm_` (max_norm <= 0: no clipping).
+    `parts` are (gradient, parameter carrying the flags). Gradients are dp-reduced already: dp
+    replicas hold the same gradients, or, under ZeRO (`dp_sharded`), disjoint shards whose squares
+    add up over dp. tp-sharded parameters contribute their squares summed over the tp group,
+    replicated ones once, and the stages' sums add up over the pp group; the last stage's copy of
+    a tied embedding is left out. Same formula as `torch.nn.utils.clip_grad_norm_`
+    (max_norm <= 0: no clipping).
     """
-    params = [p for p in model.parameters() if p.grad is not None]
-    device = params[0].grad.device
+    parts = [(g, p) for g, p in parts if g is not None]
+    device = parts[0][0].device
 
-    def sum_sq(ps) -> torch.Tensor:
-        return torch.stack([p.grad.detach().float().pow(2).sum() for p in ps]).sum() if ps else torch.zeros((), device=device)
+    def sum_sq(gs) -> torch.Tensor:
+        return torch.stack([g.detach().float().pow(2).sum() for g in gs]).sum() if gs else torch.zeros((), device=device)
 
-    counted = [p for p in params if not getattr(p, "pp_duplicate", False)]
-    total = sum_sq([p for p in counted if getattr(p, "tp_sharded", False)])
+    counted = [(g, p) for g, p in parts if not getattr(p, "pp_duplicate", False)]
+    sums = torch.stack([sum_sq([g for g, p in counted if getattr(p, "tp_sharded", False)]),
+                        sum_sq([g for g, p in counted if not getattr(p, "tp_sharded", False)])])
+    if dp_sharded and mesh.size("dp") > 1:
+        all_reduce(sums, mesh.group("dp"), mesh.comm)
+    sharded, replicated = sums[0], sums[1]
     if mesh.size("tp") > 1:
-        all_reduce(total, mesh.group("tp"), mesh.comm)
-    total = total + sum_sq([p for p in counted if not getattr(p, "tp_sharded", False)])
+        all_reduce(sharded, mesh.group("tp"), mesh.comm)
+    total = sharded + replicated
     if mesh.size("pp") > 1:
         all_reduce(total, mesh.group("pp"), mesh.comm)
     norm = total.sqrt()
     if max_norm > 0:
         coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        for p in params:
-            p.grad.mul_(coef.to(p.grad.dtype))
+        for g, _ in parts:
+            g.mul_(coef.to(g.dtype))
     return float(norm)
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class LossScaler:
+    """Dynamic loss scaling for fp16 (Micikevicius et al. 2018): multiply the loss by `scale`;
+    on an overflow skip the step and halve it, after `window` good steps double it."""
+
+    def __init__(self, enabled: bool, init: float = 2.0**16, window: int = 1000):
+        self.scale = init if enabled else 1.0
+        self.enabled, self.window, self.good = enabled, window, 0
+
+    def update(self, overflow: bool) -> None:
+        if not self.enabled:
+            return
+        if overflow:
+            self.scale, self.good = max(self.scale / 2, 1.0), 0
+        else:
+            self.good += 1
+            if self.good % self.window == 0:
+                self.scale *= 2
+
+
+def checkpoint_blocks(tops: list[torch.nn.Module]) -> None:
+    """Activation checkpointing per block: keep only each block's input, recompute the rest in
+    backward. Applied last, around whatever the block's forward has become (ZeRO-3's gather
+    then runs inside the recomputation too)."""
+    from functools import partial
+
+    from torch.utils.checkpoint import checkpoint
+
+    for top in tops:
+        for block in (top.blocks.values() if isinstance(top.blocks, torch.nn.ModuleDict) else top.blocks):
+            block.forward = partial(checkpoint, block.forward, use_reentrant=False)
 
 
 @dataclass
@@ -100,9 +143,13 @@ class StepStats:
     grad_norm: float
     lr: float
     idle_per_rank: list[float] | None = None  # pipeline: measured idle fraction of each rank
+    loss_scale: float | None = None  # fp16
+    skipped: bool = False  # fp16: the step overflowed and was skipped
 
     def as_metrics(self) -> dict:
         extra = {"pipeline_idle": sum(self.idle_per_rank) / len(self.idle_per_rank)} if self.idle_per_rank else {}
+        if self.loss_scale is not None:
+            extra.update(loss_scale=self.loss_scale, skipped=self.skipped)
         return {
             "step": self.step,
             "loss": self.loss,
@@ -123,6 +170,7 @@ class Trainer:
         self.mesh = mesh
         self.device = device or torch.device("cpu")
         self.rank = dist.get_rank()
+        self.baseline_mem = peak_memory_bytes(self.device)  # before the model: the interpreter, torch
         self.dp_rank, self.dp = mesh.coord("dp"), mesh.size("dp")
         tr, lay = cfg.train, cfg.layout
         torch.manual_seed(tr.seed)  # the default generator agrees on every rank (dropout on replicas)
@@ -134,12 +182,23 @@ class Trainer:
         self.pipeline: PipelineExecutor | None = None
         if mesh.size("pp") > 1:
             model = self._split_pipeline(model)
-        self.param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        self.model = DataParallel(model, mesh, bucket_mb=tr.bucket_mb)
+        tops = list(model) if self.pipeline else [model]
+        self.dtype = DTYPES[tr.precision]
+        self.scaler = LossScaler(tr.precision == "fp16")
+        # ZeRO for stages 1-3, and for mixed precision (its stage 0 keeps fp32 masters)
+        self.zero = lay.zero > 0 or self.dtype != torch.float32
+        if self.zero:
+            self.model = ZeroDataParallel(model, mesh, lay.zero, self.dtype, tops, tr.activation_checkpointing)
+            decay, no_decay = self.model.master_params(True), self.model.master_params(False)
+        else:
+            self.model = DataParallel(model, mesh, bucket_mb=tr.bucket_mb)
+            decay = [p for p in model.parameters() if p.dim() >= 2]
+            no_decay = [p for p in model.parameters() if p.dim() < 2]
+        if tr.activation_checkpointing:
+            checkpoint_blocks(tops)
         if self.pipeline:
             self.pipeline.no_sync = self.model.no_sync
-        decay = [p for p in model.parameters() if p.dim() >= 2]
-        no_decay = [p for p in model.parameters() if p.dim() < 2]
+            self.pipeline.act_dtype = self.dtype
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": tr.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=tr.lr,
@@ -173,6 +232,8 @@ class Trainer:
             if chunks[-1].last:
                 self.tied = chunks[-1].head.weight
                 self.tied.pp_duplicate = True  # counted once, on the first stage, in the norm
+            if self.tied is not None:
+                self.tied.pp_tied = True  # ZeRO keeps it in a flat group of its own
         table = build_schedule(lay.schedule, p, lay.microbatches, v)
         self.bubble_theory = bubble_fraction(table, p)
         seq = cfg.train.seq_len // (mesh.size("tp") if lay.sequence_parallel else 1)
@@ -185,45 +246,66 @@ class Trainer:
         """The first stage's embedding and the last stage's head are one matrix in two places:
         add their gradients so both copies take the same step (Megatron's embedding group)."""
         if self.pipeline and self.tied is not None:
-            all_reduce(self.tied.grad, self.mesh.embedding_group, self.mesh.comm)
+            if self.zero:
+                self.model.all_reduce_grads("pp_tied", self.mesh.embedding_group)
+            else:
+                all_reduce(self.tied.grad, self.mesh.embedding_group, self.mesh.comm)
 
     # ------------------------------------------------------------------ one step
-    def _loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return self._loss_of_logits(self.model(inputs.to(self.device)), targets)
+    def _loss(self, inputs: torch.Tensor, targets: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        return self._loss_of_logits(self.model(inputs.to(self.device)), targets, scale)
 
-    def _loss_of_logits(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        targets = targets.to(self.device)
+    def _loss_of_logits(self, logits: torch.Tensor, targets: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """This micro-batch's part of the global mean loss (times the fp16 loss scale), in fp32."""
+        targets, logits = targets.to(self.device), logits.float()
         if self.tp is not None:  # logits are split along the vocabulary
-            return vocab_parallel_cross_entropy(logits, targets, self.tp).sum() / self.tokens_per_step
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum") / self.tokens_per_step
+            loss = vocab_parallel_cross_entropy(logits, targets, self.tp).sum()
+        else:
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
+        return loss * (scale / self.tokens_per_step)
 
     def train_step(self, step: int) -> tuple[torch.Tensor, float, float]:
-        """Forward, backward and update for `step`. Returns (this rank's loss part, grad norm, lr)."""
+        """Forward, backward and update for `step`. Returns (this rank's loss part, grad norm, lr);
+        a skipped fp16 step sets `self.skipped`."""
         tr = self.cfg.train
         if self.fail_at == (self.rank, step):
             raise RuntimeError(f"simulated failure of rank {self.rank} at step {step} (--simulate-failure)")
         self.model.train()
         self.model.zero_grad()
         micro = split_microbatches(self.loader.next(self.dp_rank, self.dp), self.cfg.layout.microbatches)
+        scale = self.scaler.scale
         if self.pipeline:
             loss_part = self.pipeline.run([mb.inputs for mb in micro],
-                                          lambda logits, i: self._loss_of_logits(logits, micro[i].targets))
+                                          lambda logits, i: self._loss_of_logits(logits, micro[i].targets, scale))
         else:
             loss_part = torch.zeros((), device=self.device)
             for i, mb in enumerate(micro):
                 sync = i == len(micro) - 1  # communicate only after the last micro-batch
                 with nullcontext() if sync else self.model.no_sync():
-                    loss = self._loss(mb.inputs, mb.targets)
+                    loss = self._loss(mb.inputs, mb.targets, scale)
                     loss.backward()
                 loss_part += loss.detach()
+        loss_part = loss_part / scale
         self.model.finish_grad_sync()
-        sync_sequence_parallel_grads(self.model, self.mesh)
         self._sync_tied_embedding()
-        grad_norm = clip_grad_norm(self.model, self.mesh, tr.grad_clip)
         lr = lr_at(step, tr.lr, tr.warmup_steps, tr.steps, tr.min_lr_ratio)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.optimizer.step()
+        self.skipped = False
+        if self.zero:
+            if self.cfg.layout.sequence_parallel:
+                self.model.all_reduce_grads("sequence_parallel", self.mesh.group("tp"))
+            self.skipped = self.model.unscale_grads(scale)
+            self.scaler.update(self.skipped)
+            if self.skipped:  # fp16 overflow: no update, a smaller scale next step
+                return loss_part, float("nan"), lr
+            grad_norm = clip_grad_norm(self.model.grad_parts(), self.mesh, tr.grad_clip, self.cfg.layout.zero > 0)
+            self.optimizer.step()
+            self.model.publish()
+        else:
+            sync_sequence_parallel_grads(self.model, self.mesh)
+            grad_norm = clip_grad_norm([(p.grad, p) for p in self.model.parameters()], self.mesh, tr.grad_clip)
+            self.optimizer.step()
         return loss_part, grad_norm, lr
 
     def _gather(self, values: list[float]) -> torch.Tensor:
@@ -235,6 +317,7 @@ class Trainer:
 
     def step(self, step: int) -> StepStats:
         self.mesh.comm.reset()
+        scale = self.scaler.scale
         t0 = time.perf_counter()
         loss_part, grad_norm, lr = self.train_step(step)
         loss_value = float(loss_part) if self.is_loss_rank else 0.0  # float() waits for the device
@@ -252,7 +335,34 @@ class Trainer:
             grad_norm=grad_norm,
             lr=lr,
             idle_per_rank=[float(x) for x in g[:, 4]] if self.pipeline else None,
+            loss_scale=scale if self.scaler.enabled else None,
+            skipped=self.skipped,
         )
+
+    def model_state_bytes(self) -> dict[str, int]:
+        """Bytes of parameters, gradients and optimizer state this rank holds (counted tensors)."""
+        if self.zero:
+            return self.model.memory_bytes(self.optimizer)
+        params = list(self.model.parameters())
+        opt = sum(t.numel() * t.element_size() for st in self.optimizer.state.values()
+                  for t in st.values() if torch.is_tensor(t) and t.dim() > 0)
+        return {"params": sum(p.numel() * p.element_size() for p in params),
+                "grads": sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None),
+                "optimizer": opt}
+
+    def memory_report(self) -> list[dict[str, int]]:
+        """Per rank: model states by kind, the measured peak, and the rest of the peak above the
+        memory in use before the model was built (activations, buffers, communication)."""
+        states = self.model_state_bytes()
+        peak = peak_memory_bytes(self.device)
+        mine = [states["params"], states["grads"], states["optimizer"], peak, self.baseline_mem]
+        keys = ("params", "grads", "optimizer", "peak")
+        report = []
+        for row in self._gather(mine).tolist():
+            r = dict(zip(keys, map(int, row[:4])))
+            r["activations_and_other"] = max(0, r["peak"] - int(row[4]) - r["params"] - r["grads"] - r["optimizer"])
+            report.append(r)
+        return report
 
     def pipeline_report(self, steps: list[StepStats]) -> dict:
         """Measured idle fraction per pipeline stage (mean over the given steps and over the
@@ -362,8 +472,11 @@ class Trainer:
         val_losses.append((tr.steps, val))
         steady = times[1:] or times  # the first step pays for warm-up; leave it out if we can
         throughput = self.tokens_per_step * len(steady) / sum(steady)
-        samplers = self.mesh.coord("dp") == 0 and not self.pipeline and not self.cfg.layout.sequence_parallel
+        # under ZeRO-3 every dp rank takes part in the gathers of the parameters
+        samplers = ((self.mesh.coord("dp") == 0 or self.cfg.layout.zero == 3)
+                    and not self.pipeline and not self.cfg.layout.sequence_parallel)
         sample = self.sample() if samplers else ""
+        memory = self.memory_report()
         steady_steps = steps_seen[1:] or steps_seen
         pipe = self.pipeline_report(steady_steps) if self.pipeline else {}
         summary = {
@@ -374,7 +487,8 @@ class Trainer:
             "val_loss": val,
             "tokens_per_s": throughput,
             "peak_mem_bytes_per_rank": self.peak_per_rank,
-            "param_bytes_per_rank": [int(b) for b in self._gather([self.param_bytes])[:, 0]],
+            "param_bytes_per_rank": [m["params"] for m in memory],
+            "memory_per_rank": memory,
             "layout": layout,
             "sample": sample,
             **pipe,
@@ -384,9 +498,13 @@ class Trainer:
             metrics.close()
         if lead:
             mem = ", ".join(f"rank {r} {b / 2**20:,.0f} MiB" for r, b in enumerate(self.peak_per_rank))
+            mib = lambda b: f"{b / 2**20:,.1f}"  # noqa: E731
+            states = "; ".join(f"rank {r} {mib(m['params'])} + {mib(m['grads'])} + {mib(m['optimizer'])}"
+                               for r, m in enumerate(memory))
             print(f"paratrain: done. loss {first.loss:.3f} (step 1) -> {last.loss:.3f} (step {tr.steps}), "
                   f"validation loss {val:.3f}", flush=True)
             print(f"  throughput {throughput:,.0f} tokens/s over steps 2-{tr.steps}; peak memory: {mem}")
+            print(f"  model states (MiB, parameters + gradients + optimizer): {states}")
             if pipe:
                 idle = ", ".join(f"stage {i} {f:.1%}" for i, f in enumerate(pipe["pipeline_idle_per_stage"]))
                 print(f"  pipeline idle (measured): {idle}; schedule bubble (theory) {self.bubble_theory:.1%}")

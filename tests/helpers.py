@@ -57,3 +57,21 @@ def spawn(fn: Callable, world: int, *args: Any, timeout: float = 180) -> list[An
     if errors:
         raise AssertionError("\n".join(errors))
     return [results[r] for r in range(world)]
+
+
+def run_tiny(steps: int = 10, global_batch: int = 16, seq_len: int = 32, seed: int = 5, **settings) -> dict:
+    """Train the `tiny` preset in-process through the launcher (as `paratrain train` does) and
+    return Trainer.fit's result. `settings` name LayoutConfig or TrainConfig fields."""
+    from paratrain.config import LayoutConfig, RunConfig, TrainConfig, validate
+    from paratrain.launch import launch
+
+    cfg = RunConfig()
+    cfg.model.name = "tiny"
+    cfg.train.steps, cfg.train.global_batch, cfg.train.seq_len = steps, global_batch, seq_len
+    cfg.train.seed, cfg.train.progress, cfg.train.lr, cfg.train.warmup_steps = seed, False, 3e-3, 2
+    layout_keys = {f for f in LayoutConfig.__dataclass_fields__}
+    for key, value in settings.items():
+        assert key in layout_keys or key in TrainConfig.__dataclass_fields__, key
+        setattr(cfg.layout if key in layout_keys else cfg.train, key, value)
+    validate(cfg)
+    return launch(cfg)

@@ -93,3 +93,17 @@ def recv(tensor: torch.Tensor, src: int, group: dist.ProcessGroup, tag: int = 0)
     """Blocking receive from global rank `src` into `tensor` (counted on the sender's side)."""
     dist.recv(tensor, src=src, group=group, tag=tag)
     return tensor
+
+
+def all_gather_flat(out: torch.Tensor, shard: torch.Tensor, group: dist.ProcessGroup, stats: CommStats,
+                    async_op: bool = False):
+    """`out` (n * shard.numel(), flat) receives every rank's `shard` in group-rank order."""
+    stats.record("all_gather", shard, group)
+    return _all_gather_single(out, shard, group=group, async_op=async_op)
+
+
+def reduce_scatter_flat(out: torch.Tensor, flat: torch.Tensor, group: dist.ProcessGroup, stats: CommStats,
+                        async_op: bool = False):
+    """`out` receives this rank's 1/n chunk of the sum over ranks of `flat`."""
+    stats.record("reduce_scatter", flat, group)
+    return _reduce_scatter_single(out, flat, group=group, async_op=async_op)

@@ -34,6 +34,7 @@ class PipelineExecutor:
         self.ranks = mesh.ranks("pp")
         self.group = mesh.group("pp")
         self.act_shape, self.device = act_shape, device
+        self.act_dtype = torch.float32  # the compute dtype (bf16 / fp16 under mixed precision)
         self.no_sync = no_sync or nullcontext
         self.events: list[dict] = []  # {"rank", "name", "kind", "start", "end"} of the last run
         self.wall_start = 0.0  # time.time() when the last run began: aligns the ranks' events
@@ -45,16 +46,17 @@ class PipelineExecutor:
         return self.ranks[stage % self.p]
 
     def _receive(self, src_stage: int, mb: int, backward: bool, stage: int) -> torch.Tensor:
-        buf = torch.empty(self.act_shape, device=self.device)
+        buf = torch.empty(self.act_shape, dtype=self.act_dtype, device=self.device)
         t0 = time.perf_counter()
         recv(buf, self._neighbour(src_stage), self.group, tag=self._tag(mb, stage, backward))
         self._event("recv", f"recv {'grad' if backward else 'act'} {mb}", t0)
         return buf
 
     def _send(self, t: torch.Tensor, dst_stage: int, mb: int, backward: bool, stage: int, pending: list):
-        if tuple(t.shape) != self.act_shape:
+        if tuple(t.shape) != self.act_shape or t.dtype != self.act_dtype:
             raise RuntimeError(
-                f"pipeline stage {stage} would send shape {tuple(t.shape)} but stages exchange {self.act_shape}"
+                f"pipeline stage {stage} would send {tuple(t.shape)} {t.dtype} but stages exchange "
+                f"{self.act_shape} {self.act_dtype}"
             )
         pending.append(isend(t.detach().contiguous(), self._neighbour(dst_stage), self.group, self.mesh.comm,
                              tag=self._tag(mb, dst_stage, backward)))

@@ -1,0 +1,428 @@
+"""ZeRO (Rajbhandari et al., SC 2020): shard model states over the data-parallel group.
+
+The model's parameters are grouped into *units*: each transformer block, and the rest of a top
+module (embedding, final norm, head). Inside a unit, parameters that share weight decay and
+parallel flags form one `FlatGroup`: a flat buffer padded to a multiple of dp, of which dp rank
+r owns elements [r S, (r + 1) S). Per stage:
+
+- stage 0: nothing sharded (S is the whole buffer); gradients all-reduced. Used for mixed
+  precision without sharding, so that every precision runs on one code path.
+- stage 1: the fp32 master weights and Adam's moments exist only for the owned shard. Gradients
+  accumulate in a full buffer, are reduce-scattered once per step, and after the update the
+  shards are all-gathered into the full parameters.
+- stage 2: as 1, but gradients are kept only as shards: a unit's gradients are reduce-scattered
+  as soon as backward has produced them (every micro-batch) and the full gradients are dropped.
+- stage 3: parameters are sharded too. Before a unit runs (forward, or backward through the
+  saved-tensor hooks) its shards are all-gathered, and the full copy is dropped right after; the
+  next unit's gather is started early (prefetch). Gradients leave through a reduce-scatter in the
+  backward of the gather.
+
+Mixed precision (`dtype` bf16 / fp16) keeps the parameters and gradients that compute sees in
+`dtype` and the optimizer's master weights and moments in fp32, as in the paper: per parameter
+2 + 2 + 12 bytes, of which stage 1 shards the 12, stage 2 the 14 and stage 3 all 16. Reductions
+run in fp32. Gradients are summed over dp (the trainer divides the loss by the global token
+count), like `DataParallel`.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from paratrain.comm import all_gather_flat, all_reduce, reduce_scatter_flat
+from paratrain.mesh import Mesh
+
+FLAGS = ("tp_sharded", "sequence_parallel", "pp_duplicate", "pp_tied")
+
+
+@dataclass
+class Slot:
+    """One parameter inside a flat group: every (module, attribute) that holds it, and where."""
+    refs: list[tuple[nn.Module, str]]
+    shape: torch.Size
+    offset: int
+    numel: int
+
+
+class FlatGroup:
+    def __init__(self, params: list[nn.Parameter], refs: dict[int, list], flags: dict, decay: bool,
+                 stage: int, dtype: torch.dtype, dp: int, dp_rank: int):
+        self.flags, self.decay, self.stage, self.dtype = flags, decay, stage, dtype
+        self.slots, n = [], 0
+        for p in params:
+            self.slots.append(Slot(refs[id(p)], p.shape, n, p.numel()))
+            n += p.numel()
+        self.numel = n
+        shards = dp if stage > 0 else 1
+        self.padded = math.ceil(n / shards) * shards
+        self.shard_size = self.padded // shards
+        lo = (dp_rank if stage > 0 else 0) * self.shard_size
+        self.lo, self.hi = lo, lo + self.shard_size
+        device = params[0].device
+        flat = torch.zeros(self.padded, dtype=torch.float32, device=device)
+        for s, p in zip(self.slots, params):
+            flat[s.offset : s.offset + s.numel] = p.detach().flatten().float()
+        self.full: torch.Tensor | None = None
+        self.full_grad: torch.Tensor | None = None
+        if stage < 3:
+            # the parameters compute uses: views into one flat buffer in `dtype`
+            self.full = flat if dtype == torch.float32 else flat.to(dtype)
+            self.params = params
+            for s, p in zip(self.slots, params):
+                p.data = self.full[s.offset : s.offset + s.numel].view(s.shape)
+            if stage < 2:  # gradients accumulate in one flat buffer too
+                self.full_grad = torch.zeros(self.padded, dtype=dtype, device=device)
+        # the fp32 master shard; in fp32 it is the owned part of the full buffer itself
+        owned = flat[lo : lo + self.shard_size]
+        aliased = dtype == torch.float32 and stage < 3
+        self.master = nn.Parameter(owned if aliased else owned.clone())
+        self.master_is_copy = not aliased
+        for k, v in flags.items():
+            setattr(self.master, k, v)
+        # stage 3: the shard that is gathered (in `dtype`; the master itself in fp32)
+        self.shard = None
+        if stage == 3:
+            self.shard = self.master.data if dtype == torch.float32 else self.master.detach().to(dtype)
+        # reduced gradient of the owned shard (stages 0 and 1: a view into full_grad)
+        if self.full_grad is not None:
+            self.grad_shard = self.full_grad[lo : lo + self.shard_size]
+        else:
+            self.grad_shard = torch.zeros(self.shard_size, dtype=dtype, device=device)
+
+    def views(self, full: torch.Tensor) -> list[torch.Tensor]:
+        return [full[s.offset : s.offset + s.numel].view(s.shape) for s in self.slots]
+
+    def flat_grads(self, grads: list[torch.Tensor | None]) -> torch.Tensor:
+        """The gradients of the slots as one padded fp32 vector (the reduction dtype)."""
+        flat = torch.zeros(self.padded, dtype=torch.float32, device=self.master.device)
+        for s, g in zip(self.slots, grads):
+            if g is not None:
+                flat[s.offset : s.offset + s.numel] = g.detach().flatten()
+        return flat
+
+
+class Unit:
+    """The flat groups of one module (a block, or the rest of a top module)."""
+
+    def __init__(self, engine: "ZeroDataParallel", module: nn.Module, groups: list[FlatGroup], name: str):
+        self.engine, self.module, self.groups, self.name = engine, module, groups, name
+        self.gathered: list[torch.Tensor] | None = None  # full buffers while in use
+        self.inflight: list | None = None  # (buffers, handles) of a prefetch
+        self.prev: Unit | None = None
+        self.next: Unit | None = None
+        device = groups[0].master.device if groups else None
+        self.anchor = torch.zeros((), device=device, requires_grad=True)  # puts the gather in autograd
+        self.save_hooks = True
+
+    # ---- stage 3: gather and release
+    def fetch(self) -> None:
+        """Start the all-gather of this unit's shards (a prefetch), unless done or in flight."""
+        if self.gathered is not None or self.inflight is not None:
+            return
+        e = self.engine
+        bufs, handles = [], []
+        for g in self.groups:
+            full = torch.empty(g.padded, dtype=g.dtype, device=g.shard.device)
+            handles.append(all_gather_flat(full, g.shard, e.group, e.mesh.comm, async_op=True))
+            bufs.append(full)
+        self.inflight = (bufs, handles)
+
+    def wait(self) -> list[torch.Tensor]:
+        if self.gathered is None:
+            self.fetch()
+            bufs, handles = self.inflight
+            for h in handles:
+                h.wait()
+            self.gathered, self.inflight = bufs, None
+            for b, g in zip(bufs, self.groups):
+                self.engine.live[b.untyped_storage().data_ptr()] = (self, self.groups.index(g))
+        return self.gathered
+
+    def views(self) -> tuple[torch.Tensor, ...]:
+        return tuple(v for b, g in zip(self.wait(), self.groups) for v in g.views(b))
+
+    def release(self) -> None:
+        if self.gathered is not None:
+            for b in self.gathered:
+                self.engine.live.pop(b.untyped_storage().data_ptr(), None)
+            self.gathered = None
+
+    def drain(self) -> None:
+        """Wait for a prefetch that nobody consumed (before the parameters change)."""
+        if self.inflight is not None:
+            for h in self.inflight[1]:
+                h.wait()
+            self.inflight = None
+        self.release()
+
+
+class _Gather(torch.autograd.Function):
+    """Forward: the unit's full parameters (views into gathered buffers). Backward: their
+    gradients, reduce-scattered to the owned shards; then the full copy is released."""
+
+    @staticmethod
+    def forward(ctx, anchor, unit):
+        ctx.unit = unit
+        return unit.views()
+
+    @staticmethod
+    def backward(ctx, *grads):
+        unit = ctx.unit
+        i = 0
+        for g in unit.groups:
+            unit.engine.reduce_group(g, list(grads[i : i + len(g.slots)]))
+            i += len(g.slots)
+        unit.release()
+        return None, None
+
+
+def _in_backward() -> bool:
+    return torch._C._current_autograd_node() is not None
+
+
+class ZeroDataParallel(nn.Module):
+    def __init__(self, module: nn.Module, mesh: Mesh, stage: int, dtype: torch.dtype = torch.float32,
+                 tops: list[nn.Module] | None = None, activation_checkpointing: bool = False):
+        """`tops`: the modules whose forward is a whole model or pipeline chunk (each has a
+        `blocks` container); default `[module]`."""
+        super().__init__()
+        self.module, self.mesh, self.stage, self.dtype = module, mesh, stage, dtype
+        self.group, self.dp, self.dp_rank = mesh.group("dp"), mesh.size("dp"), mesh.coord("dp")
+        self.require_sync = True
+        self.live: dict[int, tuple[Unit, int]] = {}  # storage -> gathered unit (stage 3)
+        self.pending: list = []  # in-flight gradient reductions: (group, out, handle)
+        self.units: list[Unit] = []
+        tops = tops or [module]
+        refs: dict[int, list] = {}
+        for m in module.modules():
+            for name, p in m._parameters.items():
+                if p is not None:
+                    refs.setdefault(id(p), []).append((m, name))
+        seen: set[int] = set()
+        for t, top in enumerate(tops):
+            blocks = list(top.blocks.values() if isinstance(top.blocks, nn.ModuleDict) else top.blocks)
+            in_blocks = {id(p) for b in blocks for p in b.parameters()}
+            rest = [p for p in top.parameters() if id(p) not in in_blocks]
+            root = self._make_unit(top, rest, refs, seen, f"top{t}")
+            chain = [self._make_unit(b, list(b.parameters()), refs, seen, f"top{t}.block{i}") for i, b in enumerate(blocks)]
+            for a, b in zip(chain, chain[1:]):
+                a.next, b.prev = b, a
+            if stage == 3:
+                for u in chain:
+                    u.save_hooks = not activation_checkpointing
+                    self._wrap_forward(u)
+                self._wrap_forward(root, first_block=chain[0] if chain else None)
+        self.groups = [g for u in self.units for g in u.groups]
+        if stage < 3:
+            for g in self.groups:
+                for p in g.params:
+                    p.register_post_accumulate_grad_hook(self._on_grad_ready)
+            self._slot_of = {id(p): (g, i) for g in self.groups for i, p in enumerate(g.params)}
+            self._ready = {id(g): 0 for g in self.groups}
+            self.zero_grad()
+        else:
+            for g in self.groups:  # the full parameters are gone from the modules
+                for s in g.slots:
+                    for m, name in s.refs:
+                        m._parameters.pop(name, None)
+
+    def _make_unit(self, module, params, refs, seen, name) -> Unit:
+        buckets: dict[tuple, list] = {}
+        for p in params:
+            if id(p) in seen or not p.requires_grad:
+                continue
+            seen.add(id(p))
+            flags = tuple(bool(getattr(p, f, False)) for f in FLAGS)
+            buckets.setdefault((p.dim() >= 2, flags), []).append(p)
+        groups = [FlatGroup(ps, refs, dict(zip(FLAGS, flags)), decay, self.stage, self.dtype, self.dp, self.dp_rank)
+                  for (decay, flags), ps in buckets.items()]
+        unit = Unit(self, module, groups, name)
+        if groups:
+            self.units.append(unit)
+        return unit
+
+    # ------------------------------------------------------------ stage 3: forward wrappers
+    def _wrap_forward(self, unit: Unit, first_block: Unit | None = None) -> None:
+        inner = unit.module.forward
+
+        def forward(*args, **kwargs):
+            if not unit.groups:
+                return inner(*args, **kwargs)
+            grad = torch.is_grad_enabled()
+            views = _Gather.apply(unit.anchor, unit) if grad else unit.views()
+            ahead = unit.prev if _in_backward() else (unit.next or first_block)
+            if ahead is not None:
+                ahead.fetch()  # overlap the next gather with this unit's compute
+            slots = [s for g in unit.groups for s in g.slots]
+            for s, v in zip(slots, views):
+                for m, name in s.refs:
+                    m.__dict__[name] = v
+            hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+            try:
+                with hooks if (grad and unit.save_hooks) else nullcontext():
+                    return inner(*args, **kwargs)
+            finally:
+                for s in slots:
+                    for m, name in s.refs:
+                        m.__dict__.pop(name, None)
+                unit.release()
+
+        unit.module.forward = forward
+
+    def _pack(self, t: torch.Tensor):
+        """A saved tensor that is a view of a gathered parameter buffer is saved as a recipe, so
+        the buffer can be freed after forward and gathered again for backward."""
+        hit = self.live.get(t.untyped_storage().data_ptr()) if t.device.type != "meta" else None
+        if hit is None or t.dtype != hit[0].groups[hit[1]].dtype:
+            return t
+        return (hit[0], hit[1], t.size(), t.stride(), t.storage_offset())
+
+    def _unpack(self, packed):
+        if isinstance(packed, torch.Tensor):
+            return packed
+        unit, index, size, stride, offset = packed
+        bufs = unit.wait()
+        if unit.prev is not None:
+            unit.prev.fetch()  # backward runs the units in reverse: prefetch the previous one
+        return bufs[index].as_strided(size, stride, offset)
+
+    # ------------------------------------------------------------ gradients
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    @contextmanager
+    def no_sync(self):
+        """Stages 0 and 1: accumulate full gradients locally (all but the last micro-batch).
+        Stages 2 and 3 keep no full gradients, so they reduce every micro-batch regardless."""
+        previous, self.require_sync = self.require_sync, False
+        try:
+            yield
+        finally:
+            self.require_sync = previous
+
+    def _on_grad_ready(self, p: nn.Parameter) -> None:
+        g, i = self._slot_of[id(p)]
+        if g.full_grad is not None:
+            s = g.slots[i]
+            view = g.full_grad[s.offset : s.offset + s.numel].view(s.shape)
+            if p.grad.data_ptr() != view.data_ptr():
+                view.copy_(p.grad)
+                p.grad = view
+            if not self.require_sync:
+                return
+        self._ready[id(g)] += 1
+        if self._ready[id(g)] == len(g.params):
+            self._ready[id(g)] = 0
+            if g.full_grad is None:  # stage 2: reduce now, keep only the shard
+                grads = [q.grad for q in g.params]
+                for q in g.params:
+                    q.grad = None
+                self.reduce_group(g, grads)
+
+    def reduce_group(self, g: FlatGroup, grads: list[torch.Tensor | None]) -> None:
+        """Start the reduction of one group's gradients into its owned shard (stages 2 and 3)."""
+        flat = g.flat_grads(grads)
+        if self.dp == 1:
+            self.pending.append((g, flat, None))
+            return
+        out = torch.empty(g.shard_size, dtype=torch.float32, device=flat.device)
+        handle = reduce_scatter_flat(out, flat, self.group, self.mesh.comm, async_op=True)
+        self.pending.append((g, out, handle))
+
+    def finish_grad_sync(self) -> None:
+        """Afterwards every group's `grad_shard` holds the dp-summed gradient of its shard."""
+        for g, out, handle in self.pending:
+            if handle is not None:
+                handle.wait()
+            g.grad_shard.add_(out.to(g.dtype))
+        self.pending = []
+        if self.stage >= 2:
+            return
+        for g in self.groups:  # stages 0 and 1: one reduction of the accumulated full gradient
+            if self.dp == 1:
+                continue
+            if self.stage == 0:
+                flat = g.full_grad.float()
+                all_reduce(flat, self.group, self.mesh.comm)
+                g.full_grad.copy_(flat)
+            else:
+                out = torch.empty(g.shard_size, dtype=torch.float32, device=g.full_grad.device)
+                reduce_scatter_flat(out, g.full_grad.float(), self.group, self.mesh.comm)
+                g.grad_shard.copy_(out)
+
+    def all_reduce_grads(self, flag: str, group) -> None:
+        """Sum the owned gradient shards of groups with `flag` over `group` (the tied embedding
+        over the first and last pipeline stage; sequence-parallel norms over tp)."""
+        shards = [g.grad_shard for g in self.groups if g.flags.get(flag)]
+        if shards and group is not None:
+            flat = torch.cat([s.float() for s in shards])
+            all_reduce(flat, group, self.mesh.comm)
+            o = 0
+            for s in shards:
+                s.copy_(flat[o : o + s.numel()])
+                o += s.numel()
+
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        for g in self.groups:
+            g.grad_shard.zero_()
+            if g.full_grad is not None:
+                g.full_grad.zero_()
+                for s, p in zip(g.slots, g.params):
+                    p.grad = g.full_grad[s.offset : s.offset + s.numel].view(s.shape)
+            elif self.stage == 2:
+                for p in g.params:
+                    p.grad = None
+
+    # ------------------------------------------------------------ the update
+    def master_params(self, decay: bool) -> list[nn.Parameter]:
+        return [g.master for g in self.groups if g.decay == decay]
+
+    def unscale_grads(self, scale: float) -> bool:
+        """Set each master's fp32 `.grad` = grad shard / scale; True if any (on any rank) is not
+        finite (fp16 overflow: the step must be skipped)."""
+        bad = torch.zeros((), device=self.groups[0].master.device)
+        for g in self.groups:
+            g.master.grad = g.grad_shard.float().div_(scale) if scale != 1.0 else g.grad_shard.float()
+            bad += (~torch.isfinite(g.master.grad)).any().float()
+        if scale != 1.0 and torch.distributed.get_world_size() > 1:
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        return bool(bad > 0)
+
+    def grad_parts(self) -> list[tuple[torch.Tensor, nn.Parameter]]:
+        """(fp32 gradient, parameter carrying the flags) of every owned shard, for the norm."""
+        return [(g.master.grad, g.master) for g in self.groups]
+
+    @torch.no_grad()
+    def publish(self) -> None:
+        """After the optimizer updated the masters: refresh what compute sees."""
+        for u in self.units:
+            u.drain()
+        for g in self.groups:
+            g.master.grad = None
+            if self.stage == 3:
+                if g.shard.data_ptr() != g.master.data_ptr():
+                    g.shard.copy_(g.master)
+                continue
+            if g.master_is_copy:
+                g.full[g.lo : g.hi].copy_(g.master)
+            if self.stage > 0 and self.dp > 1:
+                mine = g.full[g.lo : g.hi].clone()
+                all_gather_flat(g.full, mine, self.group, self.mesh.comm)
+
+    def memory_bytes(self, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
+        """Bytes of model states this rank holds: the parameters compute uses, gradients, and
+        optimizer state (fp32 masters where they are copies, plus the optimizer's moments)."""
+        params = sum(g.full.numel() * g.full.element_size() if g.full is not None
+                     else (g.shard.numel() * g.shard.element_size() if g.dtype != torch.float32 else 0)
+                     for g in self.groups)
+        grads = sum((g.full_grad if g.full_grad is not None else g.grad_shard).numel() * g.grad_shard.element_size()
+                    for g in self.groups)
+        opt = sum(g.master.numel() * 4 for g in self.groups if g.master_is_copy or self.stage == 3)
+        if optimizer is not None:
+            opt += sum(t.numel() * t.element_size() for st in optimizer.state.values()
+                       for t in st.values() if torch.is_tensor(t) and t.dim() > 0)
+        return {"params": params, "grads": grads, "optimizer": opt}
