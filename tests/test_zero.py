@@ -89,3 +89,96 @@ def test_model_state_bytes_follow_the_zero_formulas():
         expected = {0: 16 * P, 1: 4 * P + 12 * P / n, 2: 2 * P + 14 * P / n, 3: 16 * P / n}[stage]
         for r in m:
             assert r["params"] + r["grads"] + r["optimizer"] == pytest.approx(expected, rel=0.01), (stage, n, r)
+
+
+def _zero_grads(stage: int, microbatches: int):
+    """In a spawned rank: one accumulated backward under ZeRO; every parameter's full gradient
+    reassembled from the owned shards (one all-gather per flat group), and the comm calls."""
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from paratrain.data import TokenLoader, load_corpus
+    from paratrain.mesh import Mesh
+    from paratrain.models.gpt import build_model
+    from paratrain.parallel.zero import ZeroDataParallel
+
+    world = dist.get_world_size()
+    mesh = Mesh.build(dp=world)
+    model = build_model("tiny", 11)
+    names = {id(m): n for n, m in model.named_modules()}
+    engine = ZeroDataParallel(model, mesh, stage)
+    local = TokenLoader(load_corpus("stdlib", max_bytes=1 << 20), 32, 8, 11).local_batch(1, mesh.coord("dp"), world)
+    for i, (x, y) in enumerate(zip(local.inputs.chunk(microbatches), local.targets.chunk(microbatches))):
+        with torch.enable_grad() if i == microbatches - 1 else engine.no_sync():
+            F.cross_entropy(engine(x).flatten(0, 1), y.flatten(), reduction="sum").div(8 * 32).backward()
+    engine.finish_grad_sync()
+    engine.unscale_grads(1.0)
+    grads = {}
+    for g in engine.groups:
+        full = torch.empty(g.padded)
+        dist.all_gather_into_tensor(full, g.master.grad)
+        for s in g.slots:
+            m, attr = s.refs[0]
+            grads[f"{names[id(m)]}.{attr}".lstrip(".")] = full[s.offset : s.offset + s.numel].view(s.shape)
+    return grads, dict(mesh.comm.calls), engine.memory_bytes()
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_gradient_shards_equal_single_process_reference(stage):
+    import torch.nn.functional as F
+
+    from helpers import spawn
+    from paratrain.data import TokenLoader, load_corpus
+    from paratrain.models.gpt import build_model
+
+    model = build_model("tiny", 11)
+    batch = TokenLoader(load_corpus("stdlib", max_bytes=1 << 20), 32, 8, 11).batch(1)
+    F.cross_entropy(model(batch.inputs).flatten(0, 1), batch.targets.flatten()).backward()
+    expected = {n: p.grad for n, p in model.named_parameters()}
+    for grads, calls, memory in spawn(_zero_grads, 2, stage, 2):
+        assert set(grads) == set(expected)
+        for name, g in grads.items():
+            torch.testing.assert_close(g, expected[name], rtol=1e-5, atol=1e-7, msg=name)
+        n_groups = 18  # per block 2 groups (with / without weight decay), the rest 2
+        # stage 1 reduces once per step; 2 and 3 once per micro-batch; 3 also gathers the
+        assert calls.get("reduce_scatter") == n_groups * (1 if stage == 1 else 2)
+        # parameters for forward and again for backward, every micro-batch
+        assert calls.get("all_gather", 0) == (0 if stage < 3 else 2 * 2 * n_groups)
+        # fp32: stage 1 keeps full gradients, stage 2 only shards; at stage 3 the fp32 master
+        # shard is the only copy of the parameters (counted as optimizer state)
+        params, grads = memory["params"], memory["grads"]
+        assert {1: grads == params, 2: 2 * grads < params + 1000, 3: params == 0}[stage]
+
+
+def test_loss_scaler_backs_off_on_overflow_and_grows_after_a_window():
+    from paratrain.train import LossScaler
+
+    s = LossScaler(True, init=1024.0, window=3)
+    s.update(True)
+    assert s.scale == 512.0
+    for _ in range(3):
+        s.update(False)
+    assert s.scale == 1024.0
+    assert LossScaler(False).scale == 1.0
+
+
+def _overflow(stage: int):
+    import torch.distributed as dist
+
+    from paratrain.mesh import Mesh
+    from paratrain.models.gpt import build_model
+    from paratrain.parallel.zero import ZeroDataParallel
+
+    mesh = Mesh.build(dp=dist.get_world_size())
+    engine = ZeroDataParallel(build_model("tiny", 1), mesh, stage, torch.float16)
+    x = torch.randint(0, 256, (2, 16))
+    blow_up = 1e4 if mesh.coord("dp") == 0 else 1.0  # only rank 0's fp16 gradients overflow
+    (engine(x).float().pow(2).sum() * blow_up).backward()
+    engine.finish_grad_sync()
+    return engine.unscale_grads(2.0)
+
+
+def test_fp16_overflow_on_one_rank_skips_the_step_on_all():
+    from helpers import spawn
+
+    assert spawn(_overflow, 2, 2) == [True, True]

@@ -388,7 +388,7 @@ class ZeroDataParallel(nn.Module):
         for g in self.groups:
             g.master.grad = g.grad_shard.float().div_(scale) if scale != 1.0 else g.grad_shard.float()
             bad += (~torch.isfinite(g.master.grad)).any().float()
-        if scale != 1.0 and torch.distributed.get_world_size() > 1:
+        if self.dtype == torch.float16 and torch.distributed.get_world_size() > 1:
             torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
         return bool(bad > 0)
 
