@@ -38,3 +38,21 @@ def test_cuda_matches_cpu_losses(tmp_path):
         )
         losses[device] = [x["loss"] for x in map(json.loads, open(path)) if "loss" in x and "step" in x]
     torch.testing.assert_close(torch.tensor(losses["cuda"]), torch.tensor(losses["cpu"]), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("flags", [["--precision", "bf16", "--zero", "3", "--activation-checkpointing"],
+                                   ["--precision", "fp16", "--zero", "1"]], ids=["bf16-zero3-ac", "fp16-zero1"])
+def test_mixed_precision_and_zero_on_cuda(tmp_path, flags):
+    path = tmp_path / "m.jsonl"
+    r = subprocess.run(
+        [sys.executable, "-m", "paratrain", "train", "--model", "tiny", "--device", "cuda", "--dp", "1",
+         "--steps", "20", "--global-batch", "8", "--seq-len", "64", "--metrics", str(path), "--no-progress", *flags],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    records = [json.loads(x) for x in open(path)]
+    steps = [x for x in records if "step" in x and "loss" in x]
+    assert steps[-1]["loss"] < steps[0]["loss"] - 0.3
+    if "fp16" in flags:
+        assert all("loss_scale" in x for x in steps)
+    assert records[-1]["memory_per_rank"][0]["params"] > 0 or "3" in flags
