@@ -37,6 +37,7 @@ FLAGS: dict[str, tuple[str, str, type, str]] = {
     "--staleness": ("train", "staleness", int, "bounded staleness for --sync ps (-1: asynchronous)"),
     "--simulate-failure": ("train", "simulate_failure", str, "testing aid: RANK:STEP raises there (first attempt only)"),
     "--timeline": ("train", "timeline", str, "with --pp: write the last step's pipeline timeline (JSON trace + PNG) here"),
+    "--simulate-straggler": ("train", "simulate_straggler", str, "testing aid: RANK:SECONDS delays that worker every step"),
     "--data": ("data", "path", str, "'stdlib' (default) or a text file or folder of text files"),
     "--checkpoint-dir": ("checkpoint", "dir", str, "checkpoint folder"),
     "--checkpoint-every": ("checkpoint", "every", int, "save every N steps"),

@@ -76,6 +76,7 @@ class TrainConfig:
     servers: int = 0
     staleness: int = 0
     simulate_failure: str | None = None  # "RANK:STEP", a testing aid
+    simulate_straggler: str | None = None  # "RANK:SECONDS": that worker sleeps every step
     progress: bool = True
     activation_checkpointing: bool = False  # recompute each block's activations in backward
     timeline: str | None = None  # folder for the pipeline timeline of the last step (pp > 1)
@@ -104,6 +105,11 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def world_size(self) -> int:
+        """Processes of the run: dp x tp x pp, plus the parameter servers with `sync = "ps"`."""
+        return self.layout.world_size + (self.train.servers if self.train.sync == "ps" else 0)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
@@ -191,9 +197,6 @@ def load_toml(path: str) -> dict[str, Any]:
 # Settings that later parts of paratrain implement. Until then they are refused clearly.
 NOT_YET = {
     "train.compress": (lambda c: c.train.compress != "none", "gradient compression (--compress)"),
-    "train.sync": (lambda c: c.train.sync != "allreduce", "parameter servers (--sync ps)"),
-    "train.staleness": (lambda c: c.train.staleness != 0, "asynchronous updates (--staleness)"),
-    "train.servers": (lambda c: c.train.servers != 0, "parameter servers (--servers)"),
     "checkpoint.dir": (lambda c: c.checkpoint.dir is not None, "checkpoints (--checkpoint-dir)"),
     "checkpoint.every": (lambda c: c.checkpoint.every != 0, "checkpoints (--checkpoint-every)"),
     "checkpoint.resume": (lambda c: c.checkpoint.resume, "resuming (--resume)"),
@@ -299,11 +302,40 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         raise ConfigError(f"--data: no such file or folder {cfg.data.path!r}; give a text file, a folder, or 'stdlib'")
     if not 0 < cfg.data.val_fraction < 0.5:
         raise ConfigError(f"data.val_fraction: must be in (0, 0.5), got {cfg.data.val_fraction}")
-    if world_size is not None and world_size != lay.world_size:
+    _validate_sync(cfg)
+    if world_size is not None and world_size != cfg.world_size:
+        servers = f" + {tr.servers} servers" if tr.sync == "ps" else ""
         raise ConfigError(
-            f"layout: {lay} needs world size {lay.world_size} but the launcher started {world_size} "
-            f"processes; set --dp/--tp/--pp so that dp*tp*pp = {world_size}"
+            f"layout: {lay}{servers} needs world size {cfg.world_size} but the launcher started {world_size} "
+            f"processes; set --dp/--tp/--pp{'/--servers' if servers else ''} so that they add up to {world_size}"
         )
     for name, (is_set, what) in NOT_YET.items():
         if is_set(cfg):
             raise ConfigError(f"{name}: {what} is not yet supported in this version of paratrain")
+
+
+def _validate_sync(cfg: RunConfig) -> None:
+    """Parameter-server settings, and the straggler aid."""
+    lay, tr = cfg.layout, cfg.train
+    if tr.sync not in ("allreduce", "ps"):
+        raise ConfigError(f"--sync: must be allreduce or ps, got {tr.sync!r}")
+    if tr.sync == "ps":
+        if tr.servers < 1:
+            raise ConfigError("--servers: --sync ps needs at least one parameter server, e.g. --servers 1")
+        if lay.tp > 1 or lay.pp > 1 or lay.zero > 0:
+            raise ConfigError("--sync: parameter servers hold whole replicas' gradients; use them with dp only "
+                              "(tp=1, pp=1, zero=0)")
+        if tr.precision != "fp32" or tr.compress != "none":
+            raise ConfigError("--sync: parameter servers exchange fp32 gradients; drop --precision/--compress")
+        if tr.staleness < -1:
+            raise ConfigError(f"--staleness: must be -1 (asynchronous), 0 (synchronous) or K > 0, got {tr.staleness}")
+    elif tr.servers or tr.staleness:
+        raise ConfigError("--servers/--staleness: only with --sync ps")
+    if tr.simulate_straggler is not None:
+        rank, _, seconds = tr.simulate_straggler.partition(":")
+        try:
+            ok = rank.isdigit() and int(rank) < lay.dp * lay.tp * lay.pp and float(seconds) >= 0
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ConfigError(f"--simulate-straggler: expected RANK:SECONDS with a worker RANK, got {tr.simulate_straggler!r}")

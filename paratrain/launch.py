@@ -52,8 +52,14 @@ def run_worker(cfg_dict: dict) -> dict:
     else:
         device = torch.device("cpu")
         backend = "gloo"
-    init_process_group(backend)
+    # parameter servers talk over gloo (any-source receives) and live on the CPU; workers
+    # may still compute on their GPU
+    init_process_group("gloo" if cfg.train.sync == "ps" else backend)
     try:
+        if cfg.train.sync == "ps":
+            from paratrain.parallel.param_server import run_ps
+
+            return run_ps(cfg, device)
         mesh = Mesh.build(cfg.layout.dp, cfg.layout.tp, cfg.layout.pp, device_type=device.type)
         return Trainer(cfg, mesh, device).fit()
     finally:
@@ -104,14 +110,14 @@ def _describe(rank: int, failure) -> str:
 
 
 def launch(cfg: RunConfig) -> dict:
-    """Run `cfg` on dp*tp*pp local processes and return rank 0's results.
+    """Run `cfg` on dp*tp*pp (+ servers) local processes and return rank 0's results.
 
     Raises WorkerFailed (one line per failed rank) if the workers fail after all restarts.
     """
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    nproc = cfg.layout.world_size
+    nproc = cfg.world_size
     # The engine logs each restart and failure at length; the user gets our one line per rank.
     for name in ("torch.distributed.elastic", "torch.multiprocessing"):
         logging.getLogger(name).setLevel(logging.CRITICAL)

@@ -214,6 +214,8 @@ class Trainer:
         fail = tr.simulate_failure
         first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
         self.fail_at = tuple(int(x) for x in fail.split(":")) if fail and first_attempt else None
+        who, _, seconds = (tr.simulate_straggler or "-1:0").partition(":")
+        self.straggle = float(seconds) if int(who) == self.rank else 0.0
 
     def _split_pipeline(self, model) -> torch.nn.ModuleList:
         """Cut the (tensor-parallel) model into balanced stages and keep this rank's chunks."""
@@ -270,6 +272,8 @@ class Trainer:
         tr = self.cfg.train
         if self.fail_at == (self.rank, step):
             raise RuntimeError(f"simulated failure of rank {self.rank} at step {step} (--simulate-failure)")
+        if self.straggle:
+            time.sleep(self.straggle)  # --simulate-straggler
         self.model.train()
         self.model.zero_grad()
         micro = split_microbatches(self.loader.next(self.dp_rank, self.dp), self.cfg.layout.microbatches)

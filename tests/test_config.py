@@ -53,6 +53,12 @@ BAD = [
     (["--lr", "-1"], "--lr"),
     (["--zero", "5"], "--zero"),
     (["--timeline", "out"], "--timeline"),  # needs --pp
+    (["--servers", "1"], "--servers"),  # only with --sync ps
+    (["--sync", "ps", "--servers", "0"], "--servers"),
+    (["--sync", "ps", "--servers", "1", "--tp", "2"], "--sync"),
+    (["--sync", "ps", "--servers", "1", "--staleness", "-2"], "--staleness"),
+    (["--sync", "gossip"], "--sync"),
+    (["--simulate-straggler", "0:slow"], "--simulate-straggler"),
     (["--schedule", "zigzag"], "--schedule"),
     (["--precision", "fp8"], "--precision"),
     (["--device", "tpu"], "--device"),

@@ -1,0 +1,369 @@
+"""Parameter servers (Li et al., OSDI 2014) with bounded staleness (Ho et al., NIPS 2013).
+
+`--sync ps --servers S` runs dp = W worker ranks (0 .. W-1) and S server ranks (W .. W+S-1).
+The flat parameter vector is cut into S contiguous shards; server s holds shard s in fp32 with
+its AdamW state. A worker's step: pull every shard, run forward and backward on its slice of the
+global batch, push each shard of the gradient to its server. Messages are torch.distributed
+point-to-point sends with tags (a 5-number header, then a tensor); a server receives headers
+from any worker and answers in the order its rules allow:
+
+- `--staleness 0` (synchronous): a server sums the W gradients of clock c, clips on the global
+  norm (one all-reduce over the servers) and takes one AdamW step; a pull for clock c is answered
+  once c steps are applied. The same math as all-reduce data parallelism.
+- `--staleness K > 0` (stale synchronous parallel) and `-1` (asynchronous): every push is applied
+  when it arrives, as an estimate of the global gradient (W times the worker's part); a worker may
+  start clock c only while c - (slowest worker's clock) <= K (no bound for -1). Server 0 grants
+  clocks until N x W pushes are promised, so the run processes the same tokens as N synchronous
+  steps; the step counter of the learning-rate schedule is pushes / W.
+
+Server 0 records, per granted pull, the worker's clock lead over the slowest worker and, per
+push, how many updates landed between its pull and its push (version staleness); worker 0 gets
+them at the end with the per-step losses and the final parameters, evaluates, and reports.
+When all workers have said DONE the servers send their final shards and return; if a worker
+fails, the launcher stops the whole group, servers included.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from paratrain.config import RunConfig, format_layout
+from paratrain.data import TokenLoader, load_corpus, split_microbatches
+from paratrain.models.gpt import build_model, count_params
+
+PULL, PUSH, DONE = 0.0, 1.0, 2.0
+TAG_HEADER, TAG_GRAD, TAG_REPLY, TAG_PARAMS, TAG_FINAL, TAG_LOG = 1, 2, 3, 4, 5, 6
+HEADER = 5  # [op, clock, version pulled, loss part, squared gradient norm]
+
+
+def shard_bounds(n: int, servers: int) -> list[tuple[int, int]]:
+    """Contiguous, nearly equal shards of a flat vector of n elements."""
+    edges = [round(i * n / servers) for i in range(servers + 1)]
+    return list(zip(edges, edges[1:]))
+
+
+def flat_params(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def set_flat_params(model: torch.nn.Module, flat: torch.Tensor) -> None:
+    offset = 0
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(flat[offset : offset + p.numel()].view_as(p).to(p.device))
+            offset += p.numel()
+
+
+def decay_mask(model: torch.nn.Module) -> torch.Tensor:
+    """Per element of the flat vector: weight decay applies (matrices) or not (biases, norms)."""
+    return torch.cat([torch.full((p.numel(),), p.dim() >= 2) for p in model.parameters()])
+
+
+class Server:
+    def __init__(self, cfg: RunConfig, index: int, workers: int, servers: int, group, model: torch.nn.Module):
+        from paratrain.train import lr_at
+
+        self.cfg, self.index, self.W, self.S, self.group = cfg, index, workers, servers, group
+        self.lr_at = lr_at
+        self.K = cfg.train.staleness
+        self.lo, self.hi = shard_bounds(count_params(model), servers)[index]
+        self.shard = flat_params(model)[self.lo : self.hi].clone()
+        mask = decay_mask(model)[self.lo : self.hi]
+        # AdamW over contiguous runs of the shard that share weight decay, as in the trainer
+        cuts = [0] + [i for i in range(1, len(mask)) if mask[i] != mask[i - 1]] + [len(mask)]
+        runs = [(a, b, bool(mask[a])) for a, b in zip(cuts, cuts[1:])]
+        self.views = [torch.nn.Parameter(self.shard[a:b]) for a, b, _ in runs]
+        tr = cfg.train
+        self.optimizer = torch.optim.AdamW(
+            [{"params": [v for v, (_, _, d) in zip(self.views, runs) if d], "weight_decay": tr.weight_decay},
+             {"params": [v for v, (_, _, d) in zip(self.views, runs) if not d], "weight_decay": 0.0}],
+            lr=tr.lr, betas=(tr.beta1, tr.beta2))
+        self.version = 0  # updates applied
+        self.clock = [0] * workers  # pushes received from each worker
+        self.done = [False] * workers
+        self.pending: list[tuple[int, int]] = []  # pulls not yet answered: (worker, clock)
+        self.granted = 0
+        self.sum_grad = torch.zeros_like(self.shard)
+        self.sum_loss, self.sum_sq, self.count = 0.0, 0.0, 0
+        self.clock_loss = 0.0  # synchronous: the loss parts of the clock being summed
+        self.log: list[list[float]] = []  # per global step: step, loss, time, grad norm, lr
+        self.gaps: list[int] = []  # per granted pull: clock lead over the slowest worker
+        self.staleness: list[int] = []  # per push: updates between its pull and its application
+        self.sends: list = []
+
+    # ---- rules
+    def _slowest(self) -> int:
+        active = [c for c, d in zip(self.clock, self.done) if not d]
+        return min(active) if active else max(self.clock)
+
+    def _may_start(self, clock: int) -> bool:
+        if self.K == 0:
+            return self.version >= clock
+        return self.K < 0 or clock - self._slowest() <= self.K
+
+    def _exhausted(self, clock: int) -> bool:
+        steps = self.cfg.train.steps
+        return clock >= steps if self.K == 0 else self.granted >= steps * self.W
+
+    def _serve(self) -> None:
+        waiting = []
+        for worker, clock in self.pending:
+            if self.index == 0 and self._exhausted(clock):
+                self._reply(worker, granted=False)
+            elif self._may_start(clock):
+                if self.index == 0:
+                    self.granted += 1
+                    self.gaps.append(clock - self._slowest())
+                self._reply(worker, granted=True)
+            else:
+                waiting.append((worker, clock))
+        self.pending = waiting
+
+    def _reply(self, worker: int, granted: bool) -> None:
+        self.sends = [w for w in self.sends if not w.is_completed()]
+        self.sends.append(dist.isend(torch.tensor([float(granted), float(self.version)]), worker, tag=TAG_REPLY))
+        if granted:
+            self.sends.append(dist.isend(self.shard.clone(), worker, tag=TAG_PARAMS))
+
+    # ---- updates
+    def _step(self, grad: torch.Tensor, sq: float, loss: float) -> None:
+        tr = self.cfg.train
+        if self.K == 0:  # the norm of the summed gradient, over all servers' shards
+            total = torch.tensor([float(grad.pow(2).sum())], dtype=torch.float64)
+            if self.S > 1:
+                dist.all_reduce(total, group=self.group)
+            sq = float(total)
+        norm = math.sqrt(sq)
+        coef = min(1.0, tr.grad_clip / (norm + 1e-6)) if tr.grad_clip > 0 else 1.0
+        step = self.version + 1 if self.K == 0 else self.version // self.W + 1
+        lr = self.lr_at(step, tr.lr, tr.warmup_steps, tr.steps, tr.min_lr_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        offset = 0
+        for v in self.views:
+            v.grad = grad[offset : offset + v.numel()] * coef
+            offset += v.numel()
+        self.optimizer.step()
+        self.version += 1
+        self.sum_loss += loss
+        self.sum_sq += norm
+        self.count += 1
+        per_step = 1 if self.K == 0 else self.W
+        if self.index == 0 and self.count == per_step:
+            self.log.append([float(step), self.sum_loss, time.time(), self.sum_sq / per_step, lr])
+            self.sum_loss, self.sum_sq, self.count = 0.0, 0.0, 0
+
+    def _push(self, worker: int, header: torch.Tensor) -> None:
+        grad = torch.empty_like(self.shard)
+        dist.recv(grad, worker, tag=TAG_GRAD)
+        _, clock, pulled, loss, sq = header.tolist()
+        self.clock[worker] += 1
+        self.staleness.append(self.version - int(pulled))
+        if self.K != 0:  # applied on arrival, as an estimate of the whole batch's gradient
+            self._step(grad * self.W, sq * self.W**2, loss)
+            return
+        self.sum_grad += grad
+        self.clock_loss += loss
+        if all(c == self.version + 1 or d for c, d in zip(self.clock, self.done)):
+            self._step(self.sum_grad, 0.0, self.clock_loss)
+            self.sum_grad.zero_()
+            self.clock_loss = 0.0
+
+    def run(self) -> None:
+        header = torch.empty(HEADER, dtype=torch.float64)
+        while not all(self.done):
+            worker = dist.recv(header, None, tag=TAG_HEADER)
+            op = float(header[0])
+            if op == PULL:
+                self.pending.append((worker, int(header[1])))
+            elif op == PUSH:
+                self._push(worker, header.clone())
+            else:
+                self.done[worker] = True
+            self._serve()
+        for work in self.sends:
+            work.wait()
+        dist.send(self.shard, 0, tag=TAG_FINAL)
+        if self.index == 0:
+            for values in (self.log, [[g] for g in self.gaps], [[s] for s in self.staleness]):
+                t = torch.tensor(values, dtype=torch.float64).reshape(-1, len(values[0]) if values else 1)
+                dist.send(torch.tensor([float(t.shape[0]), float(t.shape[1])], dtype=torch.float64), 0, tag=TAG_LOG)
+                dist.send(t.contiguous(), 0, tag=TAG_LOG)
+
+
+class Worker:
+    def __init__(self, cfg: RunConfig, rank: int, workers: int, servers: int, model: torch.nn.Module,
+                 device: torch.device):
+        self.cfg, self.rank, self.W, self.S, self.device = cfg, rank, workers, servers, device
+        self.model = model
+        self.bounds = shard_bounds(count_params(model), servers)
+        tr = cfg.train
+        self.loader = TokenLoader(load_corpus(cfg.data.path), tr.seq_len, tr.global_batch, tr.seed, cfg.data.val_fraction)
+        self.tokens_per_step = tr.global_batch * tr.seq_len
+        straggler = tr.simulate_straggler
+        who, _, delay = (straggler or "-1:0").partition(":")
+        self.delay = float(delay) if int(who) == rank else 0.0
+        self.bytes = 0  # what this worker sent (gradients and headers)
+        fail = tr.simulate_failure
+        first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+        who, _, step = (fail or "-1:0").partition(":")
+        self.fail_at = int(step) if fail and first_attempt and int(who) == rank else None
+
+    def _send_header(self, server: int, values: list[float]) -> None:
+        t = torch.tensor(values + [0.0] * (HEADER - len(values)), dtype=torch.float64)
+        dist.send(t, self.W + server, tag=TAG_HEADER)
+        self.bytes += t.numel() * 8
+
+    def _pull(self, clock: int) -> int | None:
+        """All shards into the model; the version server 0 answered with, or None to stop."""
+        flat = torch.empty(self.bounds[-1][1])
+        version = 0
+        for s, (lo, hi) in enumerate(self.bounds):
+            self._send_header(s, [PULL, clock])
+            reply = torch.empty(2)
+            dist.recv(reply, self.W + s, tag=TAG_REPLY)
+            if not reply[0]:
+                return None
+            version = int(reply[1]) if s == 0 else version
+            dist.recv(flat[lo:hi], self.W + s, tag=TAG_PARAMS)
+        set_flat_params(self.model, flat)
+        return version
+
+    def loss(self, inputs, targets) -> torch.Tensor:
+        logits = self.model(inputs.to(self.device))
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.to(self.device).flatten(),
+                               reduction="sum") / self.tokens_per_step
+
+    def run(self) -> int:
+        """Pull, compute, push until server 0 says stop; returns the number of clocks done."""
+        cfg = self.cfg
+        bar = tqdm(total=cfg.train.steps, disable=not (self.rank == 0 and cfg.train.progress), desc="worker 0",
+                   unit="step", dynamic_ncols=True, file=sys.stderr)
+        clock = 0
+        while (version := self._pull(clock)) is not None:
+            if self.fail_at == clock + 1:
+                raise RuntimeError(f"simulated failure of rank {self.rank} at step {clock + 1} (--simulate-failure)")
+            if self.delay:
+                time.sleep(self.delay)  # --simulate-straggler
+            self.model.train()
+            self.model.zero_grad(set_to_none=False)
+            batch = self.loader.local_batch(clock + 1, self.rank, self.W)
+            loss_part = 0.0
+            for mb in split_microbatches(batch, cfg.layout.microbatches):
+                loss = self.loss(mb.inputs, mb.targets)
+                loss.backward()
+                loss_part += float(loss.detach())
+            grad = torch.cat([p.grad.flatten() for p in self.model.parameters()]).cpu()
+            sq = float(grad.pow(2).sum())
+            for s, (lo, hi) in enumerate(self.bounds):
+                self._send_header(s, [PUSH, clock, version, loss_part, sq])
+                dist.send(grad[lo:hi].contiguous(), self.W + s, tag=TAG_GRAD)
+                self.bytes += (hi - lo) * 4
+            clock += 1
+            bar.update(1)
+        bar.close()
+        for s in range(self.S):
+            self._send_header(s, [DONE])
+        return clock
+
+    def collect(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Worker 0, after DONE: the final parameters and server 0's records."""
+        flat = torch.empty(self.bounds[-1][1])
+        for s, (lo, hi) in enumerate(self.bounds):
+            dist.recv(flat[lo:hi], self.W + s, tag=TAG_FINAL)
+        records = []
+        for _ in range(3):
+            shape = torch.empty(2, dtype=torch.float64)
+            dist.recv(shape, self.W, tag=TAG_LOG)
+            t = torch.empty(int(shape[0]), int(shape[1]), dtype=torch.float64)
+            dist.recv(t, self.W, tag=TAG_LOG)
+            records.append(t)
+        return flat, records
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.model.eval()
+        n = self.cfg.train.eval_batches
+        return sum(float(self.loss(*self._val(i))) for i in range(1, n + 1)) / n
+
+    def _val(self, i: int):
+        b = self.loader.batch(i, split="val")
+        return b.inputs, b.targets
+
+
+def run_ps(cfg: RunConfig, device: torch.device) -> dict:
+    """The body of every rank of a parameter-server run; worker 0 returns the results."""
+    W, S = cfg.layout.dp, cfg.train.servers
+    rank = dist.get_rank()
+    server_group = dist.new_group(list(range(W, W + S)))  # every rank takes part in creating it
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model.name, cfg.train.seed, cfg.model.dropout, cfg.model.tie_embeddings)
+    if rank >= W:
+        Server(cfg, rank - W, W, S, server_group, model).run()
+        return {}
+    worker = Worker(cfg, rank, W, S, model.to(device), device)
+    if rank == 0:
+        print(f"paratrain: training {cfg.model.name} ({count_params(model) / 1e6:.2f}M parameters) with {W} "
+              f"workers and {S} parameter server(s), staleness {cfg.train.staleness}, "
+              f"{cfg.train.global_batch} x {cfg.train.seq_len} tokens per step", flush=True)
+    t0 = time.time()
+    clocks = worker.run()
+    done = time.time()
+    if rank != 0:
+        return {}
+    flat, (log, gaps, staleness) = worker.collect()
+    set_flat_params(model, flat)
+    val = worker.evaluate()
+    return report(cfg, worker, log, gaps, staleness, val, t0, done, clocks)
+
+
+def report(cfg: RunConfig, worker: Worker, log, gaps, staleness, val: float, t0: float, done: float,
+           clocks: int) -> dict:
+    from paratrain.train import peak_memory_bytes
+
+    tr = cfg.train
+    W, S, n = cfg.layout.dp, tr.servers, count_params(worker.model)
+    layout = f"{format_layout(cfg.layout)},ps={S},staleness={tr.staleness}"
+    losses = [float(x) for x in log[:, 1]]
+    times = [float(t) for t in log[:, 2]]
+    step_times = [b - a for a, b in zip([t0] + times, times)]
+    # per step: W pushed gradients and W pulled parameter vectors, fp32, plus headers
+    peak = peak_memory_bytes(worker.device)  # worker 0's
+    comm = W * (2 * n * 4 + 2 * S * HEADER * 8 + S * 2 * 4)
+    steps = [{"step": int(s), "loss": float(loss), "tokens": worker.tokens_per_step, "step_time_s": dt,
+              "tokens_per_s": worker.tokens_per_step / dt, "peak_mem_bytes": peak, "comm_bytes": comm,
+              "grad_norm": float(g), "lr": float(lr)}
+             for (s, loss, _, g, lr), dt in zip(log.tolist(), step_times)]
+    wall = done - t0
+    summary = {
+        "event": "end", "steps": tr.steps, "final_loss": losses[-1], "first_loss": losses[0], "val_loss": val,
+        "tokens_per_s": worker.tokens_per_step * len(losses) / wall, "layout": layout, "sample": "",
+        "worker0_clocks": clocks,
+        "ps_max_clock_gap": int(gaps.max()) if gaps.numel() else 0,
+        "ps_clock_gaps": [int(g) for g in gaps.flatten()],
+        "ps_max_version_staleness": int(staleness.max()) if staleness.numel() else 0,
+        "ps_version_staleness": [int(s) for s in staleness.flatten()],
+    }
+    if tr.metrics:
+        import json
+
+        with open(tr.metrics, "w") as fh:
+            fh.write(json.dumps({"event": "start", "layout": layout, "world_size": W + S, "params": n,
+                                 "config": cfg.to_dict()}) + "\n")
+            for record in steps:
+                fh.write(json.dumps(record) + "\n")
+            fh.write(json.dumps(summary) + "\n")
+    print(f"paratrain: done ({layout}, {W} workers, {S} servers). loss {losses[0]:.3f} (step 1) -> "
+          f"{losses[-1]:.3f} (step {len(losses)}), validation loss {val:.3f}", flush=True)
+    print(f"  throughput {summary['tokens_per_s']:,.0f} tokens/s over {wall:.1f} s; largest clock lead "
+          f"{summary['ps_max_clock_gap']} (bound {tr.staleness if tr.staleness >= 0 else 'none'}), largest "
+          f"version staleness {summary['ps_max_version_staleness']}", flush=True)
+    return {"losses": losses, "val_losses": [(tr.steps, val)], **summary}
