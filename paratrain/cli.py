@@ -41,6 +41,7 @@ FLAGS: dict[str, tuple[str, str, type, str]] = {
     "--data": ("data", "path", str, "'stdlib' (default) or a text file or folder of text files"),
     "--checkpoint-dir": ("checkpoint", "dir", str, "checkpoint folder"),
     "--checkpoint-every": ("checkpoint", "every", int, "save every N steps"),
+    "--keep-checkpoints": ("checkpoint", "keep", int, "how many checkpoints to keep (default 3)"),
 }
 
 
@@ -69,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--activation-checkpointing", action="store_true", default=None,
                        help="recompute each block's activations in backward instead of keeping them")
     train.add_argument("--resume", action="store_true", default=None, help="resume from the latest checkpoint")
+    train.add_argument("--async-checkpoint", action="store_true", default=None,
+                       help="write checkpoints in the background while training goes on")
+    ckpt = sub.add_parser("checkpoint", help="work with checkpoints")
+    ckpt_sub = ckpt.add_subparsers(dest="action", parser_class=OneLineParser)
+    export = ckpt_sub.add_parser("export", help="write one consolidated model file from a checkpoint")
+    export.add_argument("path", help="a checkpoint folder (step_N) or the --checkpoint-dir holding them")
+    export.add_argument("--to", required=True, help="output file: .safetensors, or .pt for a torch file")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -113,6 +121,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         overrides.setdefault("train", {})["activation_checkpointing"] = True
     if args.resume is not None:
         overrides.setdefault("checkpoint", {})["resume"] = True
+    if args.async_checkpoint is not None:
+        overrides.setdefault("checkpoint", {})["async_save"] = True
     merge(cfg, overrides, source="flags")
     if args.no_progress:
         cfg.train.progress = False
@@ -134,6 +144,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = config_from_args(args)
         world = int(os.environ["WORLD_SIZE"]) if under_torchrun() else None
         validate(cfg, world_size=world)
+        check_resume(cfg)
     except ConfigError as e:
         fail(str(e))
     if under_torchrun():
@@ -148,11 +159,56 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_resume(cfg: RunConfig) -> None:
+    """With --resume, a usable checkpoint must exist before any worker starts: a missing folder,
+    no intact checkpoint, or another model's checkpoint is one line and exit status 2. Broken
+    newer checkpoints are skipped with a warning (the workers then load the newest good one)."""
+    import os
+
+    from paratrain.checkpoint import CheckpointError, latest_good, model_identity
+
+    ck = cfg.checkpoint
+    if not ck.resume:
+        return
+    if not os.path.isdir(ck.dir):
+        raise ConfigError(f"--resume: there is no checkpoint folder {ck.dir!r}; check --checkpoint-dir")
+    try:
+        folder, skipped = latest_good(ck.dir, model_identity(cfg))
+    except CheckpointError as e:
+        raise ConfigError(f"--resume: {e}") from None
+    for reason in skipped:
+        print(f"paratrain: warning: skipped checkpoint {reason}", file=sys.stderr)
+    if folder is None:
+        why = f" ({skipped[0]})" if skipped else ""
+        raise ConfigError(f"--resume: no complete checkpoint in {ck.dir!r}{why}")
+
+
+def cmd_checkpoint(args: argparse.Namespace) -> int:
+    from paratrain.checkpoint import CheckpointError, export
+
+    if args.action != "export":
+        fail("checkpoint: say what to do, e.g. `paratrain checkpoint export DIR --to model.safetensors`")
+    if not args.to.endswith((".safetensors", ".pt", ".pth")):
+        fail(f"--to: write a .safetensors or .pt file, got {args.to!r}")
+    import os
+
+    if not os.path.exists(args.path):
+        fail(f"checkpoint export: no such folder {args.path!r}")
+    try:
+        folder = export(args.path, args.to)
+    except CheckpointError as e:
+        fail(f"checkpoint export: {e}")
+    print(f"paratrain: wrote {args.to} from {folder}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "train":
         return cmd_train(args)
+    if args.command == "checkpoint":
+        return cmd_checkpoint(args)
     parser.print_help()
     return 0
 

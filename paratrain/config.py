@@ -75,7 +75,7 @@ class TrainConfig:
     sync: str = "allreduce"
     servers: int = 0
     staleness: int = 0
-    simulate_failure: str | None = None  # "RANK:STEP", a testing aid
+    simulate_failure: str | None = None  # "RANK:STEP" raises there, "RANK:STEP:kill" SIGKILLs; a testing aid
     simulate_straggler: str | None = None  # "RANK:SECONDS": that worker sleeps every step
     progress: bool = True
     activation_checkpointing: bool = False  # recompute each block's activations in backward
@@ -91,8 +91,10 @@ class DataConfig:
 @dataclass
 class CheckpointConfig:
     dir: str | None = None
-    every: int = 0
-    resume: bool = False
+    every: int = 0  # save every N steps (0: never)
+    resume: bool = False  # load the newest good checkpoint of `dir` (restarts do so anyway)
+    keep: int = 3  # checkpoints kept
+    async_save: bool = False  # write in the background while training goes on
 
 
 @dataclass
@@ -195,12 +197,7 @@ def load_toml(path: str) -> dict[str, Any]:
 
 
 # Settings that later parts of paratrain implement. Until then they are refused clearly.
-NOT_YET = {
-    "train.compress": (lambda c: c.train.compress != "none", "gradient compression (--compress)"),
-    "checkpoint.dir": (lambda c: c.checkpoint.dir is not None, "checkpoints (--checkpoint-dir)"),
-    "checkpoint.every": (lambda c: c.checkpoint.every != 0, "checkpoints (--checkpoint-every)"),
-    "checkpoint.resume": (lambda c: c.checkpoint.resume, "resuming (--resume)"),
-}
+NOT_YET: dict = {}
 
 
 def validate(cfg: RunConfig, world_size: int | None = None) -> None:
@@ -280,6 +277,12 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         raise ConfigError(f"--max-restarts: must be at least 0, got {tr.max_restarts}")
     if tr.precision not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"--precision: must be fp32, bf16 or fp16, got {tr.precision!r}")
+    from paratrain.comm.compress import parse_compress
+
+    try:
+        parse_compress(tr.compress)
+    except ValueError as e:
+        raise ConfigError(f"--compress: {e}") from None
     if tr.device not in ("cpu", "cuda"):
         raise ConfigError(f"--device: must be cpu or cuda, got {tr.device!r}")
     if tr.device == "cuda":
@@ -294,7 +297,8 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
             )
     if tr.simulate_failure is not None:
         rank, _, step = tr.simulate_failure.partition(":")
-        if not (rank.isdigit() and step.isdigit()) or int(rank) >= lay.world_size:
+        step, _, how = step.partition(":")
+        if not (rank.isdigit() and step.isdigit()) or int(rank) >= lay.world_size or how not in ("", "kill"):
             raise ConfigError(
                 f"--simulate-failure: expected RANK:STEP with RANK < {lay.world_size}, got {tr.simulate_failure!r}"
             )
@@ -303,6 +307,13 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     if not 0 < cfg.data.val_fraction < 0.5:
         raise ConfigError(f"data.val_fraction: must be in (0, 0.5), got {cfg.data.val_fraction}")
     _validate_sync(cfg)
+    ck = cfg.checkpoint
+    if ck.every < 0 or ck.keep < 1:
+        raise ConfigError("--checkpoint-every must be >= 0 and --keep-checkpoints >= 1")
+    if (ck.every or ck.resume or ck.async_save) and not ck.dir:
+        raise ConfigError("--checkpoint-every/--resume/--async-checkpoint: give the folder with --checkpoint-dir DIR")
+    if ck.dir and tr.sync == "ps":
+        raise ConfigError("--checkpoint-dir: parameter-server runs do not checkpoint in this version; use --sync allreduce")
     if world_size is not None and world_size != cfg.world_size:
         servers = f" + {tr.servers} servers" if tr.sync == "ps" else ""
         raise ConfigError(

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import resource
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -24,13 +25,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from paratrain.checkpoint import Checkpointer, latest_good, model_identity
 from paratrain.config import RunConfig, format_layout
 from paratrain.data import ByteTokenizer, TokenLoader, load_corpus, split_microbatches
 from paratrain.mesh import Mesh, coords_of
 from paratrain.models.gpt import build_model, count_params
 from paratrain.parallel.data import DataParallel
 from paratrain.parallel.zero import ZeroDataParallel
-from paratrain.comm import all_reduce
+from paratrain.comm import all_reduce, parse_compress
 from paratrain.models.gpt import PRESETS
 from paratrain.parallel.pipeline.executor import PipelineExecutor
 from paratrain.parallel.pipeline.partition import build_stages, split_gpt
@@ -183,15 +185,23 @@ class Trainer:
         if mesh.size("pp") > 1:
             model = self._split_pipeline(model)
         tops = list(model) if self.pipeline else [model]
+        # global names, the same in every layout (the last stage's tied head is the embedding)
+        self.param_names: dict[int, str] = {}
+        for top in tops:
+            for name, p in top.named_parameters(remove_duplicate=False):
+                tied_head = cfg.model.tie_embeddings and name == "head.weight"
+                self.param_names.setdefault(id(p), "wte.weight" if tied_head else name)
+        self.layout_name = f"{format_layout(lay)},schedule={lay.schedule},microbatches={lay.microbatches}"
         self.dtype = DTYPES[tr.precision]
         self.scaler = LossScaler(tr.precision == "fp16")
         # ZeRO for stages 1-3, and for mixed precision (its stage 0 keeps fp32 masters)
         self.zero = lay.zero > 0 or self.dtype != torch.float32
         if self.zero:
-            self.model = ZeroDataParallel(model, mesh, lay.zero, self.dtype, tops, tr.activation_checkpointing)
+            self.model = ZeroDataParallel(model, mesh, lay.zero, self.dtype, tops, tr.activation_checkpointing,
+                                          compressor=parse_compress(tr.compress))
             decay, no_decay = self.model.master_params(True), self.model.master_params(False)
         else:
-            self.model = DataParallel(model, mesh, bucket_mb=tr.bucket_mb)
+            self.model = DataParallel(model, mesh, bucket_mb=tr.bucket_mb, compressor=parse_compress(tr.compress))
             decay = [p for p in model.parameters() if p.dim() >= 2]
             no_decay = [p for p in model.parameters() if p.dim() < 2]
         if tr.activation_checkpointing:
@@ -213,9 +223,35 @@ class Trainer:
         # --simulate-failure RANK:STEP: a transient fault, raised in the first attempt only
         fail = tr.simulate_failure
         first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
-        self.fail_at = tuple(int(x) for x in fail.split(":")) if fail and first_attempt else None
+        self.fail_at = tuple(int(x) for x in fail.split(":")[:2]) if fail and first_attempt else None
+        self.fail_kill = bool(fail) and fail.endswith(":kill")
         who, _, seconds = (tr.simulate_straggler or "-1:0").partition(":")
         self.straggle = float(seconds) if int(who) == self.rank else 0.0
+        self.ckpt = Checkpointer(self) if cfg.checkpoint.dir else None
+        self.resumed_from = None
+        if self.ckpt and (cfg.checkpoint.resume or not first_attempt):
+            self._resume()
+
+    def _resume(self) -> None:
+        """Load the newest good checkpoint (rank 0 chooses; broken ones are skipped with a warning)."""
+        choice = [None]
+        if self.rank == 0:
+            folder, skipped = latest_good(self.cfg.checkpoint.dir, model_identity(self.cfg))
+            for reason in skipped:
+                print(f"paratrain: warning: skipped checkpoint {reason}", file=sys.stderr, flush=True)
+            choice = [folder]
+        dist.broadcast_object_list(choice, src=0)
+        if choice[0] is None:
+            return  # nothing saved yet: a restart starts over
+        step = self.ckpt.load(choice[0])
+        self.resumed_from = choice[0]
+        if self.rank == 0:
+            print(f"paratrain: resumed from {choice[0]} (step {step}) into {self.layout_name}", flush=True)
+
+    def after_load(self) -> None:
+        """After a checkpoint was loaded into the masters: refresh what compute uses."""
+        if self.zero:
+            self.model.publish()
 
     def _split_pipeline(self, model) -> torch.nn.ModuleList:
         """Cut the (tensor-parallel) model into balanced stages and keep this rank's chunks."""
@@ -271,6 +307,8 @@ class Trainer:
         a skipped fp16 step sets `self.skipped`."""
         tr = self.cfg.train
         if self.fail_at == (self.rank, step):
+            if self.fail_kill:
+                os.kill(os.getpid(), signal.SIGKILL)
             raise RuntimeError(f"simulated failure of rank {self.rank} at step {step} (--simulate-failure)")
         if self.straggle:
             time.sleep(self.straggle)  # --simulate-straggler
@@ -469,13 +507,24 @@ class Trainer:
             if tr.eval_every and k % tr.eval_every == 0 and k != tr.steps:
                 val_losses.append((k, self.evaluate()))
                 emit({"event": "eval", "step": k, "val_loss": val_losses[-1][1]})
+            if self.ckpt:
+                self.ckpt.poll()
+                if self.cfg.checkpoint.every and k % self.cfg.checkpoint.every == 0:
+                    self.ckpt.save(k)
+                    emit({"event": "checkpoint", "step": k, "async": self.cfg.checkpoint.async_save,
+                          **({"blocked_s": self.ckpt.events[-1]["blocked_s"]} if not self.ckpt.pending else {})})
         bar.close()
+        if self.ckpt:
+            self.ckpt.wait()
         if self.pipeline and tr.timeline:
             self.write_timeline(tr.timeline)
         val = self.evaluate()
         val_losses.append((tr.steps, val))
         steady = times[1:] or times  # the first step pays for warm-up; leave it out if we can
-        throughput = self.tokens_per_step * len(steady) / sum(steady)
+        throughput = self.tokens_per_step * len(steady) / sum(steady) if steady else 0.0
+        if last is None:  # resumed from a checkpoint of the last step: nothing left to train
+            first = last = StepStats(tr.steps, float("nan"), 0, 1.0, 0, 0, 0.0, 0.0)
+            self.peak_per_rank = [peak_memory_bytes(self.device)] * self.mesh.world_size
         # under ZeRO-3 every dp rank takes part in the gathers of the parameters
         samplers = ((self.mesh.coord("dp") == 0 or self.cfg.layout.zero == 3)
                     and not self.pipeline and not self.cfg.layout.sequence_parallel)
@@ -493,6 +542,8 @@ class Trainer:
             "peak_mem_bytes_per_rank": self.peak_per_rank,
             "param_bytes_per_rank": [m["params"] for m in memory],
             "memory_per_rank": memory,
+            "checkpoints": self.ckpt.events if self.ckpt else [],
+            "resumed_from": self.resumed_from,
             "layout": layout,
             "sample": sample,
             **pipe,
@@ -505,7 +556,7 @@ class Trainer:
             mib = lambda b: f"{b / 2**20:,.1f}"  # noqa: E731
             states = "; ".join(f"rank {r} {mib(m['params'])} + {mib(m['grads'])} + {mib(m['optimizer'])}"
                                for r, m in enumerate(memory))
-            print(f"paratrain: done. loss {first.loss:.3f} (step 1) -> {last.loss:.3f} (step {tr.steps}), "
+            print(f"paratrain: done. loss {first.loss:.3f} (step {first.step}) -> {last.loss:.3f} (step {tr.steps}), "
                   f"validation loss {val:.3f}", flush=True)
             print(f"  throughput {throughput:,.0f} tokens/s over steps 2-{tr.steps}; peak memory: {mem}")
             print(f"  model states (MiB, parameters + gradients + optimizer): {states}")

@@ -1,8 +1,9 @@
-"""Communication: collectives that count what they send (later: compression, fingerprints)."""
+"""Communication: collectives that count what they send, gradient compression (later: fingerprints)."""
 
 from paratrain.comm.collectives import (
     CommStats, all_gather, all_gather_flat, all_reduce, broadcast, isend, recv, reduce_scatter, reduce_scatter_flat,
 )
+from paratrain.comm.compress import Compressor, parse_compress
 
-__all__ = ["CommStats", "all_gather", "all_gather_flat", "all_reduce", "broadcast", "isend", "recv",
-           "reduce_scatter", "reduce_scatter_flat"]
+__all__ = ["CommStats", "Compressor", "all_gather", "all_gather_flat", "all_reduce", "broadcast", "isend",
+           "parse_compress", "recv", "reduce_scatter", "reduce_scatter_flat"]

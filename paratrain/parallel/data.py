@@ -11,6 +11,10 @@ accumulation) gradients only accumulate locally.
 Gradients are summed, not averaged: the trainer normalises the loss by the global token count,
 so the sum over ranks is the gradient of the global mean loss. Pass `average=True` for the
 convention of a loss averaged per rank.
+
+With a gradient `compressor` (`--compress`) the hooks only count arrivals, and
+`finish_grad_sync` hands each bucket to the compressor in bucket order (a compressed round is
+synchronous and may talk twice, as PowerSGD does).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from paratrain.comm import all_reduce, broadcast
+from paratrain.comm import Compressor, all_reduce, broadcast
 from paratrain.mesh import Mesh
 
 
@@ -36,9 +40,11 @@ class Bucket:
 
 
 class DataParallel(nn.Module):
-    def __init__(self, module: nn.Module, mesh: Mesh, bucket_mb: float = 25.0, average: bool = False):
+    def __init__(self, module: nn.Module, mesh: Mesh, bucket_mb: float = 25.0, average: bool = False,
+                 compressor: Compressor | None = None):
         super().__init__()
         self.module = module
+        self.compressor = compressor
         self.mesh = mesh
         self.group = mesh.group("dp")
         self.dp = mesh.size("dp")
@@ -105,6 +111,8 @@ class DataParallel(nn.Module):
         self._launch_ready_buckets()
 
     def _launch_ready_buckets(self, force: bool = False) -> None:
+        if self.compressor is not None:
+            return  # compressed buckets are reduced in finish_grad_sync
         # Launch strictly in bucket order so that all ranks issue identical collective sequences.
         while self._next_to_launch < len(self.buckets):
             b = self.buckets[self._next_to_launch]
@@ -122,9 +130,12 @@ class DataParallel(nn.Module):
         if self.dp == 1:
             return
         self._launch_ready_buckets(force=True)
-        for b in self.buckets:
-            b.handle.wait()
-            b.handle = None
+        for i, b in enumerate(self.buckets):
+            if self.compressor is not None:
+                self.compressor.reduce(i, b.views, self.group, self.mesh.comm)
+            else:
+                b.handle.wait()
+                b.handle = None
             b.pending = len(b.params)
             if self.average:
                 b.buffer.div_(self.dp)

@@ -177,6 +177,7 @@ def _shard(t: torch.Tensor, tp: TPGroup, dim: int) -> nn.Parameter:
         raise ValueError(f"dimension {dim} of size {t.shape[dim]} is not divisible by tp={tp.size}")
     p = nn.Parameter(t.detach().chunk(tp.size, dim=dim)[tp.rank].clone())
     p.tp_sharded = True  # its gradient norm is summed over the tp group
+    p.tp_dim = dim  # where the shards go in the whole tensor (checkpoints)
     return p
 
 

@@ -22,6 +22,10 @@ Mixed precision (`dtype` bf16 / fp16) keeps the parameters and gradients that co
 2 + 2 + 12 bytes, of which stage 1 shards the 12, stage 2 the 14 and stage 3 all 16. Reductions
 run in fp32. Gradients are summed over dp (the trainer divides the loss by the global token
 count), like `DataParallel`.
+
+With a gradient `compressor` (`--compress`) each group's reduction (stages 0 and 1: once per step;
+2 and 3: per micro-batch) becomes the compressor's: the dense (approximate) sum of the group's
+gradients, of which this rank keeps its shard; a 16-bit cast stays a reduce-scatter.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from paratrain.comm import all_gather_flat, all_reduce, reduce_scatter_flat
+from paratrain.comm import Compressor, all_gather_flat, all_reduce, reduce_scatter_flat
 from paratrain.mesh import Mesh
 
 FLAGS = ("tp_sharded", "sequence_parallel", "pp_duplicate", "pp_tied")
@@ -46,15 +50,18 @@ class Slot:
     shape: torch.Size
     offset: int
     numel: int
+    name: str = ""  # the parameter's global name (checkpoints)
+    tp_dim: int | None = None  # the dimension tensor parallelism split, if any
 
 
 class FlatGroup:
     def __init__(self, params: list[nn.Parameter], refs: dict[int, list], flags: dict, decay: bool,
-                 stage: int, dtype: torch.dtype, dp: int, dp_rank: int):
+                 stage: int, dtype: torch.dtype, dp: int, dp_rank: int, names: dict[int, str]):
         self.flags, self.decay, self.stage, self.dtype = flags, decay, stage, dtype
         self.slots, n = [], 0
         for p in params:
-            self.slots.append(Slot(refs[id(p)], p.shape, n, p.numel()))
+            self.slots.append(Slot(refs[id(p)], p.shape, n, p.numel(), names.get(id(p), ""),
+                                   getattr(p, "tp_dim", None)))
             n += p.numel()
         self.numel = n
         shards = dp if stage > 0 else 1
@@ -186,11 +193,15 @@ def _in_backward() -> bool:
 
 class ZeroDataParallel(nn.Module):
     def __init__(self, module: nn.Module, mesh: Mesh, stage: int, dtype: torch.dtype = torch.float32,
-                 tops: list[nn.Module] | None = None, activation_checkpointing: bool = False):
+                 tops: list[nn.Module] | None = None, activation_checkpointing: bool = False,
+                 compressor: Compressor | None = None, names: dict[int, str] | None = None):
         """`tops`: the modules whose forward is a whole model or pipeline chunk (each has a
-        `blocks` container); default `[module]`."""
+        `blocks` container); default `[module]`. `compressor`: compress the gradient reduction.
+        `names`: id(parameter) -> global name, kept with each slot for checkpoints."""
         super().__init__()
         self.module, self.mesh, self.stage, self.dtype = module, mesh, stage, dtype
+        self.names = names or {}
+        self.compressor = compressor
         self.group, self.dp, self.dp_rank = mesh.group("dp"), mesh.size("dp"), mesh.coord("dp")
         self.require_sync = True
         self.live: dict[int, tuple[Unit, int]] = {}  # storage -> gathered unit (stage 3)
@@ -217,6 +228,7 @@ class ZeroDataParallel(nn.Module):
                     self._wrap_forward(u)
                 self._wrap_forward(root, first_block=chain[0] if chain else None)
         self.groups = [g for u in self.units for g in u.groups]
+        self._key = {id(g): i for i, g in enumerate(self.groups)}  # the compressor's state key
         if stage < 3:
             for g in self.groups:
                 for p in g.params:
@@ -238,7 +250,8 @@ class ZeroDataParallel(nn.Module):
             seen.add(id(p))
             flags = tuple(bool(getattr(p, f, False)) for f in FLAGS)
             buckets.setdefault((p.dim() >= 2, flags), []).append(p)
-        groups = [FlatGroup(ps, refs, dict(zip(FLAGS, flags)), decay, self.stage, self.dtype, self.dp, self.dp_rank)
+        groups = [FlatGroup(ps, refs, dict(zip(FLAGS, flags)), decay, self.stage, self.dtype, self.dp, self.dp_rank,
+                            self.names)
                   for (decay, flags), ps in buckets.items()]
         unit = Unit(self, module, groups, name)
         if groups:
@@ -329,6 +342,11 @@ class ZeroDataParallel(nn.Module):
         if self.dp == 1:
             self.pending.append((g, flat, None))
             return
+        if self.compressor is not None:
+            key = self._key[id(g)]
+            out = self.compressor.reduce_scatter(key, flat, g.views(flat), self.group, self.mesh.comm)
+            self.pending.append((g, out, None))  # done: the compressed round is synchronous
+            return
         out = torch.empty(g.shard_size, dtype=torch.float32, device=flat.device)
         handle = reduce_scatter_flat(out, flat, self.group, self.mesh.comm, async_op=True)
         self.pending.append((g, out, handle))
@@ -345,7 +363,15 @@ class ZeroDataParallel(nn.Module):
         for g in self.groups:  # stages 0 and 1: one reduction of the accumulated full gradient
             if self.dp == 1:
                 continue
-            if self.stage == 0:
+            if self.compressor is not None:
+                flat, key = g.full_grad.float(), self._key[id(g)]
+                if self.stage == 0:
+                    self.compressor.reduce(key, g.views(flat), self.group, self.mesh.comm)
+                    g.full_grad.copy_(flat)
+                else:
+                    out = self.compressor.reduce_scatter(key, flat, g.views(flat), self.group, self.mesh.comm)
+                    g.grad_shard.copy_(out)
+            elif self.stage == 0:
                 flat = g.full_grad.float()
                 all_reduce(flat, self.group, self.mesh.comm)
                 g.full_grad.copy_(flat)
