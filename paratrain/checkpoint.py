@@ -7,8 +7,8 @@ weights under mixed precision), Adam's two moments under the same names (`optim/
 fp16 loss scale and each rank's RNG state. A rank owns boxes of these global tensors: a tensor-
 parallel shard is a box (rows for column-parallel and vocabulary-parallel weights, columns for
 row-parallel ones), and a ZeRO flat shard cuts it further into at most three boxes per
-parameter (a partial row, whole rows, a partial row). Each box goes to DCP as a local shard of a
-ShardedTensor, so every rank writes only what it owns (one owner per box: replicas across dp,
+parameter (a partial row, whole rows, a partial row). DCP takes the boxes as the chunks of a
+checkpointable object (`Boxes`, the protocol DTensor implements), so every rank writes only what it owns (one owner per box: replicas across dp,
 and across tp for replicated norms, do not write twice; the last pipeline stage's copy of the
 tied embedding is not written) and DCP's planner reads, for any other layout, exactly the
 overlapping regions each rank needs. Layout changes between save and load (dp, tp, pp, zero,
@@ -18,8 +18,9 @@ A checkpoint is written under `DIR/.tmp-step_N`, then rank 0 adds `manifest.json
 layout, every file's size and CRC-32) and renames the folder to `DIR/step_N` in one atomic step;
 the last `keep` checkpoints are kept. A folder without a manifest, with a missing, truncated or
 altered file, is skipped with a warning in favour of the previous good one. With `async_save`,
-DCP stages the tensors to host memory and writes them in a background thread while training
-continues; rank 0 publishes the folder once the write is complete.
+each rank copies what it writes to host memory (the only time training waits) and a
+background thread runs DCP's save on a process group of its own while training continues; the
+folder is published once every rank's write is complete.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class CheckpointError(RuntimeError):
 
 @contextmanager
 def quiet():
-    """DCP warns that ShardedTensor, the form that carries arbitrary boxes, is deprecated."""
+    """DCP's planners warn about features we do not use (ShardedTensor deprecation)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         yield
@@ -140,6 +141,7 @@ def training_entries(engine, optimizer: torch.optim.Optimizer, mesh, names: dict
                     data = g.master.data if moment is None else moments(g.master)[moment]
                     return _shifted(boxes, base, data, start)
 
+                assert s.name, "ZeroDataParallel needs `names` for checkpoints"
                 add(s.name, shape, pieces, owner)
         return entries
     for p in engine.parameters():
@@ -158,40 +160,61 @@ def training_entries(engine, optimizer: torch.optim.Optimizer, mesh, names: dict
     return entries
 
 
-def sharded_state(entries: list[Entry], saving: bool) -> dict:
-    """{key: ShardedTensor} of this rank's boxes. For saving, the metadata lists every rank's
-    boxes (one exchange); for loading, only this rank's: replicas may then overlap freely."""
-    from torch.distributed._shard.metadata import ShardMetadata
-    from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
-    from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
+class Boxes:
+    """A rank's boxes of one global tensor, in the form DCP's planners ask of a checkpointable
+    object (the protocol DTensor implements): the chunks it writes or wants, and the tensor of
+    each. Unlike a DTensor, the boxes may be any regions, several per rank, and replicas may
+    overlap when loading; DCP's planner matches them against the saved chunks."""
 
-    rank = dist.get_rank()
-    device = "cpu"
-    local = {}
-    for e in entries:
-        pieces = e.pieces if (e.owner or not saving) else []
-        local[e.key] = (e.shape, [Shard(p.tensor, ShardMetadata(list(p.offset), list(p.tensor.shape),
-                                                                f"rank:{rank}/{p.tensor.device.type}"))
-                                  for p in pieces])
-        device = e.pieces[0].tensor.device.type if e.pieces else device
-    mine = {k: (shape, [s.metadata for s in shards]) for k, (shape, shards) in local.items()}
-    everyone: list = [mine]
-    if saving:  # the writers of each box, over the world; a reader only needs its own boxes
-        everyone = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, mine)
-    keys = sorted({k for d in everyone for k in d})
-    state = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for key in keys:
-            shape = next(d[key][0] for d in everyone if key in d)
-            metas = [m for d in everyone if key in d for m in d[key][1]]
-            if not metas:
-                continue
-            md = ShardedTensorMetadata(metas, torch.Size(shape), TensorProperties(dtype=torch.float32))
-            shards = local.get(key, (shape, []))[1]
-            state[key] = ShardedTensor._init_from_local_shards_and_global_metadata(shards, md)
-    return state
+    def __init__(self, shape: tuple[int, ...], pieces: list[Piece]):
+        self.shape, self.pieces = torch.Size(shape), pieces
+        self.by_offset = {tuple(p.offset): p.tensor for p in pieces}
+
+    def __create_write_items__(self, fqn: str, obj) -> list:
+        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+        from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
+
+        return [WriteItem(index=MetadataIndex(fqn, torch.Size(p.offset)), type=WriteItemType.SHARD,
+                          tensor_data=TensorWriteData(
+                              chunk=ChunkStorageMetadata(offsets=torch.Size(p.offset), sizes=p.tensor.shape),
+                              properties=TensorProperties.create_from_tensor(p.tensor), size=self.shape))
+                for p in self.pieces]
+
+    def __create_chunk_list__(self) -> list:
+        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+
+        return [ChunkStorageMetadata(offsets=torch.Size(p.offset), sizes=p.tensor.shape) for p in self.pieces]
+
+    def __get_tensor_shard__(self, index) -> torch.Tensor:
+        return self.by_offset[tuple(index.offset)]
+
+
+def boxes_state(entries: list[Entry], saving: bool) -> dict:
+    """{key: Boxes}: for saving, the boxes this rank owns; for loading, all it holds."""
+    return {e.key: Boxes(e.shape, e.pieces) for e in entries if e.pieces and (e.owner or not saving)}
+
+
+def _planners():
+    """DCP's default planners, taught to find a `Boxes` piece by its offset."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner, DefaultSavePlanner
+
+    class SavePlanner(DefaultSavePlanner):
+        def lookup_object(self, index):
+            obj = self.state_dict[index.fqn]
+            return obj.__get_tensor_shard__(index) if isinstance(obj, Boxes) else super().lookup_object(index)
+
+    class LoadPlanner(DefaultLoadPlanner):
+        def set_up_planner(self, state_dict, metadata=None, is_coordinator=False):
+            boxes = {k: v for k, v in state_dict.items() if isinstance(v, Boxes)}
+            super().set_up_planner(state_dict, metadata, is_coordinator)  # it resets unknown leaves
+            state_dict.update(boxes)
+            self.state_dict.update(boxes)
+
+        def lookup_tensor(self, index):
+            obj = self.state_dict[index.fqn]
+            return obj.__get_tensor_shard__(index) if isinstance(obj, Boxes) else super().lookup_tensor(index)
+
+    return SavePlanner(), LoadPlanner()
 
 
 # ------------------------------------------------------------------ manifest and verification
@@ -298,17 +321,26 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
         dist.barrier(self.group)
-        state = sharded_state(self._entries(), saving=True)
+        entries = self._entries()
+        if self.async_save:  # stage: copy what this rank writes to host memory, then write behind
+            entries = [Entry(e.key, e.shape, [Piece(p.offset, p.tensor.detach().to("cpu", copy=True))
+                                              for p in e.pieces], True) for e in entries if e.owner]
+        state = boxes_state(entries, saving=True)
         state["meta"] = self._meta()
         state[f"rng/{self.rank}"] = torch.get_rng_state()
         import torch.distributed.checkpoint as dcp
 
-        with quiet():
-            if self.async_save:
-                future = dcp.async_save(state, checkpoint_id=tmp, process_group=self.group)
-                self.pending = (future, tmp, step, t0, time.perf_counter() - t0)
-                return
-            dcp.save(state, checkpoint_id=tmp, process_group=self.group)
+        def write():
+            with quiet():
+                dcp.save(state, checkpoint_id=tmp, process_group=self.group, planner=_planners()[0])
+
+        if self.async_save:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.writer = getattr(self, "writer", None) or ThreadPoolExecutor(1, thread_name_prefix="paratrain-ckpt")
+            self.pending = (self.writer.submit(write), tmp, step, t0, time.perf_counter() - t0)
+            return
+        write()
         blocked = time.perf_counter() - t0
         self._publish(tmp, step)
         self.events.append({"step": step, "blocked_s": blocked, "total_s": time.perf_counter() - t0})
@@ -347,13 +379,13 @@ class Checkpointer:
 
         with open(os.path.join(folder, MANIFEST)) as fh:
             manifest = json.load(fh)
-        state = sharded_state(self._entries(), saving=False)
+        state = boxes_state(self._entries(), saving=False)
         state["meta"] = self._meta()
         same_layout = manifest["layout"] == self.t.layout_name and manifest["world_size"] == dist.get_world_size()
         if same_layout:
             state[f"rng/{self.rank}"] = torch.get_rng_state()
         with quiet():
-            dcp.load(state, checkpoint_id=folder, process_group=self.group)
+            dcp.load(state, checkpoint_id=folder, process_group=self.group, planner=_planners()[1])
         meta = state["meta"]
         t = self.t
         t.loader.load_state_dict(meta["loader"])

@@ -78,6 +78,18 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("path", help="a checkpoint folder (step_N) or the --checkpoint-dir holding them")
     export.add_argument("--to", required=True, help="output file: .safetensors, or .pt for a torch file")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    plan = sub.add_parser("plan", help="rank layouts by predicted step time and memory (starts no processes)")
+    plan.add_argument("--model", help="model preset: tiny, small, gpt2, gpt2-medium (or the shape flags)")
+    for flag, help_ in (("--layers", "transformer blocks"), ("--hidden", "hidden size"), ("--heads", "attention heads"),
+                        ("--vocab", "vocabulary (padded to a multiple of 128)"), ("--seq-len", "tokens per sequence"),
+                        ("--global-batch", "sequences per optimizer step"), ("--gpus", "devices (cpu-local: workers)"),
+                        ("--gpus-per-node", "devices per node"), ("--top", "layouts to show (default 10)")):
+        plan.add_argument(flag, type=int, default=10 if flag == "--top" else None, help=help_)
+    plan.add_argument("--gpu", help="a100-80gb, h100-80gb or cpu-local (default: cpu-local)")
+    plan.add_argument("--precision", help="fp32, bf16 or fp16 (default: bf16 on GPUs, fp32 on cpu-local)")
+    plan.add_argument("--allow-cross-node-tp", action="store_true", help="let tensor-parallel groups span nodes")
+    plan.add_argument("--json", action="store_true", help="print the ranked layouts as JSON")
+    plan.add_argument("--calibrate", action="store_true", help="measure this machine for cpu-local and save it")
     return parser
 
 
@@ -103,9 +115,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     merge(cfg, toml, source=args.config)
     layout_given = "layout" in toml
     device_given = "device" in toml.get("train", {}) or args.device is not None
-    if args.layout:
-        if args.layout == "auto":
-            raise ConfigError("--layout: auto (the planner's choice) is not yet supported in this version")
+    auto = args.layout == "auto"
+    if args.layout and not auto:
         lay = parse_layout(args.layout)
         cfg.layout.dp, cfg.layout.tp, cfg.layout.pp, cfg.layout.zero = lay.dp, lay.tp, lay.pp, lay.zero
         layout_given = True
@@ -130,9 +141,40 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         import torch
 
         cfg.train.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if auto:
+        apply_auto_layout(cfg, {**overrides.get("layout", {}), **(
+            {"activation_checkpointing": True} if args.activation_checkpointing else {})})
+        layout_given = True
     if not layout_given:
         cfg.layout.dp = default_layout_dp(cfg.train.global_batch, cfg.train.device)
     return cfg
+
+
+def apply_auto_layout(cfg: RunConfig, fixed: dict) -> None:
+    """--layout auto: the planner's first choice on this machine, within the layout flags given."""
+    import os
+
+    from paratrain.planner.search import auto_layout
+
+    best, hw, gpus = auto_layout(cfg, fixed)
+    c = best.candidate
+    for name in ("dp", "tp", "pp", "zero", "schedule", "microbatches", "sequence_parallel", "virtual_stages"):
+        setattr(cfg.layout, name, getattr(c, name))
+    cfg.train.activation_checkpointing = c.activation_checkpointing
+    if os.environ.get("RANK", "0") == "0":
+        extra = "".join(s for s, on in ((" sequence-parallel", c.sequence_parallel),
+                                        (" activation-checkpointing", c.activation_checkpointing)) if on)
+        print(f"paratrain: --layout auto chose {c.label} schedule={c.schedule} microbatches={c.microbatches}{extra} "
+              f"for {gpus} x {hw.name} (predicted {best.step_time_s:.3g} s/step)", flush=True)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from paratrain.planner.search import run_plan
+
+    try:
+        return run_plan(args)
+    except ConfigError as e:
+        fail(str(e))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -181,6 +223,13 @@ def check_resume(cfg: RunConfig) -> None:
     if folder is None:
         why = f" ({skipped[0]})" if skipped else ""
         raise ConfigError(f"--resume: no complete checkpoint in {ck.dir!r}{why}")
+    import json
+
+    with open(os.path.join(folder, "manifest.json")) as fh:
+        seed = json.load(fh)["config"]["train"]["seed"]
+    if seed != cfg.train.seed:
+        raise ConfigError(f"--resume: {folder} was trained with --seed {seed} (it fixes the batches); "
+                          f"this run has --seed {cfg.train.seed}")
 
 
 def cmd_checkpoint(args: argparse.Namespace) -> int:
@@ -209,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_train(args)
     if args.command == "checkpoint":
         return cmd_checkpoint(args)
+    if args.command == "plan":
+        return cmd_plan(args)
     parser.print_help()
     return 0
 

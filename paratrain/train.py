@@ -198,7 +198,7 @@ class Trainer:
         self.zero = lay.zero > 0 or self.dtype != torch.float32
         if self.zero:
             self.model = ZeroDataParallel(model, mesh, lay.zero, self.dtype, tops, tr.activation_checkpointing,
-                                          compressor=parse_compress(tr.compress))
+                                          compressor=parse_compress(tr.compress), names=self.param_names)
             decay, no_decay = self.model.master_params(True), self.model.master_params(False)
         else:
             self.model = DataParallel(model, mesh, bucket_mb=tr.bucket_mb, compressor=parse_compress(tr.compress))

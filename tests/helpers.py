@@ -70,6 +70,8 @@ def run_tiny(steps: int = 10, global_batch: int = 16, seq_len: int = 32, seed: i
     cfg.train.steps, cfg.train.global_batch, cfg.train.seq_len = steps, global_batch, seq_len
     cfg.train.seed, cfg.train.progress, cfg.train.lr, cfg.train.warmup_steps = seed, False, 3e-3, 2
     layout_keys = {f for f in LayoutConfig.__dataclass_fields__}
+    for key, value in (settings.pop("checkpoint", None) or {}).items():
+        setattr(cfg.checkpoint, key, value)
     for key, value in settings.items():
         assert key in layout_keys or key in TrainConfig.__dataclass_fields__, key
         setattr(cfg.layout if key in layout_keys else cfg.train, key, value)

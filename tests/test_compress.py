@@ -210,7 +210,7 @@ E2E = {  # name: (settings, compress)
     "zero1-none": (dict(zero=1), "none"),
     "zero1-fp16": (dict(zero=1), "fp16"),
     "zero2-powersgd": (dict(zero=2), "powersgd:2"),
-    "zero3-topk": (dict(zero=3, microbatches=2), "topk:0.1"),
+    "zero3-topk": (dict(zero=3), "topk:0.1"),
 }
 
 

@@ -1,0 +1,26 @@
+"""The planner: predicted step time and memory per device for every layout (no processes).
+
+`hardware` holds the GPU presets and the calibrated `cpu-local`, `cost` the FLOP, memory and
+time model of one layout, `search` the enumeration and ranking behind `paratrain plan` and
+`paratrain train --layout auto`.
+"""
+
+from paratrain.planner.cost import (
+    Candidate,
+    Estimate,
+    activation_bytes_per_layer,
+    all_reduce_time,
+    estimate,
+    flops_per_token,
+    model_state_bytes,
+    param_count,
+    ring_time,
+)
+from paratrain.planner.hardware import Hardware, Link, calibrate, cpu_local, get_hardware
+from paratrain.planner.search import PlanResult, plan
+
+__all__ = [
+    "Candidate", "Estimate", "Hardware", "Link", "PlanResult", "activation_bytes_per_layer", "all_reduce_time",
+    "calibrate", "cpu_local", "estimate", "flops_per_token", "get_hardware", "model_state_bytes", "param_count",
+    "plan", "ring_time",
+]

@@ -1,0 +1,486 @@
+"""Cost model of one training step of a GPT in one layout: FLOPs, memory per device, time.
+
+Pure functions: nothing here starts a process or touches a device. Notation: L layers, h hidden,
+a heads, V vocabulary, T (or s) sequence length, b micro-batch size, t = tp, p = pp, d = dp,
+m micro-batches, v model chunks per pipeline rank, e bytes per element of the compute dtype.
+
+FLOPs (Kaplan et al. 2020; Narayanan et al. 2021, appendix A). A token's forward pass costs two
+FLOPs (multiply and add) per weight that takes part in a matrix product,
+N = 12 L h^2 + V h (per block q, k, v and the projection 4h^2, the MLP 8h^2; the output head Vh;
+biases, norms and the position table do no matmul work), plus the attention scores and the
+weighted sum of values, 2 x 2Th per layer. Backward costs twice the forward. So per token
+    6 N + 12 L T h,
+and activation checkpointing recomputes the blocks' forward: + 24 L h^2 + 4 L T h. Causal
+attention could skip half of the scores; like Megatron-LM we count them all.
+
+Memory per device = reserve (CUDA context and NCCL; on cpu-local the measured worker baseline)
++ model states + activations + buffers.
+- Model states for the P parameters a rank holds (after tp and pp), over d data-parallel ranks,
+  as `parallel/zero.py` implements them. fp32: parameters 4, gradients 4, Adam moments 8 bytes per
+  parameter; mixed precision: 2 + 2 + 12 (fp32 master copy and moments). ZeRO stage 1 shards the
+  optimizer's part, stage 2 also the gradients, stage 3 everything: mixed 16P, 2P + 2P + 12P/d,
+  2P + 14P/d, 16P/d (Rajbhandari et al. 2020).
+- Activations kept for backward, per layer and micro-batch, counted tensor by tensor as
+  Korthikanti et al. 2022 do, for this codebase's block. Korthikanti's 16-bit total is
+  sbh(34 + 5as/h) bytes: 16 tensors of sbh 2-byte elements (32), two dropout masks (2), and the
+  unfused attention's scores, softmax and dropout (5as/h). Here dropout is 0 (paratrain's
+  default: no masks) and attention runs through scaled_dot_product_attention's fused kernels,
+  which keep no s x s matrix; our block keeps one more sbh tensor (the attention output is
+  copied when its heads are merged before the projection). So, in e-byte elements:
+      no tp:                     e s b h * 17
+      tp (Megatron):             e s b h * (4 + 13/t)   (the norms' inputs and the inputs of the
+                                                          column-parallel linears are replicated)
+      tp + sequence parallel:    e s b h * (2 + 15/t)   (Korthikanti: 34/t; our column-parallel
+                                                          linears keep their all-gathered input
+                                                          instead of gathering it again in backward)
+      checkpointing (per layer): e s b h [/ t with sequence parallelism]: the block's input,
+                                 plus one layer recomputed at a time.
+  For fp32, e = 4 doubles every term of the 16-bit formula. The output layer keeps its fp32
+  log-softmax (4 s b V / t) and backward briefly holds the fp32 gradient and the logits.
+  A pipeline rank holds `peak_in_flight` micro-batches at once (from the schedule's real table).
+- Buffers: ZeRO-3's gathered units (the current one and the prefetched next), fp32 flat
+  gradients of one unit while it is reduced, tensor-parallel all-reduce copies.
+
+Time per step (the busiest rank): compute = GEMM FLOPs at the hardware's rate for GEMMs of that
+size + memory-bound elementwise work at memory bandwidth + host dispatch per eager op (on a GPU
+the host runs ahead, so it only shows when it exceeds the GPU's time). Tensor-parallel
+collectives are on the critical path (2 all-reduces forward and 2 backward per block; the same
+ring time with sequence parallelism's reduce-scatter + all-gather). A pipeline adds one blocking
+receive per action and the schedule's bubble (`bubble_fraction` of the real table). Data-parallel
+traffic follows the implementation: `DataParallel` (fp32, ZeRO 0) overlaps its bucketed
+all-reduce with the last micro-batch's backward; ZeroDataParallel's stage 0/1 reductions run
+after backward and the stage 1/2 all-gather after the optimizer step, exposed; stage 2
+reduce-scatters each micro-batch during backward; stage 3 gathers each unit ahead of use
+(prefetch) and reduce-scatters during backward, every micro-batch. Each collective is priced by
+an alpha-beta model on the link it crosses (NVLink inside a node, the NIC between nodes; ranks
+are laid out pp x dp x tp with tp fastest): ring, or the cheaper of ring and tree for
+all-reduce where the backend has both (NCCL), ring only on gloo.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+
+from paratrain.comm.collectives import RING_FACTOR
+from paratrain.config import LayoutConfig, format_layout
+from paratrain.mesh import axis_groups
+from paratrain.models.gpt import GPTConfig
+from paratrain.parallel.pipeline.partition import split_gpt
+from paratrain.parallel.pipeline.schedule import bubble_fraction, build_schedule, peak_in_flight
+from paratrain.planner.hardware import Hardware, Link
+
+ELEMENT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+BUCKET_BYTES = 25 * 2**20  # DataParallel's default gradient bucket
+TABLE_LIMIT = 20_000  # schedule actions up to which the real table is replayed (see schedule_info)
+
+# Eager ops a rank dispatches (counted from models/gpt.py and autograd's nodes, approximate)
+OPS_BLOCK_FWD, OPS_BLOCK_BWD = 25, 50
+OPS_HEAD_FWD, OPS_HEAD_BWD = 10, 15
+OPS_ADAMW_PER_TENSOR = 12  # torch's single-tensor AdamW
+OPS_CLIP_PER_TENSOR = 4
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One layout and the settings that change its cost."""
+    dp: int = 1
+    tp: int = 1
+    pp: int = 1
+    zero: int = 0
+    schedule: str = "1f1b"
+    microbatches: int = 1
+    sequence_parallel: bool = False
+    activation_checkpointing: bool = False
+    precision: str = "fp32"
+    virtual_stages: int = 2
+
+    @property
+    def world(self) -> int:
+        return self.dp * self.tp * self.pp
+
+    @property
+    def v(self) -> int:
+        return self.virtual_stages if self.pp > 1 and self.schedule == "interleaved" else 1
+
+    def layout(self) -> LayoutConfig:
+        return LayoutConfig(dp=self.dp, tp=self.tp, pp=self.pp, zero=self.zero, schedule=self.schedule,
+                            microbatches=self.microbatches, sequence_parallel=self.sequence_parallel,
+                            virtual_stages=self.virtual_stages)
+
+    @property
+    def label(self) -> str:
+        return format_layout(self.layout())
+
+
+# --------------------------------------------------------------------- parameters and FLOPs
+def pad_vocab(vocab: int, multiple: int = 128) -> int:
+    """Megatron-LM pads the vocabulary to a multiple of 128 so that tp can split it."""
+    return -(-vocab // multiple) * multiple
+
+
+def block_params(cfg: GPTConfig) -> int:
+    h = cfg.d_model
+    return 12 * h * h + (13 * h if cfg.bias else 2 * h)
+
+
+def param_count(cfg: GPTConfig) -> int:
+    """Parameters of models/gpt.py's GPT: blocks, token and position tables, final norm, head."""
+    h = cfg.d_model
+    head = 0 if cfg.tie_embeddings else cfg.vocab_size * h
+    return cfg.n_layer * block_params(cfg) + cfg.vocab_size * h + cfg.max_seq_len * h + (2 * h if cfg.bias else h) + head
+
+
+def matmul_params(cfg: GPTConfig) -> int:
+    """N of the FLOP formula: the weights that take part in matrix products."""
+    return 12 * cfg.n_layer * cfg.d_model**2 + cfg.vocab_size * cfg.d_model
+
+
+def flops_per_token(cfg: GPTConfig, seq_len: int, recompute: bool = False) -> float:
+    """Training FLOPs per token: 6N + 12 L T h, plus 24 L h^2 + 4 L T h when blocks are recomputed."""
+    L, h = cfg.n_layer, cfg.d_model
+    flops = 6 * matmul_params(cfg) + 12 * L * seq_len * h
+    if recompute:
+        flops += 24 * L * h * h + 4 * L * seq_len * h
+    return float(flops)
+
+
+def rank_params(cfg: GPTConfig, blocks: int, first: bool, last: bool, tp: int, pp: int) -> float:
+    """Parameters held by one rank: its blocks' shards, and the embedding (first stage) and the
+    head (last stage; with tied embeddings a second copy only when they are on different stages)."""
+    h, t, V = cfg.d_model, tp, cfg.vocab_size
+    per_block = 12 * h * h / t + ((7 * h / t + 6 * h) if cfg.bias else 2 * h)
+    n = blocks * per_block
+    if first:
+        n += V * h / t + cfg.max_seq_len * h
+    if last:
+        n += (2 * h if cfg.bias else h)
+        if not cfg.tie_embeddings or (pp > 1 and not first):
+            n += V * h / t
+    return n
+
+
+def model_state_bytes(n_params: float, zero: int, dp: int, precision: str) -> dict[str, float]:
+    """Bytes of parameters, gradients and optimizer state for `n_params` on one rank (ZeRO paper's
+    accounting as parallel/zero.py implements it)."""
+    if precision == "fp32":
+        p, g, o = 4.0, 4.0, 8.0  # Adam's two moments; the master is the parameter itself
+    else:
+        p, g, o = 2.0, 2.0, 12.0  # fp32 master + two moments
+    if zero >= 1:
+        o /= dp
+    if zero >= 2:
+        g /= dp
+    if zero >= 3:
+        p /= dp
+    return {"params": n_params * p, "grads": n_params * g, "optimizer": n_params * o}
+
+
+# --------------------------------------------------------------------- activations
+def activation_bytes_per_layer(seq: int, micro: int, hidden: int, tp: int, sequence_parallel: bool,
+                               elem: int) -> float:
+    """Bytes one block keeps for backward for one micro-batch (see the module docstring)."""
+    sbh = seq * micro * hidden * elem
+    if tp == 1:
+        return 17 * sbh
+    if sequence_parallel:
+        return sbh * (2 + 15 / tp)
+    return sbh * (4 + 13 / tp)
+
+
+def checkpointed_bytes_per_layer(seq: int, micro: int, hidden: int, tp: int, sequence_parallel: bool,
+                                 elem: int) -> float:
+    return seq * micro * hidden * elem / (tp if sequence_parallel else 1)
+
+
+# --------------------------------------------------------------------- collectives
+STEPS = {"all_reduce": lambda n: 2 * (n - 1), "reduce_scatter": lambda n: n - 1, "all_gather": lambda n: n - 1}
+
+
+def ring_time(op: str, input_bytes: float, n: int, link: Link) -> float:
+    """Ring collective over n ranks: steps x alpha + bytes each rank sends / beta, with
+    collectives.py's byte factors (input: the tensor of all_reduce, the full input of
+    reduce_scatter, the shard of all_gather). All-reduce: 2(n-1) alpha + 2(n-1)/n S / beta."""
+    if n <= 1 or input_bytes <= 0:
+        return 0.0
+    return STEPS[op](n) * link.alpha + RING_FACTOR[op](n) * input_bytes / link.beta
+
+
+def tree_all_reduce_time(nbytes: float, n: int, link: Link) -> float:
+    """Pipelined binary tree (reduce up, broadcast down): 2 log2(n) alpha + 2 S / beta."""
+    if n <= 1 or nbytes <= 0:
+        return 0.0
+    return 2 * math.ceil(math.log2(n)) * link.alpha + 2 * nbytes / link.beta
+
+
+def all_reduce_time(nbytes: float, n: int, link: Link, algorithms: tuple[str, ...] = ("ring",)) -> float:
+    """The cheaper of the backend's algorithms (NCCL chooses by size; gloo here: ring)."""
+    times = [ring_time("all_reduce", nbytes, n, link)]
+    if "tree" in algorithms:
+        times.append(tree_all_reduce_time(nbytes, n, link))
+    return min(times)
+
+
+def p2p_time(nbytes: float, link: Link) -> float:
+    return link.alpha + nbytes / link.beta if nbytes > 0 else 0.0
+
+
+@functools.lru_cache(maxsize=None)
+def crosses_node(dp: int, tp: int, pp: int, axis: str, gpus_per_node: int) -> bool:
+    """Does any group along `axis` span two nodes (nodes hold consecutive ranks)?"""
+    shape = {"pp": pp, "dp": dp, "tp": tp}
+    if shape[axis] == 1 or dp * tp * pp <= gpus_per_node:
+        return False
+    return any(len({r // gpus_per_node for r in g}) > 1 for g in axis_groups(shape, axis))
+
+
+# --------------------------------------------------------------------- pipeline structure
+@dataclass(frozen=True)
+class RankStages:
+    blocks: int          # blocks held over all chunks
+    max_chunk: int       # blocks of the largest chunk
+    first: bool          # holds the embedding (stage 0)
+    last: bool           # holds the head (last stage)
+
+
+@functools.lru_cache(maxsize=None)
+def stage_plan(cfg: GPTConfig, seq_len: int, pp: int, v: int) -> tuple[RankStages, ...]:
+    """Per pipeline rank, what partition.split_gpt gives it (the split the trainer uses)."""
+    if pp * v == 1:
+        return (RankStages(cfg.n_layer, cfg.n_layer, True, True),)
+    splits = split_gpt(cfg, seq_len, pp * v)
+    n = len(splits)
+    out = []
+    for r in range(pp):
+        chunks = [splits[c * pp + r] for c in range(v)]
+        out.append(RankStages(sum(len(c) for c in chunks), max(len(c) for c in chunks), r == 0, r == (n - 1) % pp))
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=None)
+def schedule_info(schedule: str, p: int, m: int, v: int) -> tuple[float, tuple[int, ...], int]:
+    """(bubble fraction, peak in-flight (micro-batch, chunk) activations per rank, peak in-flight
+    micro-batches of the head chunk on the last rank), from the schedule's real table replayed
+    with backward = 2 x forward (the bubble of these schedules does not depend on the ratio; with
+    equal stages it is (p-1)/(v m + p-1)). Tables of more than TABLE_LIMIT actions use the closed
+    forms they agree with (tests check): bubble (p-1)/(v m + p-1); in flight: GPipe m, 1F1B
+    min(p-r, m), interleaved min(2(p-r-1) + (v-1)p + 1, v m); the head's: GPipe m, else 1."""
+    if p == 1:
+        return 0.0, (1,), 1
+    if 2 * p * m * v <= TABLE_LIMIT:
+        table = build_schedule(schedule, p, m, v)
+        bubble = bubble_fraction(table, p)
+        head = peak_in_flight([a for a in table[p - 1] if a.chunk == v - 1])
+        return bubble, tuple(peak_in_flight(actions) for actions in table), head
+    bubble = (p - 1) / (v * m + p - 1)
+    if schedule == "gpipe":
+        return bubble, (m,) * p, m
+    if schedule == "1f1b":
+        return bubble, tuple(min(p - r, m) for r in range(p)), 1
+    return bubble, tuple(min(2 * (p - r - 1) + (v - 1) * p + 1, v * m) for r in range(p)), 1
+
+
+# --------------------------------------------------------------------- the estimate
+@dataclass
+class Estimate:
+    candidate: Candidate
+    micro_batch: int
+    step_time_s: float = 0.0
+    compute_s: float = 0.0   # forward + backward (+ recompute), busiest rank, no waiting
+    tp_comm_s: float = 0.0   # tensor-parallel collectives (critical path)
+    pp_comm_s: float = 0.0   # pipeline receives (critical path)
+    dp_comm_s: float = 0.0   # data-parallel / ZeRO communication not hidden behind compute
+    bubble_s: float = 0.0
+    bubble_fraction: float = 0.0
+    other_s: float = 0.0     # optimizer, gradient clipping, zeroing gradients
+    flops_per_step: float = 0.0  # model FLOPs (without recomputation)
+    tflops_per_gpu: float = 0.0
+    mfu: float = 0.0
+    memory: dict[str, float] = field(default_factory=dict)
+    peak_mem_bytes: float = 0.0
+    capacity_bytes: float = 0.0
+    fits: bool = True
+    reason: str = ""
+
+    def as_dict(self) -> dict:
+        c = self.candidate
+        return {
+            "layout": c.label,
+            "dp": c.dp, "tp": c.tp, "pp": c.pp, "zero": c.zero,
+            "microbatches": c.microbatches,
+            "micro_batch_size": self.micro_batch,
+            "schedule": c.schedule if c.pp > 1 else "none",
+            "virtual_stages": c.v,
+            "sequence_parallel": c.sequence_parallel,
+            "activation_checkpointing": c.activation_checkpointing,
+            "precision": c.precision,
+            "step_time_s": self.step_time_s,
+            "tflops_per_gpu": self.tflops_per_gpu,
+            "mfu": self.mfu,
+            "peak_mem_bytes": int(self.peak_mem_bytes),
+            "capacity_bytes": int(self.capacity_bytes),
+            "fits": self.fits,
+            "reason": self.reason,
+            "bubble_fraction": self.bubble_fraction,
+            "time_breakdown_s": {k: getattr(self, k) for k in
+                                 ("compute_s", "tp_comm_s", "pp_comm_s", "dp_comm_s", "bubble_s", "other_s")},
+            "memory_breakdown_bytes": {k: int(v) for k, v in self.memory.items()},
+        }
+
+
+def _gemm_time(hw: Hardware, world: int, *flops: float) -> float:
+    return sum(f / hw.gemm_rate(f, world) for f in flops if f > 0)
+
+
+def _host_and_device(hw: Hardware, device_s: float, ops: float) -> float:
+    """A GPU runs kernels while the host queues the next ones; a CPU worker does both in turn."""
+    host = ops * hw.dispatch_s
+    return max(device_s, host) if hw.async_dispatch else device_s + host
+
+
+def estimate(cfg: GPTConfig, seq_len: int, global_batch: int, c: Candidate, hw: Hardware,
+             gpus_per_node: int | None = None) -> Estimate:
+    """Predicted step time and peak memory per device of `c` (assumed valid: see search.py)."""
+    G = gpus_per_node or hw.gpus_per_node
+    world, t, p, d, m, v = c.world, c.tp, c.pp, c.dp, c.microbatches, c.v
+    e = ELEMENT_BYTES[c.precision]
+    h, V, s = cfg.d_model, cfg.vocab_size, seq_len
+    b = global_batch // (d * m)
+    M = b * s  # tokens per micro-batch
+    ac, sp = c.activation_checkpointing, c.sequence_parallel and t > 1
+    est = Estimate(candidate=c, micro_batch=b)
+
+    # ---- compute per micro-batch, per unit of work
+    gemm_f = (2 * M * h * h / t,) * 4 + (2 * M * h * 4 * h / t,) * 2 + (2 * b * s * s * h / t,) * 2
+    block_f = _gemm_time(hw, world, *gemm_f)
+    block_b = 2 * block_f
+    elem_bytes = e * M * h * (20 / t if sp else 10 + 10 / t)  # norms, residuals, copies, GELU
+    block_f += elem_bytes / hw.elementwise_bw(world)
+    block_b += 2 * elem_bytes / hw.elementwise_bw(world)
+    if ac:
+        block_b += block_f
+    head_gemm = 2 * M * h * V / t
+    head_f = _gemm_time(hw, world, head_gemm) + 12 * M * V / t / hw.elementwise_bw(world)
+    head_b = _gemm_time(hw, world, head_gemm, head_gemm) + 16 * M * V / t / hw.elementwise_bw(world)
+
+    # ---- communication links
+    tp_link = hw.link(crosses_node(d, t, p, "tp", G))
+    dp_link = hw.link(crosses_node(d, t, p, "dp", G))
+    pp_cross = crosses_node(d, t, p, "pp", G)
+    act = e * M * h
+    ar = functools.partial(all_reduce_time, algorithms=hw.algorithms)
+    tp_ar = ar(act, t, tp_link) if t > 1 else 0.0
+    tp_small = ar(12 * M, t, tp_link) if t > 1 else 0.0  # the vocab-parallel loss's two small all-reduces
+    p2p = p2p_time(e * b * (s // t if sp else s) * h, hw.p2p_link(pp_cross)) if p > 1 else 0.0
+
+    stages = stage_plan(cfg, s, p, v)
+    per_rank = []
+    for r in stages:
+        ops_f = r.blocks * OPS_BLOCK_FWD + (OPS_HEAD_FWD if r.last else 0)
+        ops_b = r.blocks * (OPS_BLOCK_BWD + (OPS_BLOCK_FWD if ac else 0)) + (OPS_HEAD_BWD if r.last else 0)
+        tf = _host_and_device(hw, r.blocks * block_f + (head_f if r.last else 0.0), ops_f)
+        tb = _host_and_device(hw, r.blocks * block_b + (head_b if r.last else 0.0), ops_b)
+        comm_f = r.blocks * 2 * tp_ar + (tp_ar if r.first else 0.0) + (tp_small if r.last else 0.0)
+        comm_b = r.blocks * (4 if ac else 2) * tp_ar + (tp_ar if r.last else 0.0)
+        per_rank.append((r, tf, tb, comm_f, comm_b))
+
+    # ---- ZeRO traffic inside the micro-batch loop (stages 2 and 3), per rank
+    def zero_inner(r: RankStages, tf: float, tb: float) -> tuple[float, float]:
+        if d == 1 or c.zero < 2:
+            return 0.0, 0.0
+        n = rank_params(cfg, r.blocks, r.first, r.last, t, p)
+        units = r.blocks + 1
+        rs = ring_time("reduce_scatter", 4 * n, d, dp_link)  # reductions run in fp32
+        ag = ring_time("all_gather", e * n / d, d, dp_link) if c.zero == 3 else 0.0
+
+        def exposed(comm: float, window: float) -> float:
+            return comm if not hw.overlap else max(comm / units, comm - window)
+        return exposed(ag, tf), exposed(rs + ag, tb)
+
+    busiest = max(per_rank, key=lambda x: x[1] + x[2] + x[3] + x[4] + sum(zero_inner(x[0], x[1], x[2])))
+    r0, tf, tb, comm_f, comm_b = busiest
+    zf, zb = zero_inner(r0, tf, tb)
+    act_f = (tf + comm_f + zf) / v + p2p
+    act_b = (tb + comm_b + zb) / v + p2p
+    bubble, in_flight, head_in_flight = schedule_info(c.schedule, p, m, v)
+    busy = m * v * (act_f + act_b)
+    pipe = busy / (1 - bubble) if p > 1 else busy
+    est.compute_s = m * (tf + tb)
+    est.tp_comm_s = m * (comm_f + comm_b)
+    est.pp_comm_s = 2 * m * v * p2p
+    est.bubble_s, est.bubble_fraction = pipe - busy, bubble
+    zero_inner_s = m * (zf + zb)
+
+    # ---- after the micro-batches: gradient reduction, optimizer, parameter all-gather (per rank)
+    def tail(r: RankStages, tb_rank: float) -> tuple[float, float]:
+        n = rank_params(cfg, r.blocks, r.first, r.last, t, p)
+        grad = 4 * n
+        dp_s = 0.0
+        if d > 1:
+            if c.zero == 0 and c.precision == "fp32":  # DataParallel: buckets overlap the last backward
+                comm = ar(grad, d, dp_link)
+                window = tb_rank / v
+                dp_s = comm if not hw.overlap else max(comm * min(1.0, BUCKET_BYTES / grad), comm - window)
+            elif c.zero == 0:
+                dp_s = ar(grad, d, dp_link)
+            elif c.zero == 1:
+                dp_s = ring_time("reduce_scatter", grad, d, dp_link)
+            if c.zero in (1, 2):
+                dp_s += ring_time("all_gather", e * n / d, d, dp_link)
+        if p > 1 and cfg.tie_embeddings and (r.first or r.last):  # the tied embedding's two copies
+            dp_s += ar(4 * V * h / t, 2, hw.link(pp_cross))
+        owned = n / d if c.zero >= 1 else n
+        zero_engine = c.zero > 0 or c.precision != "fp32"
+        tensors = 3 * (r.blocks + 1) if zero_engine else 16 * r.blocks + 4
+        bw = hw.elementwise_bw(world)
+        opt_bytes = owned * (28 + (4 + e if c.precision != "fp32" else 0)) + owned * 4 + n * e
+        # torch's AdamW runs one tensor at a time on CPU, and over all tensors at once (foreach) on a GPU
+        adamw_ops = OPS_ADAMW_PER_TENSOR * (2 if hw.async_dispatch else tensors)
+        ops = adamw_ops + tensors * (OPS_CLIP_PER_TENSOR + 1)
+        other = _host_and_device(hw, opt_bytes / bw, ops)
+        small = [x for x in (d if c.zero else 1, t, p) if x > 1]  # the gradient norm's all-reduces
+        other += sum(ar(8, n_, dp_link) for n_ in small)
+        return dp_s, other
+
+    tails = [tail(r, tb_r) for r, _, tb_r, _, _ in per_rank]
+    dp_s, other = max(tails, key=lambda x: x[0] + x[1])
+    est.dp_comm_s = zero_inner_s + dp_s
+    est.other_s = other
+    est.step_time_s = pipe + dp_s + other
+
+    # ---- memory per rank: the largest over pipeline ranks
+    per_layer = activation_bytes_per_layer(s, b, h, t, sp, e)
+    kept = checkpointed_bytes_per_layer(s, b, h, t, sp, e) if ac else per_layer
+    boundary = 2 * e * b * (s // t if sp else s) * h if p > 1 else 0.0
+    unit = block_params(cfg) / t
+    best = None
+    for rank, r in enumerate(stages):
+        n = rank_params(cfg, r.blocks, r.first, r.last, t, p)
+        states = model_state_bytes(n, c.zero, d, c.precision)
+        chunk_blocks = r.max_chunk
+        acts = in_flight[rank] * (chunk_blocks * kept + boundary)
+        working = per_layer * (2 if ac else 1)  # one layer's gradients (and its recomputation)
+        if r.last:
+            working = max(working, (8 + e) * M * V / t)  # the loss's gradient and the logits
+            acts += (head_in_flight if p > 1 else 1) * 4 * M * V / t
+        buffers = e * M * h if t > 1 else 0.0
+        if d > 1 and c.zero == 3:
+            buffers += 2 * e * unit + 4 * unit * (1 + 1 / d)
+        elif (c.zero > 0 or c.precision != "fp32") and d > 1:
+            buffers += 4 * unit + (e * unit if c.zero == 2 else 0.0)
+        mem = {**states, "activations": acts + working, "buffers": buffers, "reserve": hw.reserve_bytes}
+        total = sum(mem.values())
+        if best is None or total > best[0]:
+            best = (total, mem)
+    est.peak_mem_bytes, est.memory = best
+    est.capacity_bytes = hw.capacity(world)
+    est.fits = est.peak_mem_bytes <= est.capacity_bytes
+    if not est.fits:
+        est.reason = (f"out of memory: needs {est.peak_mem_bytes / 2**30:.1f} GiB per device, "
+                      f"has {est.capacity_bytes / 2**30:.1f} GiB")
+
+    est.flops_per_step = flops_per_token(cfg, s) * global_batch * s
+    est.tflops_per_gpu = est.flops_per_step / est.step_time_s / world / 1e12
+    est.mfu = est.flops_per_step / (est.step_time_s * world * hw.peak_flops)
+    return est

@@ -1,0 +1,338 @@
+"""Search: enumerate the layouts of N devices, drop the impossible and those that do not fit,
+rank the rest by predicted step time, and say why the first one wins.
+
+What is enumerated (and what is pruned, so that 1,024 GPUs and a 175B model take seconds):
+- dp x tp x pp = N over the divisors of N; tp must divide the heads, hidden, MLP and vocabulary
+  sizes and, unless `allow_cross_node_tp`, stay inside a node; pp at most the number of layers;
+- micro-batch sizes that are powers of two dividing the per-replica batch (plus no accumulation
+  at pp = 1), and at least pp micro-batches for a pipeline;
+- ZeRO stages 0-3 (only 0 when dp = 1: there is nothing to shard over);
+- for pp > 1 the schedules gpipe, 1f1b and interleaved (2 chunks per rank, when the micro-batch
+  count is a multiple of pp and there are at least 2 pp layers);
+- sequence parallelism on and off when tp > 1;
+- activation checkpointing only for a layout that does not fit without it: it only adds time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field, replace
+
+from paratrain.config import ConfigError, RunConfig
+from paratrain.models.gpt import PRESETS, GPTConfig
+from paratrain.planner.cost import Candidate, Estimate, crosses_node, estimate, pad_vocab, param_count
+from paratrain.planner.hardware import NAMES, Hardware, get_hardware
+
+GiB = 2**30
+OOM = "out of device memory"
+
+
+@dataclass
+class PlanResult:
+    ranked: list[Estimate]                    # fitting layouts, fastest first
+    rejected: Counter = field(default_factory=Counter)  # reason -> count
+    oom: list[Estimate] = field(default_factory=list)   # layouts that do not fit, fastest first
+    considered: int = 0
+    seconds: float = 0.0
+
+
+def divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+def _powers_of_two_dividing(n: int) -> list[int]:
+    out, k = [], 1
+    while n % k == 0:
+        out.append(k)
+        k *= 2
+    return out
+
+
+def _tp_problem(cfg: GPTConfig, tp: int) -> str | None:
+    for what, n in (("attention heads", cfg.n_head), ("hidden size", cfg.d_model),
+                    ("MLP size", 4 * cfg.d_model), ("vocabulary", cfg.vocab_size)):
+        if n % tp:
+            return f"tp does not divide the {what}"
+    return None
+
+
+def candidates(cfg: GPTConfig, seq_len: int, global_batch: int, gpus: int, precision: str,
+               gpus_per_node: int, allow_cross_node_tp: bool, rejected: Counter, fixed: dict | None = None):
+    """Yield every candidate worth pricing (with and without sequence parallelism etc.), counting
+    the shapes rejected before pricing in `rejected`. `fixed`: {field: value} that must hold."""
+    fixed = fixed or {}
+    for tp in divisors(gpus):
+        for pp in divisors(gpus // tp):
+            dp = gpus // (tp * pp)
+            if any(fixed.get(k, v) != v for k, v in (("dp", dp), ("tp", tp), ("pp", pp))):
+                continue
+            why = _tp_problem(cfg, tp) if tp > 1 else None
+            if why is None and not allow_cross_node_tp and crosses_node(dp, tp, pp, "tp", gpus_per_node):
+                why = "tp would cross nodes (--allow-cross-node-tp)"
+            if why is None and pp > cfg.n_layer:
+                why = "more pipeline stages than layers"
+            if why is None and global_batch % dp:
+                why = f"global batch {global_batch} not divisible by dp"
+            if why is None and tp > 1 and fixed.get("sequence_parallel") and seq_len % tp:
+                why = "sequence length not divisible by tp"
+            if why:
+                rejected[why] += 1
+                continue
+            per_replica = global_batch // dp
+            counts = sorted({per_replica // mb for mb in _powers_of_two_dividing(per_replica)} | {1})
+            counts = [m for m in counts if m >= pp or pp == 1]
+            if "microbatches" in fixed:
+                counts = [m for m in counts if m == fixed["microbatches"]] or (
+                    [fixed["microbatches"]] if per_replica % fixed["microbatches"] == 0 and fixed["microbatches"] >= pp else [])
+            if not counts:
+                rejected["batch too small to fill the pipeline"] += 1
+                continue
+            schedules = ["gpipe", "1f1b", "interleaved"] if pp > 1 else [fixed.get("schedule", "1f1b")]
+            vs = fixed.get("virtual_stages", 2)
+            sps = [False, True] if tp > 1 and seq_len % tp == 0 else [False]
+            zeros = [0, 1, 2, 3] if dp > 1 else [0]
+            for m in counts:
+                for sched in schedules:
+                    if sched == "interleaved" and (m % pp or cfg.n_layer < vs * pp):
+                        continue
+                    for zero in zeros:
+                        for sp in sps:
+                            c = Candidate(dp=dp, tp=tp, pp=pp, zero=zero, schedule=sched, microbatches=m,
+                                          sequence_parallel=sp, precision=precision, virtual_stages=vs)
+                            if all(getattr(c, k) == v for k, v in fixed.items()):
+                                yield c
+
+
+def plan(cfg: GPTConfig, seq_len: int, global_batch: int, gpus: int, hw: Hardware,
+         gpus_per_node: int | None = None, precision: str | None = None, allow_cross_node_tp: bool = False,
+         fixed: dict | None = None) -> PlanResult:
+    """Price every candidate layout of `gpus` devices; rank those that fit."""
+    t0 = time.perf_counter()
+    G = gpus_per_node or hw.gpus_per_node
+    precision = precision or ("fp32" if hw.name == "cpu-local" else "bf16")
+    res = PlanResult(ranked=[])
+    fixed = dict(fixed or {})
+    want_ac = fixed.pop("activation_checkpointing", None)
+    for c in candidates(cfg, seq_len, global_batch, gpus, precision, G, allow_cross_node_tp, res.rejected, fixed):
+        tries = [c] if not want_ac else []
+        if want_ac is not False:
+            tries.append(replace(c, activation_checkpointing=True))
+        for k, cand in enumerate(tries):
+            e = estimate(cfg, seq_len, global_batch, cand, hw, G)
+            res.considered += 1
+            if e.fits:
+                res.ranked.append(e)
+                break  # activation checkpointing only where it is needed
+            res.oom.append(e)
+            res.rejected[OOM] += 1
+    key = lambda e: (e.step_time_s, e.candidate.tp, e.candidate.pp, e.candidate.zero)  # noqa: E731
+    res.ranked.sort(key=key)
+    res.oom.sort(key=key)
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+# --------------------------------------------------------------------- explaining the choice
+def _gib(x: float) -> str:
+    return f"{x / GiB:.1f} GiB"
+
+
+def explain(res: PlanResult, cfg: GPTConfig, hw: Hardware, gpus_per_node: int) -> str:
+    """One line: why the first layout wins, from comparisons with the best alternatives."""
+    if not res.ranked:
+        return "no layout fits"
+    best = res.ranked[0]
+    c = best.candidate
+    parts = []
+    size = f"{param_count(cfg) / 1e9:.1f}B" if param_count(cfg) >= 1e9 else f"{param_count(cfg) / 1e6:.0f}M"
+
+    def best_where(pred) -> Estimate | None:
+        return next((e for e in res.ranked if pred(e.candidate)), None)
+
+    if c.tp > 1:
+        where = "inside the node" if c.tp <= gpus_per_node else "across nodes"
+        smaller = best_where(lambda k: k.tp < c.tp)
+        oom_smaller = any(e.candidate.tp < c.tp for e in res.oom)
+        if smaller is None and oom_smaller:
+            parts.append(f"tp={c.tp} {where} keeps the {size} weights in memory (no layout with tp<{c.tp} fits)")
+        elif smaller is not None:
+            parts.append(f"tp={c.tp} {where} ({_slower(smaller, best)} with tp={smaller.candidate.tp})")
+        else:
+            parts.append(f"tp={c.tp} {where}")
+    if c.pp > 1:
+        sched = {"gpipe": "GPipe", "1f1b": "1F1B", "interleaved": f"interleaved 1F1B ({c.v} chunks per rank)"}[c.schedule]
+        parts.append(f"pp={c.pp} with {sched} and {c.microbatches} micro-batches keeps the bubble at "
+                     f"{best.bubble_fraction:.0%}")
+    elif c.microbatches > 1:
+        parts.append(f"{c.microbatches} micro-batches of {best.micro_batch} (gradient accumulation)")
+    if c.dp > 1:
+        z = f", ZeRO-{c.zero}" if c.zero else ""
+        alt = best_where(lambda k: k.zero != c.zero and (k.dp, k.tp, k.pp) == (c.dp, c.tp, c.pp))
+        note = f" ({_slower(alt, best)} with ZeRO-{alt.candidate.zero})" if alt else ""
+        parts.append(f"dp={c.dp}{z}{note}")
+    else:
+        fewer = best_where(lambda k: k.dp > 1)
+        if fewer is not None:
+            parts.append(f"no data parallelism ({_slower(fewer, best)} with dp={fewer.candidate.dp}, "
+                         f"{fewer.candidate.label})")
+    if c.sequence_parallel:
+        parts.append("sequence parallelism shards the norms' activations")
+    if c.activation_checkpointing:
+        parts.append("activation checkpointing is needed to fit")
+    parts.append(f"predicted {best.step_time_s:.3g} s/step, {best.mfu:.0%} MFU, "
+                 f"{_gib(best.peak_mem_bytes)} of {_gib(best.capacity_bytes)} per device")
+    return f"why {c.label} wins: " + "; ".join(parts)
+
+
+def _slower(other: Estimate, best: Estimate) -> str:
+    x = other.step_time_s / best.step_time_s - 1
+    return "within 1%" if x < 0.01 else f"{x:.0%} slower"
+
+
+# --------------------------------------------------------------------- output
+def table(rows: list[Estimate]) -> str:
+    head = (f"{'#':>3}  {'layout':<24} {'schedule':<11} {'m':>4} {'mb':>3} {'SP':>2} {'AC':>2} "
+            f"{'step s':>8} {'TFLOP/s':>8} {'MFU':>5} {'mem GiB':>8}   "
+            f"{'compute':>8} {'tp':>7} {'pp':>7} {'dp':>7} {'bubble':>7} {'other':>7}")
+    lines = [head]
+    for i, e in enumerate(rows, 1):
+        c = e.candidate
+        sched = (c.schedule if c.schedule != "interleaved" else f"interl.x{c.v}") if c.pp > 1 else "-"
+        lines.append(
+            f"{i:>3}  {c.label:<24} {sched:<11} {c.microbatches:>4} {e.micro_batch:>3} "
+            f"{'y' if c.sequence_parallel else '-':>2} {'y' if c.activation_checkpointing else '-':>2} "
+            f"{e.step_time_s:>8.3g} {e.tflops_per_gpu:>8.3g} {e.mfu:>5.0%} {e.peak_mem_bytes / GiB:>8.1f}   "
+            f"{e.compute_s:>8.3g} {e.tp_comm_s:>7.2g} {e.pp_comm_s:>7.2g} {e.dp_comm_s:>7.2g} "
+            f"{e.bubble_s:>7.2g} {e.other_s:>7.2g}")
+    return "\n".join(lines)
+
+
+def model_from_args(args: argparse.Namespace) -> tuple[GPTConfig, int, str]:
+    """(model shape, sequence length, description) from --model or --layers/--hidden/...;
+    ConfigError on bad input."""
+    custom = {k: getattr(args, k) for k in ("layers", "hidden", "heads", "vocab")}
+    given = [k for k, v in custom.items() if v is not None]
+    if args.model and given:
+        raise ConfigError(f"--model: give either --model or --layers/--hidden/--heads/--vocab, not both "
+                          f"(got --model {args.model} and --{given[0]})")
+    if args.model:
+        if args.model not in PRESETS:
+            raise ConfigError(f"--model: unknown model {args.model!r}; choose one of {', '.join(PRESETS)} "
+                              "or give --layers --hidden --heads --vocab --seq-len")
+        cfg = PRESETS[args.model]
+        seq = args.seq_len if args.seq_len is not None else RunConfig().train.seq_len
+        if not 1 <= seq <= cfg.max_seq_len:
+            raise ConfigError(f"--seq-len: must be between 1 and {cfg.max_seq_len} for model {args.model}, got {seq}")
+        return cfg, seq, args.model
+    missing = [k for k, v in custom.items() if v is None] + (["seq_len"] if args.seq_len is None else [])
+    if missing:
+        raise ConfigError("--model: give a preset (--model NAME) or the whole shape: missing "
+                          + ", ".join("--" + k.replace("_", "-") for k in missing))
+    for k, v in {**custom, "seq_len": args.seq_len}.items():
+        if v < 1:
+            raise ConfigError(f"--{k.replace('_', '-')}: must be at least 1, got {v}")
+    if args.hidden % args.heads:
+        raise ConfigError(f"--hidden: {args.hidden} is not divisible by --heads {args.heads}; use a multiple")
+    vocab = pad_vocab(args.vocab)
+    desc = (f"{args.layers} layers, hidden {args.hidden}, {args.heads} heads, vocab {args.vocab}"
+            + (f" (padded to {vocab}, a multiple of 128)" if vocab != args.vocab else ""))
+    cfg = GPTConfig(n_layer=args.layers, n_head=args.heads, d_model=args.hidden, vocab_size=vocab,
+                    max_seq_len=args.seq_len)
+    return cfg, args.seq_len, desc
+
+
+def run_plan(args: argparse.Namespace, out=sys.stdout) -> int:
+    """`paratrain plan`. Raises ConfigError (one line) on bad input."""
+    if args.calibrate:
+        from paratrain.planner.hardware import calibrate
+
+        calibrate(log=lambda msg: print(f"paratrain: {msg}", file=sys.stderr if args.json else out, flush=True))
+        if args.model is None and args.layers is None:
+            return 0
+        args.gpu = args.gpu or "cpu-local"
+    gpu = args.gpu or "cpu-local"
+    if gpu not in NAMES:
+        raise ConfigError(f"--gpu: unknown hardware {gpu!r}; choose one of {', '.join(NAMES)}")
+    if gpu != "cpu-local" and args.calibrate:
+        raise ConfigError("--calibrate: measures this machine (cpu-local); drop --gpu or use --gpu cpu-local")
+    cfg, seq, desc = model_from_args(args)
+    hw = get_hardware(gpu)
+    gpus = args.gpus if args.gpus is not None else (min(hw.cores, 4) if gpu == "cpu-local" else hw.gpus_per_node)
+    G = args.gpus_per_node if args.gpus_per_node is not None else (gpus if gpu == "cpu-local" else hw.gpus_per_node)
+    batch = args.global_batch if args.global_batch is not None else RunConfig().train.global_batch
+    for name, value in (("--gpus", gpus), ("--gpus-per-node", G), ("--global-batch", batch), ("--top", args.top)):
+        if value < 1:
+            raise ConfigError(f"{name}: must be at least 1, got {value}")
+    if gpus > G and gpus % G:
+        raise ConfigError(f"--gpus: {gpus} GPUs do not fill nodes of {G}; use a multiple of --gpus-per-node {G}")
+    precision = args.precision or ("fp32" if gpu == "cpu-local" else "bf16")
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise ConfigError(f"--precision: must be fp32, bf16 or fp16, got {precision!r}")
+    res = plan(cfg, seq, batch, gpus, hw, G, precision, args.allow_cross_node_tp)
+    if args.json:
+        rows = res.ranked[: args.top] + res.oom[: args.top]
+        out.write(json.dumps([r.as_dict() for r in rows], indent=1) + "\n")
+        return 0
+    n = param_count(cfg)
+    size = f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+    print(f"paratrain plan: {desc}: {size} parameters; global batch {batch} x {seq} tokens, {precision}", file=out)
+    print(f"  on {gpus} x {hw.name} ({G} per node); {hw.note}", file=out)
+    print(f"  priced {res.considered:,} layouts in {res.seconds:.1f} s (dp x tp x pp = {gpus}; micro-batch sizes "
+          "powers of two; activation checkpointing only where needed)", file=out)
+    if res.ranked:
+        print(file=out)
+        print(table(res.ranked[: args.top]), file=out)
+        print(file=out)
+        print(explain(res, cfg, hw, G), file=out)
+    else:
+        print("\nno layout fits.", file=out)
+        if res.oom:
+            e = res.oom[0]
+            print(f"closest: {e.candidate.label} needs {_gib(e.peak_mem_bytes)} of {_gib(e.capacity_bytes)}", file=out)
+    if res.rejected:
+        groups = "; ".join(f"{k} ({v:,} {'layouts' if k == OOM else 'dp x tp x pp shapes'})"
+                           for k, v in res.rejected.most_common())
+        print(f"rejected: {groups}", file=out)
+    print("columns: m micro-batches, mb micro-batch size, SP sequence parallel, AC activation checkpointing; "
+          "time in seconds per step (tp, pp: communication on the critical path; dp: not hidden; other: optimizer)",
+          file=out)
+    return 0
+
+
+# --------------------------------------------------------------------- --layout auto
+def local_hardware(device: str) -> tuple[Hardware, int, int]:
+    """(hardware, devices, devices per node) for `paratrain train` on this machine or torchrun job."""
+    import os
+
+    if device == "cuda":
+        import torch
+
+        name = torch.cuda.get_device_name(0)
+        hw = get_hardware("h100-80gb" if "H100" in name or "H200" in name else "a100-80gb")
+        hw = replace(hw, memory_bytes=float(torch.cuda.get_device_properties(0).total_memory))
+        local = torch.cuda.device_count()
+    else:
+        hw = get_hardware("cpu-local")
+        local = min(hw.cores, 4)
+    if "WORLD_SIZE" in os.environ and "RANK" in os.environ:  # under torchrun
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", local))
+        return hw, int(os.environ["WORLD_SIZE"]), local
+    return hw, local, local
+
+
+def auto_layout(cfg: RunConfig, fixed: dict) -> tuple[Estimate, Hardware, int]:
+    """The planner's first choice for `cfg`'s model and batch on this machine (ConfigError if none)."""
+    hw, gpus, G = local_hardware(cfg.train.device)
+    model = PRESETS.get(cfg.model.name)
+    if model is None:
+        raise ConfigError(f"--model: unknown model {cfg.model.name!r}; choose one of {', '.join(PRESETS)}")
+    res = plan(model, cfg.train.seq_len, cfg.train.global_batch, gpus, hw, G, cfg.train.precision, fixed=fixed)
+    if not res.ranked:
+        why = res.rejected.most_common(1)[0][0] if res.rejected else "no candidate"
+        raise ConfigError(f"--layout: auto found no layout of {gpus} workers for {cfg.model.name} with global batch "
+                          f"{cfg.train.global_batch} ({why}); give --dp/--tp/--pp or another --global-batch")
+    return res.ranked[0], hw, gpus
