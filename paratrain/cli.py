@@ -35,6 +35,7 @@ FLAGS: dict[str, tuple[str, str, type, str]] = {
     "--sync": ("train", "sync", str, "allreduce or ps (parameter server)"),
     "--servers": ("train", "servers", int, "parameter servers with --sync ps"),
     "--staleness": ("train", "staleness", int, "bounded staleness for --sync ps (-1: asynchronous)"),
+    "--collective-timeout": ("train", "collective_timeout", float, "seconds before a stuck collective is reported and the run stops (0: off)"),
     "--simulate-failure": ("train", "simulate_failure", str, "testing aid: RANK:STEP raises there (first attempt only)"),
     "--timeline": ("train", "timeline", str, "with --pp: write the last step's pipeline timeline (JSON trace + PNG) here"),
     "--simulate-straggler": ("train", "simulate_straggler", str, "testing aid: RANK:SECONDS delays that worker every step"),

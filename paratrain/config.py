@@ -79,6 +79,7 @@ class TrainConfig:
     simulate_straggler: str | None = None  # "RANK:SECONDS": that worker sleeps every step
     progress: bool = True
     activation_checkpointing: bool = False  # recompute each block's activations in backward
+    collective_timeout: float = 300.0  # seconds a collective may wait before the hang report (0: off)
     timeline: str | None = None  # folder for the pipeline timeline of the last step (pp > 1)
 
 
@@ -273,6 +274,8 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         raise ConfigError(f"--bucket-mb: must be positive, got {tr.bucket_mb}")
     if tr.eval_every < 0 or tr.eval_batches < 1:
         raise ConfigError("train.eval_every must be >= 0 and train.eval_batches >= 1")
+    if tr.collective_timeout < 0:
+        raise ConfigError(f"--collective-timeout: must be >= 0 seconds (0 turns the watchdog off), got {tr.collective_timeout}")
     if tr.max_restarts < 0:
         raise ConfigError(f"--max-restarts: must be at least 0, got {tr.max_restarts}")
     if tr.precision not in ("fp32", "bf16", "fp16"):

@@ -33,6 +33,7 @@ from paratrain.models.gpt import build_model, count_params
 from paratrain.parallel.data import DataParallel
 from paratrain.parallel.zero import ZeroDataParallel
 from paratrain.comm import all_reduce, parse_compress
+from paratrain.comm.flight import Watchdog
 from paratrain.models.gpt import PRESETS
 from paratrain.parallel.pipeline.executor import PipelineExecutor
 from paratrain.parallel.pipeline.partition import build_stages, split_gpt
@@ -227,6 +228,7 @@ class Trainer:
         self.fail_kill = bool(fail) and fail.endswith(":kill")
         who, _, seconds = (tr.simulate_straggler or "-1:0").partition(":")
         self.straggle = float(seconds) if int(who) == self.rank else 0.0
+        self.watchdog = Watchdog(mesh.comm.flight, tr.collective_timeout) if tr.collective_timeout > 0 else None
         self.ckpt = Checkpointer(self) if cfg.checkpoint.dir else None
         self.resumed_from = None
         if self.ckpt and (cfg.checkpoint.resume or not first_attempt):
@@ -354,11 +356,15 @@ class Trainer:
         """All ranks' `values` as a (world, len) float64 tensor on CPU (one small collective)."""
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+        flight = self.mesh.comm.flight  # not communication of the step, but a place to hang
+        flight.begin(flight.record("all_gather (metrics)", t, None))
         dist.all_gather(out, t)
+        flight.end()
         return torch.stack(out).cpu()
 
     def step(self, step: int) -> StepStats:
         self.mesh.comm.reset()
+        self.mesh.comm.flight.step = step
         scale = self.scaler.scale
         t0 = time.perf_counter()
         loss_part, grad_norm, lr = self.train_step(step)
@@ -516,6 +522,8 @@ class Trainer:
         bar.close()
         if self.ckpt:
             self.ckpt.wait()
+        if self.watchdog:
+            self.watchdog.stop()
         if self.pipeline and tr.timeline:
             self.write_timeline(tr.timeline)
         val = self.evaluate()

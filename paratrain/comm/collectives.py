@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from paratrain.comm.flight import Fingerprint, FlightRecorder
+
 
 RING_FACTOR = {
     "all_reduce": lambda n: 2 * (n - 1) / n,
@@ -31,31 +33,45 @@ RING_FACTOR = {
 class CommStats:
     bytes: int = 0
     calls: Counter = field(default_factory=Counter)
+    flight: FlightRecorder = field(default_factory=FlightRecorder)  # fingerprints (hang diagnostics)
 
-    def record(self, op: str, tensor: torch.Tensor, group: dist.ProcessGroup | None) -> None:
+    def record(self, op: str, tensor: torch.Tensor, group: dist.ProcessGroup | None) -> Fingerprint:
+        fp = self.flight.record(op, tensor, group)
         n = dist.get_world_size(group)
         if n == 1:
-            return  # a group of one sends nothing
+            return fp  # a group of one sends nothing
         size = tensor.numel() * tensor.element_size()
         self.bytes += round(size * RING_FACTOR[op](n))
         self.calls[op] += 1
+        return fp
 
     def reset(self) -> None:
         self.bytes = 0
         self.calls.clear()
 
 
+def _issue(stats: CommStats, fp: Fingerprint, call, async_op: bool):
+    """Run a collective marked in flight (until it returns, or until its handle is waited on)."""
+    if async_op:
+        return stats.flight.track(call(), fp)
+    stats.flight.begin(fp)
+    try:
+        return call()
+    finally:
+        stats.flight.end()
+
+
 def all_reduce(tensor: torch.Tensor, group: dist.ProcessGroup, stats: CommStats,
                op: dist.ReduceOp = dist.ReduceOp.SUM, async_op: bool = False):
-    stats.record("all_reduce", tensor, group)
-    return dist.all_reduce(tensor, op=op, group=group, async_op=async_op)
+    fp = stats.record("all_reduce", tensor, group)
+    return _issue(stats, fp, lambda: dist.all_reduce(tensor, op=op, group=group, async_op=async_op), async_op)
 
 
 def broadcast(tensor: torch.Tensor, src: int, group: dist.ProcessGroup, stats: CommStats,
               async_op: bool = False):
     """Broadcast from global rank `src` to every rank of `group`."""
-    stats.record("broadcast", tensor, group)
-    return dist.broadcast(tensor, src=src, group=group, async_op=async_op)
+    fp = stats.record("broadcast", tensor, group)
+    return _issue(stats, fp, lambda: dist.broadcast(tensor, src=src, group=group, async_op=async_op), async_op)
 
 
 # torch 2.13 renamed the tensor forms of these two collectives; accept both spellings.
@@ -66,44 +82,50 @@ _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.re
 def all_gather(tensor: torch.Tensor, group: dist.ProcessGroup, stats: CommStats, dim: int = 0) -> torch.Tensor:
     """Concatenate every rank's `tensor` along `dim`, in group-rank order."""
     n = dist.get_world_size(group)
-    stats.record("all_gather", tensor, group)
+    fp = stats.record("all_gather", tensor, group)
     x = tensor.movedim(dim, 0).contiguous()
     out = torch.empty((n * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
-    _all_gather_single(out, x, group=group)
+    _issue(stats, fp, lambda: _all_gather_single(out, x, group=group), False)
     return out.movedim(0, dim)
 
 
 def reduce_scatter(tensor: torch.Tensor, group: dist.ProcessGroup, stats: CommStats, dim: int = 0) -> torch.Tensor:
     """Sum over ranks, then keep this rank's chunk of the result along `dim`."""
     n = dist.get_world_size(group)
-    stats.record("reduce_scatter", tensor, group)
+    fp = stats.record("reduce_scatter", tensor, group)
     x = tensor.movedim(dim, 0).contiguous()
     out = torch.empty((x.shape[0] // n, *x.shape[1:]), dtype=x.dtype, device=x.device)
-    _reduce_scatter_single(out, x, group=group)
+    _issue(stats, fp, lambda: _reduce_scatter_single(out, x, group=group), False)
     return out.movedim(0, dim)
 
 
 def isend(tensor: torch.Tensor, dst: int, group: dist.ProcessGroup, stats: CommStats, tag: int = 0):
     """Non-blocking send to global rank `dst`; returns the work handle."""
-    stats.record("send", tensor, group)
-    return dist.isend(tensor, dst=dst, group=group, tag=tag)
+    fp = stats.record("send", tensor, group)
+    return _issue(stats, fp, lambda: dist.isend(tensor, dst=dst, group=group, tag=tag), True)
 
 
-def recv(tensor: torch.Tensor, src: int, group: dist.ProcessGroup, tag: int = 0) -> torch.Tensor:
-    """Blocking receive from global rank `src` into `tensor` (counted on the sender's side)."""
-    dist.recv(tensor, src=src, group=group, tag=tag)
+def recv(tensor: torch.Tensor, src: int, group: dist.ProcessGroup, tag: int = 0,
+         stats: CommStats | None = None) -> torch.Tensor:
+    """Blocking receive from global rank `src` into `tensor` (its bytes count on the sender's
+    side; with `stats` the wait is fingerprinted)."""
+    if stats is None:
+        dist.recv(tensor, src=src, group=group, tag=tag)
+        return tensor
+    fp = stats.flight.record(f"recv from {src}", tensor, group)
+    _issue(stats, fp, lambda: dist.recv(tensor, src=src, group=group, tag=tag), False)
     return tensor
 
 
 def all_gather_flat(out: torch.Tensor, shard: torch.Tensor, group: dist.ProcessGroup, stats: CommStats,
                     async_op: bool = False):
     """`out` (n * shard.numel(), flat) receives every rank's `shard` in group-rank order."""
-    stats.record("all_gather", shard, group)
-    return _all_gather_single(out, shard, group=group, async_op=async_op)
+    fp = stats.record("all_gather", shard, group)
+    return _issue(stats, fp, lambda: _all_gather_single(out, shard, group=group, async_op=async_op), async_op)
 
 
 def reduce_scatter_flat(out: torch.Tensor, flat: torch.Tensor, group: dist.ProcessGroup, stats: CommStats,
                         async_op: bool = False):
     """`out` receives this rank's 1/n chunk of the sum over ranks of `flat`."""
-    stats.record("reduce_scatter", flat, group)
-    return _reduce_scatter_single(out, flat, group=group, async_op=async_op)
+    fp = stats.record("reduce_scatter", flat, group)
+    return _issue(stats, fp, lambda: _reduce_scatter_single(out, flat, group=group, async_op=async_op), async_op)

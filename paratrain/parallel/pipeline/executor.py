@@ -48,7 +48,7 @@ class PipelineExecutor:
     def _receive(self, src_stage: int, mb: int, backward: bool, stage: int) -> torch.Tensor:
         buf = torch.empty(self.act_shape, dtype=self.act_dtype, device=self.device)
         t0 = time.perf_counter()
-        recv(buf, self._neighbour(src_stage), self.group, tag=self._tag(mb, stage, backward))
+        recv(buf, self._neighbour(src_stage), self.group, tag=self._tag(mb, stage, backward), stats=self.mesh.comm)
         self._event("recv", f"recv {'grad' if backward else 'act'} {mb}", t0)
         return buf
 
