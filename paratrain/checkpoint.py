@@ -346,8 +346,13 @@ class Checkpointer:
         self.events.append({"step": step, "blocked_s": blocked, "total_s": time.perf_counter() - t0})
 
     def poll(self) -> None:
-        """Publish a finished asynchronous save (cheap when none is pending)."""
-        if self.pending is not None and self.pending[0].done():
+        """Publish a finished asynchronous save once every rank's write is done (one tiny
+        all-reduce per step while a save is pending, so that all ranks decide alike)."""
+        if self.pending is None:
+            return
+        done = torch.tensor([1.0 if self.pending[0].done() else 0.0])
+        dist.all_reduce(done, op=dist.ReduceOp.MIN)  # the main thread's group: the writer uses self.group
+        if done.item() == 1.0:
             self.wait()
 
     def wait(self) -> None:
