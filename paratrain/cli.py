@@ -73,6 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", default=None, help="resume from the latest checkpoint")
     train.add_argument("--async-checkpoint", action="store_true", default=None,
                        help="write checkpoints in the background while training goes on")
+    cmp = sub.add_parser("compare", help="run layouts side by side and write a report with plots")
+    cmp.add_argument("--model", default="small", help="model preset (default small)")
+    cmp.add_argument("--layouts", nargs="+", help="layouts such as dp=4 tp=4 pp=4,schedule=1f1b,mb=8 dp=2,tp=2 "
+                                                   "(default: a set for this machine)")
+    cmp.add_argument("--steps", type=int, default=30, help="steps per layout (default 30)")
+    cmp.add_argument("--global-batch", type=int, default=16)
+    cmp.add_argument("--seq-len", type=int, default=128)
+    cmp.add_argument("--seed", type=int, default=1234)
+    cmp.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    cmp.add_argument("--out", default="compare-report", help="folder for report.md, report.html, results.json, plots")
     ckpt = sub.add_parser("checkpoint", help="work with checkpoints")
     ckpt_sub = ckpt.add_subparsers(dest="action", parser_class=OneLineParser)
     export = ckpt_sub.add_parser("export", help="write one consolidated model file from a checkpoint")
@@ -252,6 +262,31 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    import shlex
+
+    import torch
+
+    from paratrain.report.compare import compare, default_layouts
+
+    cfg = RunConfig()
+    cfg.model.name = args.model
+    tr = cfg.train
+    tr.steps, tr.global_batch, tr.seq_len, tr.seed = args.steps, args.global_batch, args.seq_len, args.seed
+    tr.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tr.progress, tr.eval_batches = False, 2
+    try:
+        validate(cfg)  # the parts every layout shares
+    except ConfigError as e:
+        fail(str(e))
+    world = torch.cuda.device_count() if tr.device == "cuda" else default_layout_dp(16, "cpu")
+    layouts = args.layouts or default_layouts(world)
+    compare(cfg, layouts, args.out, "paratrain compare " + shlex.join(sys.argv[2:]) if sys.argv[1:2] == ["compare"]
+            else "paratrain compare")
+    print(f"paratrain compare: wrote {args.out}/report.md, report.html, results.json and plots")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -259,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_train(args)
     if args.command == "checkpoint":
         return cmd_checkpoint(args)
+    if args.command == "compare":
+        return cmd_compare(args)
     if args.command == "plan":
         return cmd_plan(args)
     parser.print_help()
