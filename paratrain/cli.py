@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --tp: shard norms and dropout along the sequence (reduce-scatter + all-gather)")
     train.add_argument("--activation-checkpointing", action="store_true", default=None,
                        help="recompute each block's activations in backward instead of keeping them")
+    train.add_argument("--compile", action="store_true", default=None,
+                       help="torch.compile each transformer block (fused kernels; GPU)")
     train.add_argument("--resume", action="store_true", default=None, help="resume from the latest checkpoint")
     train.add_argument("--async-checkpoint", action="store_true", default=None,
                        help="write checkpoints in the background while training goes on")
@@ -141,6 +143,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         overrides.setdefault("layout", {})["sequence_parallel"] = True
     if args.activation_checkpointing is not None:
         overrides.setdefault("train", {})["activation_checkpointing"] = True
+    if args.compile is not None:
+        overrides.setdefault("train", {})["compile"] = True
     if args.resume is not None:
         overrides.setdefault("checkpoint", {})["resume"] = True
     if args.async_checkpoint is not None:

@@ -79,6 +79,7 @@ class TrainConfig:
     simulate_straggler: str | None = None  # "RANK:SECONDS": that worker sleeps every step
     progress: bool = True
     activation_checkpointing: bool = False  # recompute each block's activations in backward
+    compile: bool = False  # torch.compile each transformer block
     collective_timeout: float = 300.0  # seconds a collective may wait before the hang report (0: off)
     timeline: str | None = None  # folder for the pipeline timeline of the last step (pp > 1)
 

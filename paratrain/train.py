@@ -205,6 +205,10 @@ class Trainer:
             self.model = DataParallel(model, mesh, bucket_mb=tr.bucket_mb, compressor=parse_compress(tr.compress))
             decay = [p for p in model.parameters() if p.dim() >= 2]
             no_decay = [p for p in model.parameters() if p.dim() < 2]
+        if tr.compile:  # per block, as the blocks are the repeated unit (graphs are reused)
+            for top in tops:
+                for block in (top.blocks.values() if isinstance(top.blocks, torch.nn.ModuleDict) else top.blocks):
+                    block.compile()
         if tr.activation_checkpointing:
             checkpoint_blocks(tops)
         if self.pipeline:

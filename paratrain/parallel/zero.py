@@ -169,7 +169,7 @@ class Unit:
 
 class _Gather(torch.autograd.Function):
     """Forward: the unit's full parameters (views into gathered buffers). Backward: their
-    gradients, reduce-scattered to the owned shards; then the full copy is released."""
+    gradients, reduce-scattered to the owned shards (the full copy is released first)."""
 
     @staticmethod
     def forward(ctx, anchor, unit):
@@ -179,11 +179,11 @@ class _Gather(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         unit = ctx.unit
+        unit.release()  # the parameters are no longer needed: free them before the reduction
         i = 0
         for g in unit.groups:
             unit.engine.reduce_group(g, list(grads[i : i + len(g.slots)]))
             i += len(g.slots)
-        unit.release()
         return None, None
 
 
@@ -350,14 +350,21 @@ class ZeroDataParallel(nn.Module):
         out = torch.empty(g.shard_size, dtype=torch.float32, device=flat.device)
         handle = reduce_scatter_flat(out, flat, self.group, self.mesh.comm, async_op=True)
         self.pending.append((g, out, handle))
+        self._retire(self.MAX_IN_FLIGHT)
 
-    def finish_grad_sync(self) -> None:
-        """Afterwards every group's `grad_shard` holds the dp-summed gradient of its shard."""
-        for g, out, handle in self.pending:
+    MAX_IN_FLIGHT = 2  # reductions left running: each holds a full fp32 gradient group
+
+    def _retire(self, keep: int) -> None:
+        """Wait for all but the newest `keep` reductions and add them to the shards."""
+        while len(self.pending) > keep:
+            g, out, handle = self.pending.pop(0)
             if handle is not None:
                 handle.wait()
             g.grad_shard.add_(out.to(g.dtype))
-        self.pending = []
+
+    def finish_grad_sync(self) -> None:
+        """Afterwards every group's `grad_shard` holds the dp-summed gradient of its shard."""
+        self._retire(0)
         if self.stage >= 2:
             return
         for g in self.groups:  # stages 0 and 1: one reduction of the accumulated full gradient
