@@ -187,6 +187,19 @@ class _Gather(torch.autograd.Function):
         return None, None
 
 
+def blocks_of(module: nn.Module) -> list[nn.Module]:
+    """The repeated layers of a model, ZeRO-3's units: its `blocks` (paratrain's GPT and pipeline
+    stages), else the longest ModuleList of layers of one type (a Hugging Face model's
+    `transformer.h`, a torchvision ResNet's stages are not: pass them yourself)."""
+    if hasattr(module, "blocks"):
+        return list(module.blocks.values() if isinstance(module.blocks, nn.ModuleDict) else module.blocks)
+    best: list[nn.Module] = []
+    for m in module.modules():
+        if isinstance(m, nn.ModuleList) and len(m) > len(best) and len({type(c) for c in m}) == 1:
+            best = list(m)
+    return best
+
+
 def _in_backward() -> bool:
     return torch._C._current_autograd_node() is not None
 
@@ -215,7 +228,7 @@ class ZeroDataParallel(nn.Module):
                     refs.setdefault(id(p), []).append((m, name))
         seen: set[int] = set()
         for t, top in enumerate(tops):
-            blocks = list(top.blocks.values() if isinstance(top.blocks, nn.ModuleDict) else top.blocks)
+            blocks = blocks_of(top)
             in_blocks = {id(p) for b in blocks for p in b.parameters()}
             rest = [p for p in top.parameters() if id(p) not in in_blocks]
             root = self._make_unit(top, rest, refs, seen, f"top{t}")

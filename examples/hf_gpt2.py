@@ -1,0 +1,56 @@
+"""Train a Hugging Face GPT-2, built from its config and unchanged, with paratrain's data
+parallelism or ZeRO, on the standard library's source as bytes.
+
+    torchrun --standalone --nproc-per-node 2 examples/hf_gpt2.py --zero 3
+    torchrun --standalone --nproc-per-node 2 examples/hf_gpt2.py --zero 1 --precision bf16
+    python examples/hf_gpt2.py --steps 20            # one process works too
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import torch
+import torch.nn.functional as F
+from transformers import GPT2Config, GPT2LMHeadModel
+
+import paratrain
+from paratrain.data import TokenLoader, load_corpus
+
+
+def build(seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)  # every rank builds the same weights
+    config = GPT2Config(n_layer=4, n_embd=128, n_head=4, vocab_size=256, n_positions=128, bos_token_id=0,
+                        eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(config)
+
+
+def loss_fn(output, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(output.logits.flatten(0, 1).float(), targets.flatten())
+
+
+def batches(mesh: paratrain.Mesh, seq_len: int = 64, global_batch: int = 16, seed: int = 0):
+    """Each data-parallel rank's slice of global batch k, for k = 1, 2, ..."""
+    loader = TokenLoader(load_corpus(max_bytes=1 << 22), seq_len, global_batch, seed)
+    for k in itertools.count(1):
+        b = loader.local_batch(k, mesh.coord("dp"), mesh.size("dp"))
+        yield b.inputs, b.targets
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--zero", type=int, default=0)
+    p.add_argument("--precision", default="fp32")
+    p.add_argument("--steps", type=int, default=50)
+    args = p.parse_args()
+    mesh = paratrain.init()
+    trainer = paratrain.Trainer(build(), mesh, loss_fn, zero=args.zero, precision=args.precision, lr=1e-3)
+    losses = trainer.fit(batches(mesh), args.steps)
+    if mesh.rank == 0:
+        print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f} over {args.steps} steps on {mesh.world_size} ranks, "
+              f"zero={args.zero}, {args.precision}")
+
+
+if __name__ == "__main__":
+    main()
