@@ -60,11 +60,12 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=10, help="steps left out (compilation, allocator warm-up)")
     p.add_argument("--precision", default="bf16")
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--compile-only", action="store_true")
     args = p.parse_args()
     gpu, peak = peak_flops()
     rows = []
     for model in args.models:
-        for compile_ in ([False] if args.no_compile else [False, True]):
+        for compile_ in ([False] if args.no_compile else [True] if args.compile_only else [False, True]):
             tps = run(model, args, compile_)
             achieved = tps * flops_per_token(model, args.seq_len)
             rows.append((model, compile_, tps, achieved))
