@@ -164,26 +164,35 @@ def recommend(rows: list[dict], model: str) -> str:
              f"({fast['tokens_per_s']:,.0f} tokens/s, {fast['tokens_per_s'] / slow['tokens_per_s']:.2f}x "
              f"`{slow['layout']}`)."]
     lay = parse_layout(fast["layout"])
-    if lay.tp == 1 and lay.pp == 1:
+    plain = [r for r in rows if parse_layout(r["layout"]).tp == 1 and parse_layout(r["layout"]).pp == 1
+             and parse_layout(r["layout"]).zero == 0]
+    ref = plain[0] if plain else max(rows, key=lambda r: r["model_state_bytes"])
+    if lay.tp == 1 and lay.pp == 1 and lay.zero == 0:
         words.append(f"Each of its ranks runs the whole model and communicates once per step "
                      f"({_fmt_bytes(fast['comm_bytes_per_step'])} per step over all ranks), so nothing waits on a "
                      f"neighbour inside the step.")
+    elif lay.tp == 1 and lay.pp == 1:
+        words.append(f"It shards the model states over its ranks ({_fmt_bytes(fast['model_state_bytes'])} per rank "
+                     f"against {_fmt_bytes(ref['model_state_bytes'])} for `{ref['layout']}`) and sends "
+                     f"{_fmt_bytes(fast['comm_bytes_per_step'])} per step, gathers and reduce-scatters that overlap "
+                     f"with compute.")
     for r in rows:
         other = parse_layout(r["layout"])
         if other.tp > 1 and r is not fast:
-            words.append(f"`{r['layout']}` splits every block, cutting parameter memory per rank to "
-                         f"{_fmt_bytes(r['param_bytes'])} (against {_fmt_bytes(fast['param_bytes'])}), but sends "
-                         f"{_fmt_bytes(r['comm_bytes_per_step'])} per step in per-block all-reduces that the "
-                         f"compute must wait for.")
+            words.append(f"`{r['layout']}` splits every block, cutting model states per rank to "
+                         f"{_fmt_bytes(r['model_state_bytes'])} (against {_fmt_bytes(ref['model_state_bytes'])} for "
+                         f"`{ref['layout']}`), but sends {_fmt_bytes(r['comm_bytes_per_step'])} per step in per-block "
+                         f"all-reduces that the compute must wait for.")
             break
     piped = [r for r in rows if r["bubble_measured"] is not None]
     if piped:
         p = piped[0]
         words.append(f"`{p['layout']}` leaves its ranks idle {p['bubble_measured']:.0%} of the step "
                      f"(the schedule's bubble alone is {p['bubble_theory']:.0%}); more micro-batches shrink it.")
-    if lean is not fast:
+    if lean is not fast and lean["model_state_bytes"] < 0.9 * fast["model_state_bytes"]:
         words.append(f"If memory is what limits you, `{lean['layout']}` holds the least model state per rank "
                      f"({_fmt_bytes(lean['model_state_bytes'])} against {_fmt_bytes(fast['model_state_bytes'])}).")
+    words.append("Timings on a shared machine vary by several percent between runs; the losses do not.")
     return " ".join(words)
 
 
