@@ -28,7 +28,8 @@ class ByteTokenizer:
         return list(text.encode("utf-8"))
 
     def decode(self, ids) -> str:
-        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+        """Ids past 255 (a model with a padded vocabulary, untrained) become U+FFFD."""
+        return bytes(int(i) if 0 <= int(i) < 256 else 0xFF for i in ids).decode("utf-8", errors="replace")
 
 
 def stdlib_files() -> list[str]:
