@@ -81,3 +81,9 @@ def test_text_file_and_folder(tmp_path):
     assert load_corpus(str(tmp_path / "a.txt")).size == 1200
     both = load_corpus(str(tmp_path))
     assert both.size == 2400 and bytes(both[:5]) == b"hello"
+
+
+def test_decode_survives_ids_past_the_bytes():
+    from paratrain.data import ByteTokenizer
+
+    assert ByteTokenizer().decode([100, 50000, 101]) == "d\ufffde"
