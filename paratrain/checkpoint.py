@@ -330,53 +330,52 @@ class Checkpointer:
         state[f"rng/{self.rank}"] = torch.get_rng_state()
         import torch.distributed.checkpoint as dcp
 
-        def write():
+        info = self._info(step)
+
+        def write() -> float:
+            """Every rank writes its part; DCP's save returns on rank 0 once all parts and the
+            metadata are written, so rank 0 then publishes. Returns when the save ended."""
             with quiet():
                 dcp.save(state, checkpoint_id=tmp, process_group=self.group, planner=_planners()[0])
+            if self.rank == 0:
+                self._publish(tmp, step, info)
+            return time.perf_counter()
 
         if self.async_save:
             from concurrent.futures import ThreadPoolExecutor
 
             self.writer = getattr(self, "writer", None) or ThreadPoolExecutor(1, thread_name_prefix="paratrain-ckpt")
-            self.pending = (self.writer.submit(write), tmp, step, t0, time.perf_counter() - t0)
+            self.pending = (self.writer.submit(write), step, t0, time.perf_counter() - t0)
             return
-        write()
-        blocked = time.perf_counter() - t0
-        self._publish(tmp, step)
-        self.events.append({"step": step, "blocked_s": blocked, "total_s": time.perf_counter() - t0})
+        end = write()
+        dist.barrier(self.group)  # rank 0 has published
+        self.events.append({"step": step, "blocked_s": time.perf_counter() - t0, "total_s": end - t0})
 
     def poll(self) -> None:
-        """Publish a finished asynchronous save once every rank's write is done (one tiny
-        all-reduce per step while a save is pending, so that all ranks decide alike)."""
-        if self.pending is None:
-            return
-        done = torch.tensor([1.0 if self.pending[0].done() else 0.0])
-        dist.all_reduce(done, op=dist.ReduceOp.MIN)  # the main thread's group: the writer uses self.group
-        if done.item() == 1.0:
-            self.wait()
+        """Raise a failed asynchronous save's error early (local: no collective)."""
+        if self.pending is not None and self.pending[0].done():
+            self.pending[0].result()
 
     def wait(self) -> None:
+        """Wait for the asynchronous save in flight (before the next one, and at the end)."""
         if self.pending is None:
             return
-        future, tmp, step, t0, blocked = self.pending
+        future, step, t0, blocked = self.pending
         self.pending = None
         w0 = time.perf_counter()
-        future.result()
-        dist.barrier(self.group)  # every rank's part is written
-        self._publish(tmp, step)
-        self.events.append({"step": step, "blocked_s": blocked + time.perf_counter() - w0,
-                            "total_s": time.perf_counter() - t0})
+        end = future.result()
+        dist.barrier(self.group)  # every rank's write, and rank 0's publication, are done
+        self.events.append({"step": step, "blocked_s": blocked + time.perf_counter() - w0, "total_s": end - t0})
 
-    def _publish(self, tmp: str, step: int) -> None:
-        if self.rank == 0:
-            write_manifest(tmp, self._info(step))
-            final = os.path.join(self.root, f"{PREFIX}{step:08d}")
-            if os.path.exists(final):  # the same step saved again after a restart
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-            for old in checkpoints(self.root)[self.keep:]:
-                shutil.rmtree(old, ignore_errors=True)
-        dist.barrier(self.group)
+    def _publish(self, tmp: str, step: int, info: dict) -> None:
+        """Rank 0: manifest (sizes, CRC-32), one atomic rename, then drop the oldest beyond `keep`."""
+        write_manifest(tmp, info)
+        final = os.path.join(self.root, f"{PREFIX}{step:08d}")
+        if os.path.exists(final):  # the same step saved again after a restart
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        for old in checkpoints(self.root)[self.keep:]:
+            shutil.rmtree(old, ignore_errors=True)
 
     def load(self, folder: str) -> int:
         """Load `folder` into this layout; returns the step it was saved at."""
