@@ -71,7 +71,7 @@ BAD = [
     (["--tp", "3"], "--tp"),  # 4 heads
     (["--tp", "2", "--sequence-parallel", "--seq-len", "33"], "--sequence-parallel"),
     (["--pp", "2", "--microbatches", "1"], "--microbatches"),
-    (["--layout", "auto"], "--layout"),
+    (["--layout", "auto", "--tp", "3"], "--layout"),
     (["--layout", "dp=x"], "layout"),
     (["--simulate-failure", "9:1"], "--simulate-failure"),
     (["--config", "/no/such.toml"], "--config"),

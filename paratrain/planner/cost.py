@@ -25,12 +25,12 @@ Memory per device = reserve (CUDA context and NCCL; on cpu-local the measured wo
   sbh(34 + 5as/h) bytes: 16 tensors of sbh 2-byte elements (32), two dropout masks (2), and the
   unfused attention's scores, softmax and dropout (5as/h). Here dropout is 0 (paratrain's
   default: no masks) and attention runs through scaled_dot_product_attention's fused kernels,
-  which keep no s x s matrix; our block keeps one more sbh tensor (the attention output is
-  copied when its heads are merged before the projection). So, in e-byte elements:
-      no tp:                     e s b h * 17
-      tp (Megatron):             e s b h * (4 + 13/t)   (the norms' inputs and the inputs of the
-                                                          column-parallel linears are replicated)
-      tp + sequence parallel:    e s b h * (2 + 15/t)   (Korthikanti: 34/t; our column-parallel
+  which keep no s x s matrix (only a per-row log-sum-exp). So, in e-byte elements:
+      no tp:                     e s b h * 16
+      tp (Megatron):             e s b h * (4 + 12/t)   (Korthikanti's 10 + 24/t without masks:
+                                                          the norms' inputs and the column-parallel
+                                                          linears' inputs are replicated)
+      tp + sequence parallel:    e s b h * (2 + 14/t)   (Korthikanti: 16/t; our column-parallel
                                                           linears keep their all-gathered input
                                                           instead of gathering it again in backward)
       checkpointing (per layer): e s b h [/ t with sequence parallelism]: the block's input,
@@ -41,20 +41,23 @@ Memory per device = reserve (CUDA context and NCCL; on cpu-local the measured wo
 - Buffers: ZeRO-3's gathered units (the current one and the prefetched next), fp32 flat
   gradients of one unit while it is reduced, tensor-parallel all-reduce copies.
 
-Time per step (the busiest rank): compute = GEMM FLOPs at the hardware's rate for GEMMs of that
-size + memory-bound elementwise work at memory bandwidth + host dispatch per eager op (on a GPU
-the host runs ahead, so it only shows when it exceeds the GPU's time). Tensor-parallel
-collectives are on the critical path (2 all-reduces forward and 2 backward per block; the same
-ring time with sequence parallelism's reduce-scatter + all-gather). A pipeline adds one blocking
-receive per action and the schedule's bubble (`bubble_fraction` of the real table). Data-parallel
-traffic follows the implementation: `DataParallel` (fp32, ZeRO 0) overlaps its bucketed
-all-reduce with the last micro-batch's backward; ZeroDataParallel's stage 0/1 reductions run
-after backward and the stage 1/2 all-gather after the optimizer step, exposed; stage 2
-reduce-scatters each micro-batch during backward; stage 3 gathers each unit ahead of use
-(prefetch) and reduce-scatters during backward, every micro-batch. Each collective is priced by
-an alpha-beta model on the link it crosses (NVLink inside a node, the NIC between nodes; ranks
-are laid out pp x dp x tp with tp fastest): ring, or the cheaper of ring and tree for
-all-reduce where the backend has both (NCCL), ring only on gloo.
+Time per step (the busiest rank): compute = the block's GEMMs (forward, input gradient, weight
+gradient) at the hardware's rate for GEMMs of that size, fused attention at its rate, GELU, layer
+norm, log-softmax and AdamW per element, residual adds at copy bandwidth, and host dispatch per
+eager op (a GPU runs ahead of the host, so dispatch only shows when it exceeds the GPU's time);
+on cpu-local all of these are measured, and a calibrated framework efficiency covers what a real
+step adds to the sum of its ops. Tensor-parallel collectives are on the critical path (2
+all-reduces forward and 2 backward per block; reduce-scatter + all-gather with sequence
+parallelism). A pipeline adds one blocking receive per action and the schedule's bubble
+(`bubble_fraction` of the real table). Data-parallel traffic follows the implementation:
+`DataParallel` (fp32, ZeRO 0) overlaps its bucketed all-reduce with the last micro-batch's
+backward; ZeroDataParallel reduces (and stage 1/2 all-gathers) one flat group at a time after
+backward, exposed; stage 2 reduce-scatters each micro-batch during backward; stage 3 gathers each
+unit ahead of use (prefetch) and reduce-scatters during backward, every micro-batch. Each call is
+priced by an alpha-beta model on the link its group crosses (NVLink inside a node, the NIC
+between nodes; ranks are laid out pp x dp x tp with tp fastest; on cpu-local gloo's measured line
+for that collective): ring, or the cheaper of ring and tree for all-reduce where the backend has
+both (NCCL), ring only on gloo.
 """
 
 from __future__ import annotations
@@ -183,10 +186,10 @@ def activation_bytes_per_layer(seq: int, micro: int, hidden: int, tp: int, seque
     """Bytes one block keeps for backward for one micro-batch (see the module docstring)."""
     sbh = seq * micro * hidden * elem
     if tp == 1:
-        return 17 * sbh
+        return 16 * sbh
     if sequence_parallel:
-        return sbh * (2 + 15 / tp)
-    return sbh * (4 + 13 / tp)
+        return sbh * (2 + 14 / tp)
+    return sbh * (4 + 12 / tp)
 
 
 def checkpointed_bytes_per_layer(seq: int, micro: int, hidden: int, tp: int, sequence_parallel: bool,
@@ -220,6 +223,18 @@ def all_reduce_time(nbytes: float, n: int, link: Link, algorithms: tuple[str, ..
     if "tree" in algorithms:
         times.append(tree_all_reduce_time(nbytes, n, link))
     return min(times)
+
+
+def collective_time(op: str, full_bytes: float, n: int, link: Link, calls: int = 1,
+                    algorithms: tuple[str, ...] = ("ring",)) -> float:
+    """`calls` collectives `op` over n ranks moving `full_bytes` in all (the full tensor: the
+    input of all-reduce and reduce-scatter, the output of all-gather): each call pays its alpha."""
+    if n <= 1 or full_bytes <= 0 or calls < 1:
+        return 0.0
+    per = full_bytes / calls
+    if op == "all_reduce":
+        return calls * all_reduce_time(per, n, link, algorithms)
+    return calls * ring_time(op, per if op == "reduce_scatter" else per / n, n, link)
 
 
 def p2p_time(nbytes: float, link: Link) -> float:
@@ -329,10 +344,6 @@ class Estimate:
         }
 
 
-def _gemm_time(hw: Hardware, world: int, *flops: float) -> float:
-    return sum(f / hw.gemm_rate(f, world) for f in flops if f > 0)
-
-
 def _host_and_device(hw: Hardware, device_s: float, ops: float) -> float:
     """A GPU runs kernels while the host queues the next ones; a CPU worker does both in turn."""
     host = ops * hw.dispatch_s
@@ -351,51 +362,65 @@ def estimate(cfg: GPTConfig, seq_len: int, global_batch: int, c: Candidate, hw: 
     ac, sp = c.activation_checkpointing, c.sequence_parallel and t > 1
     est = Estimate(candidate=c, micro_batch=b)
 
-    # ---- compute per micro-batch, per unit of work
-    gemm_f = (2 * M * h * h / t,) * 4 + (2 * M * h * 4 * h / t,) * 2 + (2 * b * s * s * h / t,) * 2
-    block_f = _gemm_time(hw, world, *gemm_f)
-    block_b = 2 * block_f
-    elem_bytes = e * M * h * (20 / t if sp else 10 + 10 / t)  # norms, residuals, copies, GELU
-    block_f += elem_bytes / hw.elementwise_bw(world)
-    block_b += 2 * elem_bytes / hw.elementwise_bw(world)
+    # ---- compute per micro-batch: one block, and the head (forward share; backward is the rest)
+    ew = functools.partial(hw.elementwise_time, world=world, elem_bytes=e)
+    bw = hw.elementwise_bw(world)
+    gemms = (2 * M * h * h / t,) * 4 + (2 * M * h * 4 * h / t,) * 2  # q, k, v, proj; fc, proj
+    attn = 4 * b * s * s * h / t  # scores and weighted values, forward
+    block = (sum(3 * f / hw.gemm_rate(f, world) for f in gemms)  # forward, d input, d weight
+             + 3 * attn / hw.attention_rate(attn, world)
+             + ew("gelu", M * 4 * h / t) + ew("layer_norm", 2 * M * h / (t if sp else 1))
+             + 3 * e * M * h * 6 / (t if sp else 1) / bw)  # the two residual adds
+    block_f, block_b = block / 3, 2 * block / 3
     if ac:
         block_b += block_f
     head_gemm = 2 * M * h * V / t
-    head_f = _gemm_time(hw, world, head_gemm) + 12 * M * V / t / hw.elementwise_bw(world)
-    head_b = _gemm_time(hw, world, head_gemm, head_gemm) + 16 * M * V / t / hw.elementwise_bw(world)
+    head = (3 * head_gemm / hw.gemm_rate(head_gemm, world) + ew("softmax", M * V / t)
+            + (2 * (e + 4) * M * V / t / bw if e != 4 else 0.0) + ew("layer_norm", M * h / (t if sp else 1)))
+    head_f, head_b = head / 3, 2 * head / 3
 
-    # ---- communication links
-    tp_link = hw.link(crosses_node(d, t, p, "tp", G))
-    dp_link = hw.link(crosses_node(d, t, p, "dp", G))
-    pp_cross = crosses_node(d, t, p, "pp", G)
+    # ---- communication: each collective on the link its group crosses
+    cross = {axis: crosses_node(d, t, p, axis, G) for axis in ("tp", "dp", "pp")}
+
+    def coll(op: str, full_bytes: float, n: int, axis: str, calls: int = 1) -> float:
+        return collective_time(op, full_bytes, n, hw.link(cross[axis], op), calls, hw.algorithms)
+
     act = e * M * h
-    ar = functools.partial(all_reduce_time, algorithms=hw.algorithms)
-    tp_ar = ar(act, t, tp_link) if t > 1 else 0.0
-    tp_small = ar(12 * M, t, tp_link) if t > 1 else 0.0  # the vocab-parallel loss's two small all-reduces
-    p2p = p2p_time(e * b * (s // t if sp else s) * h, hw.p2p_link(pp_cross)) if p > 1 else 0.0
+    if t == 1:
+        tp_pair = tp_small = 0.0
+    else:  # one all-reduce, or with sequence parallelism a reduce-scatter and an all-gather
+        tp_pair = (coll("reduce_scatter", act, t, "tp") + coll("all_gather", act, t, "tp")) if sp \
+            else coll("all_reduce", act, t, "tp")
+        tp_small = coll("all_reduce", 12 * M, t, "tp", calls=2)  # the vocab-parallel loss's max and sums
+    p2p = p2p_time(e * b * (s // t if sp else s) * h, hw.p2p_link(cross["pp"])) if p > 1 else 0.0
+    slow = hw.local_slowdown(world)
 
     stages = stage_plan(cfg, s, p, v)
     per_rank = []
     for r in stages:
         ops_f = r.blocks * OPS_BLOCK_FWD + (OPS_HEAD_FWD if r.last else 0)
         ops_b = r.blocks * (OPS_BLOCK_BWD + (OPS_BLOCK_FWD if ac else 0)) + (OPS_HEAD_BWD if r.last else 0)
-        tf = _host_and_device(hw, r.blocks * block_f + (head_f if r.last else 0.0), ops_f)
-        tb = _host_and_device(hw, r.blocks * block_b + (head_b if r.last else 0.0), ops_b)
-        comm_f = r.blocks * 2 * tp_ar + (tp_ar if r.first else 0.0) + (tp_small if r.last else 0.0)
-        comm_b = r.blocks * (4 if ac else 2) * tp_ar + (tp_ar if r.last else 0.0)
+        tf = slow * _host_and_device(hw, r.blocks * block_f + (head_f if r.last else 0.0), ops_f)
+        tb = slow * _host_and_device(hw, r.blocks * block_b + (head_b if r.last else 0.0), ops_b)
+        comm_f = r.blocks * 2 * tp_pair + (tp_pair if r.first else 0.0) + (tp_small if r.last else 0.0)
+        comm_b = r.blocks * (4 if ac else 2) * tp_pair + (tp_pair if r.last else 0.0)
         per_rank.append((r, tf, tb, comm_f, comm_b))
 
-    # ---- ZeRO traffic inside the micro-batch loop (stages 2 and 3), per rank
+    def groups(r: RankStages) -> int:
+        """ZeRO's flat groups on a rank: per unit (a block, or the rest) one per (weight decay,
+        parallel flags) combination: 2 without tp, 3 with (sharded and replicated biases), 4 with SP."""
+        return (r.blocks + 1) * (2 + (t > 1) + sp)
+
+    # ---- ZeRO traffic inside the micro-batch loop (stages 2 and 3), per rank and micro-batch
     def zero_inner(r: RankStages, tf: float, tb: float) -> tuple[float, float]:
         if d == 1 or c.zero < 2:
             return 0.0, 0.0
-        n = rank_params(cfg, r.blocks, r.first, r.last, t, p)
-        units = r.blocks + 1
-        rs = ring_time("reduce_scatter", 4 * n, d, dp_link)  # reductions run in fp32
-        ag = ring_time("all_gather", e * n / d, d, dp_link) if c.zero == 3 else 0.0
+        n, k = rank_params(cfg, r.blocks, r.first, r.last, t, p), groups(r)
+        rs = coll("reduce_scatter", 4 * n, d, "dp", k)  # reductions run in fp32
+        ag = coll("all_gather", e * n, d, "dp", k) if c.zero == 3 else 0.0
 
-        def exposed(comm: float, window: float) -> float:
-            return comm if not hw.overlap else max(comm / units, comm - window)
+        def exposed(comm: float, window: float) -> float:  # the first unit's collective cannot hide
+            return comm if not hw.overlap else max(comm / (r.blocks + 1), comm - window)
         return exposed(ag, tf), exposed(rs + ag, tb)
 
     busiest = max(per_rank, key=lambda x: x[1] + x[2] + x[3] + x[4] + sum(zero_inner(x[0], x[1], x[2])))
@@ -414,33 +439,37 @@ def estimate(cfg: GPTConfig, seq_len: int, global_batch: int, c: Candidate, hw: 
 
     # ---- after the micro-batches: gradient reduction, optimizer, parameter all-gather (per rank)
     def tail(r: RankStages, tb_rank: float) -> tuple[float, float]:
-        n = rank_params(cfg, r.blocks, r.first, r.last, t, p)
+        n, k = rank_params(cfg, r.blocks, r.first, r.last, t, p), groups(r)
         grad = 4 * n
         dp_s = 0.0
         if d > 1:
             if c.zero == 0 and c.precision == "fp32":  # DataParallel: buckets overlap the last backward
-                comm = ar(grad, d, dp_link)
+                comm = coll("all_reduce", grad, d, "dp", math.ceil(grad / BUCKET_BYTES))
                 window = tb_rank / v
                 dp_s = comm if not hw.overlap else max(comm * min(1.0, BUCKET_BYTES / grad), comm - window)
             elif c.zero == 0:
-                dp_s = ar(grad, d, dp_link)
+                dp_s = coll("all_reduce", grad, d, "dp", k)
             elif c.zero == 1:
-                dp_s = ring_time("reduce_scatter", grad, d, dp_link)
+                dp_s = coll("reduce_scatter", grad, d, "dp", k)
             if c.zero in (1, 2):
-                dp_s += ring_time("all_gather", e * n / d, d, dp_link)
+                dp_s += coll("all_gather", e * n, d, "dp", k)
         if p > 1 and cfg.tie_embeddings and (r.first or r.last):  # the tied embedding's two copies
-            dp_s += ar(4 * V * h / t, 2, hw.link(pp_cross))
+            dp_s += collective_time("all_reduce", 4 * V * h / t, 2, hw.link(cross["pp"]), 1, hw.algorithms)
+        if sp:  # the norms' and row biases' gradients, summed over tp
+            dp_s += coll("all_reduce", 4 * 6 * h * r.blocks, t, "tp")
         owned = n / d if c.zero >= 1 else n
         zero_engine = c.zero > 0 or c.precision != "fp32"
         tensors = 3 * (r.blocks + 1) if zero_engine else 16 * r.blocks + 4
-        bw = hw.elementwise_bw(world)
-        opt_bytes = owned * (28 + (4 + e if c.precision != "fp32" else 0)) + owned * 4 + n * e
+        # clipping reads the gradients, zeroing writes them; the ZeRO engine copies gradients into
+        # flat fp32 buffers and the masters out again
+        copies = owned * 4 + n * e + (8 * owned + (4 + e) * n if zero_engine else 0)
         # torch's AdamW runs one tensor at a time on CPU, and over all tensors at once (foreach) on a GPU
         adamw_ops = OPS_ADAMW_PER_TENSOR * (2 if hw.async_dispatch else tensors)
         ops = adamw_ops + tensors * (OPS_CLIP_PER_TENSOR + 1)
-        other = _host_and_device(hw, opt_bytes / bw, ops)
-        small = [x for x in (d if c.zero else 1, t, p) if x > 1]  # the gradient norm's all-reduces
-        other += sum(ar(8, n_, dp_link) for n_ in small)
+        other = slow * _host_and_device(hw, ew("adamw", owned) + copies / bw, ops)
+        # the gradient norm: partial sums all-reduced over dp (ZeRO shards), tp and pp
+        for axis, n_ in (("dp", d if c.zero else 1), ("tp", t), ("pp", p)):
+            other += coll("all_reduce", 8, n_, axis)
         return dp_s, other
 
     tails = [tail(r, tb_r) for r, _, tb_r, _, _ in per_rank]

@@ -2,13 +2,9 @@
 
 A `Hardware` is one device (a GPU, or one local CPU worker process) and the links between
 devices. The GPU figures are datasheet numbers, named with their sources next to them. The
-`cpu-local` figures are measured on this machine by `paratrain plan --calibrate`
-(`calibrate()`): fp32 GEMM throughput as a function of GEMM size with the threads a worker gets,
-elementwise memory bandwidth, the host cost of one eager op, gloo all-reduce and send/receive
-latency (alpha) and bandwidth (beta) between two local processes, and the resident memory of a
-paratrain worker before it builds a model. The result is saved as JSON (`cache_path()`:
-`$PARATRAIN_CACHE/cpu-local.json`, default `~/.cache/paratrain/`) and reused; without it
-`cpu-local` uses conservative defaults and says so.
+`cpu-local` figures are measured on this machine by `paratrain plan --calibrate` (calibrate.py)
+and saved as JSON (`cache_path()`: `$PARATRAIN_CACHE/cpu-local.json`, default
+`~/.cache/paratrain/`); without that file `cpu-local` uses conservative defaults and says so.
 """
 
 from __future__ import annotations
@@ -16,10 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
-import statistics
-import sys
-import time
 from dataclasses import dataclass, field
 
 GB = 1e9
@@ -55,7 +47,10 @@ class Hardware:
     # cpu-local only: measured rates per worker thread count
     cores: int = 0
     gemm: dict[int, list[tuple[float, float]]] = field(default_factory=dict)  # threads -> [(flops of one GEMM, FLOP/s)]
-    bw_by_threads: dict[int, float] = field(default_factory=dict)
+    attn: dict[int, list[tuple[float, float]]] = field(default_factory=dict)  # threads -> [(forward flops, FLOP/s)]
+    elem: dict[int, dict[str, float]] = field(default_factory=dict)  # threads -> {op: seconds per element}
+    efficiency: dict[int, float] = field(default_factory=dict)  # threads -> measured / op-by-op model
+    collectives: dict[str, Link] = field(default_factory=dict)  # per-op alpha-beta where they differ
 
     # ---------------------------------------------------------------- rates
     def threads(self, world: int) -> int:
@@ -69,19 +64,43 @@ class Hardware:
         return max(1.0, world * self.threads(world) / self.cores)
 
     def gemm_rate(self, flops: float, world: int = 1) -> float:
-        """FLOP/s of one GEMM of `flops` FLOPs: GPUs a fixed fraction of peak; cpu-local the measured
-        rate at that size (log-linear between measured sizes, clamped at the ends)."""
+        """FLOP/s of a GEMM of `flops` FLOPs as training runs it (forward, gradient of the input,
+        gradient of the weight): GPUs a fixed fraction of peak; cpu-local the measured rate at
+        that size (log-linear between measured sizes, clamped at the ends)."""
         points = self.gemm.get(self.threads(world)) if self.gemm else None
         if not points:
             return self.peak_flops * self.matmul_efficiency / self.oversubscription(world)
         return _interp_log(points, flops) / self.oversubscription(world)
 
+    def attention_rate(self, forward_flops: float, world: int = 1) -> float:
+        """FLOP/s of fused attention (forward and backward) whose forward costs `forward_flops`."""
+        points = self.attn.get(self.threads(world)) if self.attn else None
+        if not points:
+            return self.peak_flops * self.matmul_efficiency / self.oversubscription(world)
+        return _interp_log(points, forward_flops) / self.oversubscription(world)
+
     def elementwise_bw(self, world: int = 1) -> float:
-        bw = self.bw_by_threads.get(self.threads(world), self.mem_bw) if self.bw_by_threads else self.mem_bw
+        t = self.threads(world)
+        bw = self.elem[t]["bw"] if t in self.elem else self.mem_bw
         return bw / self.oversubscription(world)
 
-    def link(self, cross_node: bool) -> Link:
-        return self.inter if cross_node else self.intra
+    def elementwise_time(self, op: str, n: float, world: int = 1, elem_bytes: int = 4) -> float:
+        """Seconds for forward + backward of `op` over n elements (`adamw`: one step over n
+        parameters). cpu-local: measured; GPUs: the bytes the op moves at memory bandwidth."""
+        t = self.threads(world)
+        if t in self.elem and op in self.elem[t]:
+            return n * self.elem[t][op] * self.oversubscription(world)
+        return n * OP_BYTES[op](elem_bytes) / self.mem_bw
+
+
+    def local_slowdown(self, world: int = 1) -> float:
+        """What a real training step adds to the op-by-op compute model (cpu-local: calibrated)."""
+        return 1.0 / self.efficiency.get(self.threads(world), 1.0)
+
+    def link(self, cross_node: bool, op: str = "all_reduce") -> Link:
+        """The link a collective `op` crosses: the NIC between nodes, else NVLink (or, on
+        cpu-local, gloo's measured line for that op)."""
+        return self.inter if cross_node else self.collectives.get(op, self.intra)
 
     def p2p_link(self, cross_node: bool) -> Link:
         return self.inter if cross_node else (self.p2p or self.intra)
@@ -89,6 +108,18 @@ class Hardware:
     def capacity(self, world: int) -> float:
         """Memory one device (worker) may use."""
         return self.memory_bytes / world if self.shared_memory else self.memory_bytes
+
+
+# Bytes an op moves per element, forward and backward (memory-bound on a GPU): GELU reads x and
+# writes y, then reads x and dy and writes dx; layer norm also reads its statistics; the loss's
+# log-softmax runs in fp32; AdamW reads parameter, gradient, two moments and writes three (fp32),
+# plus the 16-bit copy under mixed precision.
+OP_BYTES = {
+    "gelu": lambda e: 5 * e,
+    "layer_norm": lambda e: 6 * e,
+    "softmax": lambda e: 5 * 4,
+    "adamw": lambda e: 28 + (0 if e == 4 else e + 4),
+}
 
 
 def _interp_log(points: list[tuple[float, float]], x: float) -> float:
@@ -173,14 +204,18 @@ def _ram_bytes() -> float:
         return 8 * GiB
 
 
-# Conservative defaults for an uncalibrated machine (a slow laptop core, a loaded loopback).
+# Conservative defaults for an uncalibrated machine, per thread (a slow laptop core, a loaded
+# loopback): GEMM FLOP/s by GEMM size, attention FLOP/s, seconds per element of the elementwise
+# ops (forward + backward), bytes/s of a copy.
 DEFAULTS = {
-    "gemm": {"1": [[1e6, 5e9], [1e9, 15e9]]},  # FLOP/s per thread: small and large GEMMs
-    "bw": {"1": 4e9},
+    "gemm": [[1e6, 4e9], [1e9, 12e9]],
+    "attn": [[1e6, 2e9], [1e9, 6e9]],
+    "elem": {"gelu": 12e-9, "layer_norm": 12e-9, "softmax": 30e-9, "adamw": 12e-9, "bw": 4e9},
     "dispatch_s": 15e-6,
-    "allreduce": {"alpha": 300e-6, "beta": 0.25 * GB},
-    "p2p": {"alpha": 300e-6, "beta": 0.25 * GB},
-    "baseline_bytes": 450 * 2**20,
+    "collectives": {op: {"alpha": 1e-3, "beta": 0.25 * GB} for op in ("all_reduce", "reduce_scatter", "all_gather",
+                                                                      "p2p")},
+    "efficiency": {},
+    "baseline_bytes": 700 * 2**20,
 }
 
 
@@ -193,8 +228,8 @@ def cpu_local(path: str | None = None) -> Hardware:
         try:
             with open(path) as fh:
                 data = json.load(fh)
-            if data.get("cores") != cores:
-                note = (f"calibration in {path} was made with {data.get('cores')} cores, this machine has {cores}: "
+            if data.get("cores") != cores or "threads" not in data or "collectives" not in data:
+                note = (f"calibration in {path} does not match this machine ({cores} cores) or this version: "
                         "using conservative defaults; run `paratrain plan --calibrate`")
                 data = None
             else:
@@ -202,23 +237,28 @@ def cpu_local(path: str | None = None) -> Hardware:
         except (OSError, ValueError):
             data, note = None, f"calibration file {path} is unreadable: conservative defaults; run `paratrain plan --calibrate`"
     d = data or DEFAULTS
-    if data is None:  # scale the per-thread defaults to every thread count a worker may get
-        gemm = {t: [(f, r * t) for f, r in DEFAULTS["gemm"]["1"]] for t in range(1, cores + 1)}
-        bw = {t: DEFAULTS["bw"]["1"] * min(t, 2) for t in range(1, cores + 1)}
+    if data is None:  # the per-thread defaults, for every thread count a worker may get
+        threads = {t: {"gemm": [(f, r * t) for f, r in DEFAULTS["gemm"]],
+                       "attn": [(f, r * t) for f, r in DEFAULTS["attn"]],
+                       "elem": {k: (v * t if k == "bw" else v / t) for k, v in DEFAULTS["elem"].items()}}
+                   for t in range(1, cores + 1)}
     else:
-        gemm = {int(t): [tuple(p) for p in pts] for t, pts in d["gemm"].items()}
-        bw = {int(t): float(v) for t, v in d["bw"].items()}
-    best = max((r for pts in gemm.values() for _, r in pts), default=1e9)
-    ar, pp = d["allreduce"], d["p2p"]
+        threads = {int(t): {"gemm": [tuple(p) for p in m["gemm"]], "attn": [tuple(p) for p in m["attn"]],
+                            "elem": dict(m["elem"])} for t, m in data["threads"].items()}
+    best = max((r for m in threads.values() for _, r in m["gemm"]), default=1e9)
+    links = {op: Link(float(v["alpha"]), float(v["beta"])) for op, v in d["collectives"].items()}
+    ar = links["all_reduce"]
     return Hardware(
         name="cpu-local",
         peak_flops=best,  # the fastest measured GEMM rate: MFU on CPU is relative to it
         matmul_efficiency=1.0,
         memory_bytes=float(d.get("ram_bytes", _ram_bytes())),
-        mem_bw=max(bw.values()),
-        intra=Link(float(ar["alpha"]), float(ar["beta"])),
-        inter=Link(float(ar["alpha"]), float(ar["beta"])),  # one machine: no second node
-        p2p=Link(float(pp["alpha"]), float(pp["beta"])),
+        mem_bw=max(m["elem"]["bw"] for m in threads.values()),
+        intra=ar,
+        inter=ar,  # one machine: no second node
+        p2p=links["p2p"],
+        collectives={op: link for op, link in links.items() if op != "p2p"},
+        efficiency={int(t): float(v) for t, v in d.get("efficiency", {}).items()},
         gpus_per_node=10**6,
         reserve_bytes=float(d["baseline_bytes"]),
         dispatch_s=float(d["dispatch_s"]),
@@ -231,8 +271,9 @@ def cpu_local(path: str | None = None) -> Hardware:
         calibrated=calibrated,
         note=note,
         cores=cores,
-        gemm=gemm,
-        bw_by_threads=bw,
+        gemm={t: m["gemm"] for t, m in threads.items()},
+        attn={t: m["attn"] for t, m in threads.items()},
+        elem={t: m["elem"] for t, m in threads.items()},
     )
 
 
@@ -242,178 +283,3 @@ def get_hardware(name: str) -> Hardware:
     if name not in GPU_PRESETS:
         raise ValueError(f"--gpu: unknown hardware {name!r}; choose one of {', '.join(NAMES)}")
     return GPU_PRESETS[name]
-
-
-# --------------------------------------------------------------------- calibration
-def _median_time(fn, repeat: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-# GEMM shapes a GPT block runs, from `small`-sized to `gpt2`-sized: tokens x hidden @ hidden x out
-GEMM_SHAPES = [(m, k, n) for m in (128, 512, 2048, 4096) for k in (128, 256, 768) for n in (k, 4 * k)]
-
-
-def measure_compute(threads: int, repeat: int = 5) -> tuple[list[tuple[float, float]], float]:
-    """fp32 torch.matmul FLOP/s by GEMM size, and elementwise bandwidth (bytes/s), at `threads`."""
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        points = []
-        for m, k, n in GEMM_SHAPES:
-            a, b = torch.randn(m, k), torch.randn(k, n)
-            t = _median_time(lambda: torch.matmul(a, b), repeat)
-            points.append((2.0 * m * k * n, 2.0 * m * k * n / t))
-        x, y = torch.randn(8 * 2**20), torch.randn(8 * 2**20)
-        out = torch.empty_like(x)
-        t = _median_time(lambda: torch.add(x, y, out=out), repeat)
-        bw = 3 * x.numel() * 4 / t  # two reads and a write
-    finally:
-        torch.set_num_threads(previous)
-    return points, bw
-
-
-def measure_dispatch(repeat: int = 5) -> float:
-    """Host seconds per eager op with autograd: a chain of tiny multiplies, forward and backward."""
-    import torch
-
-    w = torch.ones(4, requires_grad=True)
-
-    def chain():
-        z = w
-        for _ in range(200):
-            z = z * 1.0001
-        z.sum().backward()
-
-    return _median_time(chain, repeat) / 400  # 200 forward ops, about as many backward nodes
-
-
-def _gloo_worker(rank: int, world: int, init_file: str, out: str) -> None:
-    """One of two calibration processes: the worker baseline, then all-reduce and send/recv timings."""
-    import resource
-
-    import torch
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    # what every paratrain worker holds before it builds a model: the interpreter, torch and
-    # paratrain's modules, the process groups, the optimizer module's lazy imports, the corpus
-    from paratrain.data import load_corpus
-    from paratrain.mesh import Mesh
-    import paratrain.train  # noqa: F401
-
-    Mesh.build(world, 1, 1, device_type="cpu")
-    torch.optim.AdamW([torch.nn.Parameter(torch.zeros(4))])
-    load_corpus("stdlib")
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    dist.barrier()
-    ar = {}
-    for s in SIZES:
-        t = torch.zeros(max(1, s // 4))
-
-        def once():
-            dist.all_reduce(t)
-        ar[s] = _median_time(once, 21 if s <= 1 << 20 else 7)
-    p2p = {}
-    for s in SIZES:
-        t = torch.zeros(max(1, s // 4))
-
-        def ping():  # a send and its receipt, then the same back: two messages
-            if rank == 0:
-                dist.send(t, 1)
-                dist.recv(t, 1)
-            else:
-                dist.recv(t, 0)
-                dist.send(t, 0)
-        p2p[s] = _median_time(ping, 21 if s <= 1 << 20 else 7) / 2
-    peaks = [None] * world
-    dist.all_gather_object(peaks, baseline)
-    if rank == 0:
-        with open(out, "w") as fh:
-            json.dump({"allreduce": ar, "p2p": p2p, "baseline": max(peaks)}, fh)
-    dist.destroy_process_group()
-
-
-SIZES = [4, 1 << 12, 1 << 16, 1 << 18, 1 << 20, 4 << 20, 16 << 20]
-
-
-def fit_alpha_beta(times: dict[int, float]) -> tuple[float, float]:
-    """Least-squares line T(S) = a + slope S through the median times (seconds by bytes); the
-    intercept is clamped to the fastest small-message time's range, the slope to be positive."""
-    xs, ys = zip(*sorted(times.items()))
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-    slope = max(slope, 1e-12)
-    small = [y for x, y in zip(xs, ys) if x <= 1 << 16]
-    a = min(max(my - slope * mx, min(small) / 2), max(small))
-    return a, slope
-
-
-def measure_gloo() -> dict:
-    """Two local gloo processes: ring all-reduce and send/recv alpha and beta, worker baseline."""
-    import tempfile
-
-    import torch.multiprocessing as mp
-
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "gloo.json")
-        mp.spawn(_gloo_worker, args=(2, os.path.join(tmp, "init"), out), nprocs=2)
-        with open(out) as fh:
-            raw = json.load(fh)
-    n = 2
-    # ring all-reduce: T(S) = 2(n-1) alpha + 2(n-1)/n S / beta; send: T(S) = alpha + S / beta
-    a, slope = fit_alpha_beta({int(k): v for k, v in raw["allreduce"].items()})
-    allreduce = {"alpha": a / (2 * (n - 1)), "beta": (2 * (n - 1) / n) / slope}
-    a, slope = fit_alpha_beta({int(k): v for k, v in raw["p2p"].items()})
-    p2p = {"alpha": a, "beta": 1 / slope}
-    return {"allreduce": allreduce, "p2p": p2p, "baseline_bytes": raw["baseline"],
-            "raw_allreduce_s": raw["allreduce"], "raw_p2p_s": raw["p2p"]}
-
-
-def calibrate(path: str | None = None, log=print) -> Hardware:
-    """Measure this machine (about half a minute), save the JSON, return the calibrated cpu-local."""
-    import torch
-
-    cores = local_cores()
-    threads = sorted({max(1, cores // w) for w in (1, 2, 4, 8) if w <= max(cores, 4)})
-    gemm, bw = {}, {}
-    for t in threads:
-        log(f"calibrate: fp32 GEMMs and memory bandwidth with {t} thread(s)")
-        gemm[t], bw[t] = measure_compute(t)
-    log("calibrate: eager op overhead")
-    dispatch = measure_dispatch()
-    log("calibrate: gloo all-reduce and send/recv between 2 local processes, worker baseline memory")
-    gloo = measure_gloo()
-    data = {
-        "cores": cores,
-        "when": time.strftime("%Y-%m-%d %H:%M"),
-        "machine": platform.node(),
-        "torch": torch.__version__,
-        "python": sys.version.split()[0],
-        "ram_bytes": _ram_bytes(),
-        "gemm": {str(t): pts for t, pts in gemm.items()},
-        "bw": {str(t): v for t, v in bw.items()},
-        "dispatch_s": dispatch,
-        **gloo,
-    }
-    path = path or cache_path()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as fh:
-        json.dump(data, fh, indent=1)
-    hw = cpu_local(path)
-    best = {t: max(r for _, r in pts) for t, pts in gemm.items()}
-    log(f"calibrate: saved {path}")
-    log("  GEMM fp32 peak by threads: " + ", ".join(f"{t}: {r / 1e9:.1f} GFLOP/s" for t, r in best.items())
-        + "; elementwise: " + ", ".join(f"{t}: {b / 1e9:.1f} GB/s" for t, b in bw.items()))
-    log(f"  eager op {dispatch * 1e6:.1f} us; gloo all-reduce alpha {gloo['allreduce']['alpha'] * 1e6:.0f} us, "
-        f"beta {gloo['allreduce']['beta'] / 1e9:.2f} GB/s; send/recv alpha {gloo['p2p']['alpha'] * 1e6:.0f} us, "
-        f"beta {gloo['p2p']['beta'] / 1e9:.2f} GB/s; worker baseline {gloo['baseline_bytes'] / 2**20:.0f} MiB")
-    return hw

@@ -245,10 +245,11 @@ def model_from_args(args: argparse.Namespace) -> tuple[GPTConfig, int, str]:
     return cfg, args.seq_len, desc
 
 
-def run_plan(args: argparse.Namespace, out=sys.stdout) -> int:
+def run_plan(args: argparse.Namespace, out=None) -> int:
     """`paratrain plan`. Raises ConfigError (one line) on bad input."""
+    out = out or sys.stdout
     if args.calibrate:
-        from paratrain.planner.hardware import calibrate
+        from paratrain.planner.calibrate import calibrate
 
         calibrate(log=lambda msg: print(f"paratrain: {msg}", file=sys.stderr if args.json else out, flush=True))
         if args.model is None and args.layers is None:
@@ -336,3 +337,16 @@ def auto_layout(cfg: RunConfig, fixed: dict) -> tuple[Estimate, Hardware, int]:
         raise ConfigError(f"--layout: auto found no layout of {gpus} workers for {cfg.model.name} with global batch "
                           f"{cfg.train.global_batch} ({why}); give --dp/--tp/--pp or another --global-batch")
     return res.ranked[0], hw, gpus
+
+
+def predict_layout(cfg: RunConfig) -> dict:
+    """The planner's predicted step time and peak memory per device for `cfg`'s own layout on
+    this machine (for `paratrain compare`)."""
+    hw, _, G = local_hardware(cfg.train.device)
+    lay = cfg.layout
+    c = Candidate(dp=lay.dp, tp=lay.tp, pp=lay.pp, zero=lay.zero, schedule=lay.schedule,
+                  microbatches=lay.microbatches, sequence_parallel=lay.sequence_parallel,
+                  activation_checkpointing=cfg.train.activation_checkpointing, precision=cfg.train.precision,
+                  virtual_stages=lay.virtual_stages)
+    e = estimate(PRESETS[cfg.model.name], cfg.train.seq_len, cfg.train.global_batch, c, hw, max(G, lay.world_size))
+    return {"step_time_s": e.step_time_s, "peak_mem_bytes": e.peak_mem_bytes}
