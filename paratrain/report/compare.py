@@ -176,6 +176,15 @@ def recommend(rows: list[dict], model: str) -> str:
                      f"against {_fmt_bytes(ref['model_state_bytes'])} for `{ref['layout']}`) and sends "
                      f"{_fmt_bytes(fast['comm_bytes_per_step'])} per step, gathers and reduce-scatters that overlap "
                      f"with compute.")
+    elif lay.pp > 1 and lay.tp == 1:
+        words.append(f"It gives each rank a contiguous part of the layers and sends only activations and their "
+                     f"gradients between stages ({_fmt_bytes(fast['comm_bytes_per_step'])} per step), with model "
+                     f"states of {_fmt_bytes(fast['model_state_bytes'])} per rank against "
+                     f"{_fmt_bytes(ref['model_state_bytes'])} for `{ref['layout']}`.")
+    elif lay.tp > 1:
+        words.append(f"It splits every block over its ranks: {_fmt_bytes(fast['model_state_bytes'])} of model states "
+                     f"per rank and {_fmt_bytes(fast['comm_bytes_per_step'])} of per-block all-reduces per step, "
+                     f"which this machine's links carry cheaply enough.")
     for r in rows:
         other = parse_layout(r["layout"])
         if other.tp > 1 and r is not fast:
