@@ -198,11 +198,8 @@ class PowerSGD(Compressor):
         super().__init__()
         if rank < 1:
             raise ValueError(f"PowerSGD rank must be at least 1, got {rank}")
-        self.rank, self.min_ratio = rank, min_ratio
+        self.rank, self.min_ratio, self.seed = rank, min_ratio, seed
         self.name = f"powersgd:{rank}"
-        # Initial Qs are drawn in call order from this generator: the same on every rank, as
-        # every rank makes the same calls in the same order.
-        self.generator = torch.Generator().manual_seed(seed)
 
     def compressed(self, shape: torch.Size) -> bool:
         if len(shape) < 2:
@@ -230,8 +227,12 @@ class PowerSGD(Compressor):
             ms.append(m + err if err is not None and err.shape == m.shape else m)
             q = state.get(("q", i))
             if q is None or q.shape[0] != m.shape[1]:
+                # a function of the shape alone: the same on every rank, and on the tp ranks that
+                # hold a replicated matrix whatever else their buckets hold
                 r = min(self.rank, *m.shape)
-                q = torch.randn(m.shape[1], r, generator=self.generator).to(m.device)
+                n, k = m.shape
+                gen = torch.Generator().manual_seed((((self.seed * 1_000_003 + n) * 1_000_003 + k) * 64 + r) % 2**62)
+                q = torch.randn(m.shape[1], r, generator=gen).to(m.device)
             qs.append(torch.linalg.qr(q).Q)  # orthonormal columns: the scale of P stays that of M
         ps = self._all_reduce_flat([m @ q for m, q in zip(ms, qs)], group, stats)
         ps = [torch.linalg.qr(p).Q for p in ps]

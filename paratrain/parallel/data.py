@@ -132,7 +132,12 @@ class DataParallel(nn.Module):
         self._launch_ready_buckets(force=True)
         for i, b in enumerate(self.buckets):
             if self.compressor is not None:
-                self.compressor.reduce(i, b.views, self.group, self.mesh.comm)
+                # tp-sharded and replicated gradients apart: a replicated parameter's compressed
+                # sum must not depend on this tp rank's shards, or its replicas would drift apart
+                for sharded in (True, False):
+                    views = [v for p, v in zip(b.params, b.views) if getattr(p, "tp_sharded", False) == sharded]
+                    if views:
+                        self.compressor.reduce((i, sharded), views, self.group, self.mesh.comm)
             else:
                 b.handle.wait()
                 b.handle = None

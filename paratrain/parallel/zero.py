@@ -358,7 +358,7 @@ class ZeroDataParallel(nn.Module):
         if self.compressor is not None:
             key = self._key[id(g)]
             out = self.compressor.reduce_scatter(key, flat, g.views(flat), self.group, self.mesh.comm)
-            self.pending.append((g, out, None))  # done: the compressed round is synchronous
+            g.grad_shard.add_(out.to(g.dtype))  # done: the compressed round is synchronous
             return
         out = torch.empty(g.shard_size, dtype=torch.float32, device=flat.device)
         handle = reduce_scatter_flat(out, flat, self.group, self.mesh.comm, async_op=True)
