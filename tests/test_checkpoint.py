@@ -23,7 +23,7 @@ from paratrain.checkpoint import checkpoints, load_full_model
 CASES = [
     (dict(dp=2, tp=2), dict(pp=2, microbatches=2)),
     (dict(dp=2, zero=3, checkpoint_async=True), dict(tp=2)),
-    (dict(pp=2, schedule="gpipe", microbatches=2), dict(dp=2, zero=2)),
+    pytest.param(dict(pp=2, schedule="gpipe", microbatches=2), dict(dp=2, zero=2), marks=pytest.mark.slow),
 ]
 
 

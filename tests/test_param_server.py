@@ -20,7 +20,7 @@ def reference():
     return run_tiny()
 
 
-@pytest.mark.parametrize("servers", [1, 2])
+@pytest.mark.parametrize("servers", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_synchronous_ps_matches_single_process(reference, servers):
     result = run_tiny(dp=2, sync="ps", servers=servers)
     torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(reference["losses"]), rtol=1e-5, atol=0)

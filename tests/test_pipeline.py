@@ -37,7 +37,11 @@ CASES = [(1, 1, 2, s) for s in ("gpipe", "1f1b", "interleaved")] + \
         [(2, 1, 2, "1f1b"), (1, 2, 2, "1f1b")]
 
 
-@pytest.mark.parametrize("dp,tp,pp,schedule", CASES, ids=[f"dp{a}-tp{b}-pp{c}-{s}" for a, b, c, s in CASES])
+SLOW = {(1, 1, 2, "1f1b"), (1, 1, 4, "gpipe"), (1, 1, 4, "interleaved")}  # run with -m slow
+
+
+@pytest.mark.parametrize("dp,tp,pp,schedule", [pytest.param(*c, marks=pytest.mark.slow) if c in SLOW else c
+                                               for c in CASES], ids=[f"dp{a}-tp{b}-pp{c}-{s}" for a, b, c, s in CASES])
 def test_losses_match_single_process(reference, dp, tp, pp, schedule):
     result = run(dp, tp, pp, schedule, microbatches=4 if dp == 1 else 2)
     # tp x pp sums the tied embedding's gradient in a third order (vocab shards, then stages):

@@ -110,7 +110,9 @@ def reference():
 
 
 @pytest.mark.parametrize(
-    "dp,tp,sp", [(1, 2, False), (1, 4, False), (2, 2, False), (1, 2, True), (1, 4, True), (2, 2, True)],
+    "dp,tp,sp", [(1, 2, False), pytest.param(1, 4, False, marks=pytest.mark.slow),
+                 pytest.param(2, 2, False, marks=pytest.mark.slow), pytest.param(1, 2, True, marks=pytest.mark.slow),
+                 (1, 4, True), (2, 2, True)],
     ids=["tp2", "tp4", "dp2-tp2", "tp2-sp", "tp4-sp", "dp2-tp2-sp"],
 )
 def test_losses_match_single_process(reference, dp, tp, sp):
