@@ -163,6 +163,11 @@ class Watchdog:
             time.sleep(0.2)
         if min(reports) == self.rank:
             print(summary(reports, self.world, self.timeout), file=self.out, flush=True)
+            self.store.set("paratrain/hang/printed", "1")
+        else:  # a launcher stops every rank once one exits: let the summary out first
+            deadline = time.monotonic() + self.grace
+            while time.monotonic() < deadline and not self.store.check(["paratrain/hang/printed"]):
+                time.sleep(0.1)
         self.exit(HANG_EXIT)
 
 
