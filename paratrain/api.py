@@ -18,8 +18,6 @@ activation shape between them, which paratrain's GPT provides (`paratrain train 
 from __future__ import annotations
 
 import os
-from functools import partial
-
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -28,7 +26,7 @@ from paratrain.comm import all_reduce
 from paratrain.mesh import Mesh
 from paratrain.parallel.data import DataParallel
 from paratrain.parallel.tensor import parallelize_tensor
-from paratrain.parallel.zero import ZeroDataParallel, blocks_of
+from paratrain.parallel.zero import ZeroDataParallel
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -68,10 +66,9 @@ def parallelize(model: nn.Module, mesh: Mesh, *, zero: int = 0, precision: str =
     else:
         wrapped = DataParallel(model, mesh, bucket_mb=bucket_mb, compressor=compressor)
     if activation_checkpointing:
-        from torch.utils.checkpoint import checkpoint
+        from paratrain.train import checkpoint_blocks
 
-        for block in blocks or blocks_of(model):
-            block.forward = partial(checkpoint, block.forward, use_reentrant=False)
+        checkpoint_blocks([model], blocks)
     return wrapped
 
 

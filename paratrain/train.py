@@ -31,7 +31,7 @@ from paratrain.data import ByteTokenizer, TokenLoader, load_corpus, split_microb
 from paratrain.mesh import Mesh, coords_of
 from paratrain.models.gpt import build_model, count_params
 from paratrain.parallel.data import DataParallel
-from paratrain.parallel.zero import ZeroDataParallel
+from paratrain.parallel.zero import ZeroDataParallel, blocks_of
 from paratrain.comm import all_reduce, parse_compress
 from paratrain.comm.flight import Watchdog
 from paratrain.models.gpt import PRESETS
@@ -122,7 +122,7 @@ class LossScaler:
                 self.scale *= 2
 
 
-def checkpoint_blocks(tops: list[torch.nn.Module]) -> None:
+def checkpoint_blocks(tops: list[torch.nn.Module], blocks: list[torch.nn.Module] | None = None) -> None:
     """Activation checkpointing per block: keep only each block's input, recompute the rest in
     backward. Applied last, around whatever the block's forward has become (ZeRO-3's gather
     then runs inside the recomputation too)."""
@@ -130,9 +130,8 @@ def checkpoint_blocks(tops: list[torch.nn.Module]) -> None:
 
     from torch.utils.checkpoint import checkpoint
 
-    for top in tops:
-        for block in (top.blocks.values() if isinstance(top.blocks, torch.nn.ModuleDict) else top.blocks):
-            block.forward = partial(checkpoint, block.forward, use_reentrant=False)
+    for block in blocks or [b for top in tops for b in blocks_of(top)]:
+        block.forward = partial(checkpoint, block.forward, use_reentrant=False)
 
 
 @dataclass
@@ -207,7 +206,7 @@ class Trainer:
             no_decay = [p for p in model.parameters() if p.dim() < 2]
         if tr.compile:  # per block, as the blocks are the repeated unit (graphs are reused)
             for top in tops:
-                for block in (top.blocks.values() if isinstance(top.blocks, torch.nn.ModuleDict) else top.blocks):
+                for block in blocks_of(top):
                     block.compile()
         if tr.activation_checkpointing:
             checkpoint_blocks(tops)
