@@ -2,12 +2,14 @@
 
 Trains the same model from the same seed on the same batches through `paratrain train`'s code
 path (`paratrain.launch.launch`, a metrics file per run) uncompressed and with each mode, and
-prints per mode: the measured bytes per step (the metrics' `comm_bytes`, summed over ranks), its
-reduction against the uncompressed run, the reduction the compressor's formula predicts, the
-final loss (mean of the last 10 steps) and its distance from the uncompressed run, and tokens/s.
+prints per mode: the measured bytes per step after the compression warm-up (the metrics'
+`comm_bytes`, summed over ranks), its reduction against the uncompressed run, the reduction the
+compressor's formula predicts, the reduction over the whole run (warm-up included), the final
+loss (mean of the last 10 steps) and its distance from the uncompressed run, and tokens/s.
 
 Then torch DDP with `powerSGD_hook` (same model, seed, batches, AdamW, schedule and clipping; DDP
-averages, so each rank takes its local mean loss) at the same rank: its bytes are counted by
+averages, so each rank takes its local mean loss) at the same rank and the same uncompressed
+start (`start_powerSGD_iter` = our warm-up): its bytes are counted by
 wrapping `torch.distributed.all_reduce` while the hook runs (payload x the ring factor
 2(n-1)/n, as paratrain counts), beside ours.
 
@@ -48,6 +50,8 @@ def make_config(args: argparse.Namespace, compress: str, metrics: str | None = N
     tr = cfg.train
     tr.steps, tr.global_batch, tr.seq_len, tr.seed = args.steps, args.global_batch, args.seq_len, args.seed
     tr.compress, tr.metrics, tr.progress = compress, metrics, False
+    if args.compress_warmup is not None:
+        tr.compress_warmup = args.compress_warmup
     validate(cfg)
     return cfg
 
@@ -90,7 +94,8 @@ def ddp_worker(rank: int, world: int, init_file: str, args: argparse.Namespace, 
     model = build_model(cfg.model.name, tr.seed, cfg.model.dropout, cfg.model.tie_embeddings)
     ddp = DistributedDataParallel(model, bucket_cap_mb=tr.bucket_mb)
     state = powersgd.PowerSGDState(process_group=None, matrix_approximation_rank=args.torch_rank,
-                                   start_powerSGD_iter=2,  # the least torch allows with error feedback
+                                   # ours compresses from step W = torch's iteration W - 1 (from 0)
+                                   start_powerSGD_iter=max(2, tr.compress_warmup - 1),  # 2: torch's least
                                    use_error_feedback=True, warm_start=True)
     ddp.register_comm_hook(state, powersgd.powerSGD_hook)
 
@@ -152,6 +157,8 @@ def main() -> None:
                    help="comma-separated --compress values; `none` (the reference) is always run first")
     p.add_argument("--no-torch", action="store_true", help="skip the DDP + powerSGD_hook run")
     p.add_argument("--tolerance", type=float, default=0.05, help="allowed relative final-loss difference")
+    p.add_argument("--compress-warmup", type=int, help="steps over which compression ramps in "
+                   "(default: paratrain's, %d)" % RunConfig().train.compress_warmup)
     p.add_argument("--json", help="also write the figures to this file")
     args = p.parse_args()
     modes = ["none"] + [m for m in args.modes.split(",") if m and m != "none"]
@@ -174,32 +181,38 @@ def main() -> None:
         torch_run = spawn_ranks(ddp_worker, args.dp, args)
         print(f"  ran torch DDP + powerSGD_hook rank {args.torch_rank}: {time.perf_counter() - t0:.0f} s", flush=True)
 
+    warm = make_config(args, "none").train.compress_warmup
+    after = max(warm, 1) - 1  # the index of step `warm`, the first fully compressed one
     ref_bytes, ref_loss = statistics.fmean(runs["none"]["comm_bytes"]), final_loss(runs["none"])
     print(f"\n{args.model}, dp={args.dp}, {args.steps} steps of {args.global_batch}x{args.seq_len} tokens, "
-          f"seed {args.seed}, torch {torch.__version__}; bytes are per step, summed over ranks; "
-          f"final loss = mean of the last {LAST} steps")
-    print(f"{'mode':<12} {'bytes/step':>12} {'reduction':>10} {'expected':>9} {'final loss':>11} "
+          f"seed {args.seed}, compression warm-up {warm} steps, torch {torch.__version__}; bytes are per "
+          f"step from step {after + 1} on, summed over ranks ('whole run': all steps); final loss = mean "
+          f"of the last {LAST} steps")
+    print(f"{'mode':<12} {'bytes/step':>12} {'reduction':>10} {'expected':>9} {'whole run':>10} {'final loss':>11} "
           f"{'vs none':>8} {'within':>7} {'tokens/s':>9}")
     failed = []
     rows = {}
     for m, r in runs.items():
-        b, loss = statistics.fmean(r["comm_bytes"]), final_loss(r)
+        b, loss = statistics.fmean(r["comm_bytes"][after:]), final_loss(r)
+        whole = ref_bytes / statistics.fmean(r["comm_bytes"])
         diff = (loss - ref_loss) / ref_loss
         within = abs(diff) <= args.tolerance
         if not within:
             failed.append(m)
         rows[m] = {"bytes_per_step": b, "reduction": ref_bytes / b, "expected": expected_factor(args, m),
-                   "final_loss": loss, "loss_diff": diff, "tokens_per_s": r["tokens_per_s"]}
-        print(f"{m:<12} {b:>12,.0f} {ref_bytes / b:>9.2f}x {rows[m]['expected']:>8.2f}x {loss:>11.4f} "
+                   "reduction_whole_run": whole, "final_loss": loss, "loss_diff": diff,
+                   "tokens_per_s": r["tokens_per_s"]}
+        print(f"{m:<12} {b:>12,.0f} {ref_bytes / b:>9.2f}x {rows[m]['expected']:>8.2f}x {whole:>9.2f}x {loss:>11.4f} "
               f"{diff:>+8.2%} {'yes' if within else 'NO':>7} {r['tokens_per_s']:>9,.0f}")
     if torch_run:
         ours = runs[psgd[0]]
-        # torch all-reduces uncompressed for its first start_powerSGD_iter=2 steps: compare steps 3..N
-        ob, tb = statistics.fmean(ours["comm_bytes"][2:]), statistics.fmean(torch_run["comm_bytes"][2:])
+        # both all-reduce uncompressed before step max(warm, 3) (torch's least start is iteration 2)
+        start = max(after, 2)
+        ob, tb = statistics.fmean(ours["comm_bytes"][start:]), statistics.fmean(torch_run["comm_bytes"][start:])
         ol, tl = final_loss(ours), final_loss(torch_run)
         first_agree = math.isclose(torch_run["losses"][0], runs["none"]["losses"][0], rel_tol=1e-5)
-        print(f"\nPowerSGD rank {args.torch_rank}, ours vs torch DDP powerSGD_hook (steps 3-{args.steps}; torch "
-              f"sends uncompressed in steps 1-2: {torch_run['comm_bytes'][0]:,} bytes)")
+        print(f"\nPowerSGD rank {args.torch_rank}, ours vs torch DDP powerSGD_hook (bytes: steps {start + 1}-"
+              f"{args.steps}; both send uncompressed before: {torch_run['comm_bytes'][0]:,} bytes)")
         print(f"{'':<12} {'bytes/step':>12} {'final loss':>11} {'vs none':>8} {'tokens/s':>9}")
         for name, b, loss, tps in (("paratrain", ob, ol, ours["tokens_per_s"]),
                                    ("torch", tb, tl, torch_run["tokens_per_s"])):
@@ -207,8 +220,8 @@ def main() -> None:
         print(f"bytes ours / torch: {ob / tb:.3f}; final loss ours - torch: {ol - tl:+.4f}; first-step loss "
               f"{'agrees' if first_agree else 'DIFFERS'} with the uncompressed run "
               f"({torch_run['losses'][0]:.6f} vs {runs['none']['losses'][0]:.6f})")
-        rows["torch-powersgd"] = {"bytes_per_step_from_3": tb, "ours_bytes_per_step_from_3": ob, "final_loss": tl,
-                                  "first_step_loss_agrees": first_agree}
+        rows["torch-powersgd"] = {"bytes_per_step": tb, "ours_bytes_per_step": ob, "from_step": start + 1,
+                                  "final_loss": tl, "first_step_loss_agrees": first_agree}
     print(f"\nfinal loss within {args.tolerance:.0%} of the uncompressed run: "
           + ("every mode" if not failed else f"all but {', '.join(failed)}"))
     if args.json:

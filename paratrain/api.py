@@ -105,6 +105,8 @@ class Trainer:
 
         self.model.train()
         self.model.zero_grad()
+        if getattr(self.model, "compressor", None) is not None:
+            self.model.compressor.begin_step()  # numbers the steps for its warm-up
         loss = self.loss_fn(self.model(inputs), targets)
         (loss.float() * (self.scaler.scale / self.dp)).backward()  # engines sum over dp: the mean
         self.model.finish_grad_sync()

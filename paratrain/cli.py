@@ -32,6 +32,7 @@ FLAGS: dict[str, tuple[str, str, type, str]] = {
     "--metrics": ("train", "metrics", str, "write JSON-lines metrics to this file"),
     "--max-restarts": ("train", "max_restarts", int, "restart the workers up to R times after a failure"),
     "--compress": ("train", "compress", str, "gradient compression: none, fp16, bf16, topk:R, powersgd:R"),
+    "--compress-warmup": ("train", "compress_warmup", int, "steps over which compression ramps in (top-k density 1 -> R; PowerSGD uncompressed until then)"),
     "--sync": ("train", "sync", str, "allreduce or ps (parameter server)"),
     "--servers": ("train", "servers", int, "parameter servers with --sync ps"),
     "--staleness": ("train", "staleness", int, "bounded staleness for --sync ps (-1: asynchronous)"),

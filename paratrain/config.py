@@ -72,6 +72,7 @@ class TrainConfig:
     metrics: str | None = None
     max_restarts: int = 0
     compress: str = "none"
+    compress_warmup: int = 40  # steps over which compression ramps in (see comm/compress.py)
     sync: str = "allreduce"
     servers: int = 0
     staleness: int = 0
@@ -287,6 +288,8 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         parse_compress(tr.compress)
     except ValueError as e:
         raise ConfigError(f"--compress: {e}") from None
+    if tr.compress_warmup < 0:
+        raise ConfigError(f"--compress-warmup: must be at least 0, got {tr.compress_warmup}")
     if tr.device not in ("cpu", "cuda"):
         raise ConfigError(f"--device: must be cpu or cuda, got {tr.device!r}")
     if tr.device == "cuda":

@@ -196,12 +196,13 @@ class Trainer:
         self.scaler = LossScaler(tr.precision == "fp16")
         # ZeRO for stages 1-3, and for mixed precision (its stage 0 keeps fp32 masters)
         self.zero = lay.zero > 0 or self.dtype != torch.float32
+        self.compressor = parse_compress(tr.compress, tr.compress_warmup)
         if self.zero:
             self.model = ZeroDataParallel(model, mesh, lay.zero, self.dtype, tops, tr.activation_checkpointing,
-                                          compressor=parse_compress(tr.compress), names=self.param_names)
+                                          compressor=self.compressor, names=self.param_names)
             decay, no_decay = self.model.master_params(True), self.model.master_params(False)
         else:
-            self.model = DataParallel(model, mesh, bucket_mb=tr.bucket_mb, compressor=parse_compress(tr.compress))
+            self.model = DataParallel(model, mesh, bucket_mb=tr.bucket_mb, compressor=self.compressor)
             decay = [p for p in model.parameters() if p.dim() >= 2]
             no_decay = [p for p in model.parameters() if p.dim() < 2]
         if tr.compile:  # per block, as the blocks are the repeated unit (graphs are reused)
@@ -319,6 +320,8 @@ class Trainer:
             time.sleep(self.straggle)  # --simulate-straggler
         self.model.train()
         self.model.zero_grad()
+        if self.compressor is not None:
+            self.compressor.begin_step(step)
         micro = split_microbatches(self.loader.next(self.dp_rank, self.dp), self.cfg.layout.microbatches)
         scale = self.scaler.scale
         if self.pipeline:

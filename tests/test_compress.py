@@ -212,6 +212,8 @@ E2E = {  # name: (settings, compress)
     "zero1-fp16": (dict(zero=1), "fp16"),
     "zero2-powersgd": (dict(zero=2), "powersgd:2"),
     "zero3-topk": (dict(zero=3), "topk:0.1"),
+    "topk-warmup": (dict(compress_warmup=5), "topk:0.1"),
+    "powersgd-warmup": (dict(compress_warmup=5), "powersgd:2"),
 }
 
 
@@ -226,9 +228,10 @@ def _train_all(folder: str) -> dict:
         cfg = RunConfig()
         cfg.model.name = "tiny"
         cfg.layout.dp = WORLD
-        for k, v in settings.items():
-            setattr(cfg.layout, k, v)
         tr = cfg.train
+        tr.compress_warmup = 0  # compressed from the first step, but in the warm-up cases
+        for k, v in settings.items():
+            setattr(tr if hasattr(tr, k) else cfg.layout, k, v)
         tr.steps, tr.global_batch, tr.seq_len, tr.seed, tr.lr, tr.warmup_steps = 10, 16, 32, 5, 3e-3, 2
         tr.progress, tr.eval_batches, tr.compress, tr.metrics = False, 1, compress, f"{folder}/{name}.jsonl"
         validate(cfg)
@@ -282,6 +285,35 @@ def test_comm_bytes_fall_by_the_expected_factor(e2e, name, compressor):
     assert dense[0] / got[0] == pytest.approx(factor, rel=1e-6)
 
 
+def test_warmup_ramps_compression_in(e2e):
+    """--compress-warmup 5: top-k sends a density of 0.1^(t/5) at step t (all of it at first,
+    geometrically less, then 0.1 from step 5); PowerSGD all-reduces uncompressed in steps 1-4."""
+    _, steps = e2e
+    shapes = tiny_shapes()
+    n = numel(shapes)
+    got = [s["comm_bytes"] for s in steps["topk-warmup"]]
+    dense = WORLD * NoCompression().sent_bytes(shapes, WORLD)
+    topk = [WORLD * 2 * (WORLD - 1) * 4 * math.ceil(0.1 ** (min(t, 5) / 5) * n) for t in range(1, 11)]
+    assert got == topk  # each rank's k values and k int32 indices reach the other rank
+    assert got[0] > got[1] > got[2] > got[3] > got[4] == got[9] == steps["topk"][0]["comm_bytes"]
+    psgd = [s["comm_bytes"] for s in steps["powersgd-warmup"]]
+    assert psgd[:4] == [dense] * 4 and psgd[4:] == [s["comm_bytes"] for s in steps["powersgd"]][4:]
+
+
+def test_warmup_schedule():
+    t = TopK(0.01, warmup=10)
+    assert t.density() == 0.01  # never told the step: compressed from the first call
+    t.begin_step(1)
+    assert t.density() == pytest.approx(0.01 ** 0.1)
+    t.begin_step()
+    assert t.step == 2 and t.density() == pytest.approx(0.01 ** 0.2)
+    t.begin_step(10)
+    assert t.density() == 0.01 and not t.warming_up()
+    p = PowerSGD(4, warmup=3)
+    assert [(p.begin_step(s), p.warming_up())[1] for s in (1, 2, 3, 4)] == [True, True, False, False]
+    assert parse_compress("topk:0.1", warmup=7).warmup == 7
+
+
 def test_compressed_accumulation_sends_once_per_step(e2e):
     """Under gradient accumulation (no_sync) the compressor runs once, after the last micro-batch,
     on the accumulated gradient: the same bytes and nearly the same losses as one micro-batch."""
@@ -319,7 +351,7 @@ def _tp_replicas() -> dict:
         cfg.layout.dp, cfg.layout.tp, cfg.layout.zero = 2, 2, zero
         tr = cfg.train
         tr.steps, tr.global_batch, tr.seq_len, tr.seed, tr.progress, tr.eval_batches = 2, 8, 32, 5, False, 1
-        tr.compress = compress
+        tr.compress, tr.compress_warmup = compress, 0
         validate(cfg)
         trainer = Trainer(cfg, mesh)
         for step in range(1, tr.steps + 1):

@@ -15,6 +15,13 @@ counted collectives, so `comm_bytes` in the metrics is what was actually sent.
 
 The compress / decompress pair is Horovod's interface where a scheme fits it (the cast and top-k);
 `reduce` is the whole round, which PowerSGD needs because it communicates twice.
+
+Warm-up (`warmup` steps, `--compress-warmup`): the early steps, where the loss falls fastest and
+Adam's statistics form, are compressed less. Top-k's density falls geometrically from 1 at step 1
+to `ratio` at step `warmup` (the exponential sparsity warm-up of Lin et al. 2018, "Deep Gradient
+Compression"); PowerSGD all-reduces uncompressed until step `warmup` (torch's
+`start_powerSGD_iter`). The caller numbers the steps with `begin_step`; a compressor that is never
+told the step compresses from the first call.
 """
 
 from __future__ import annotations
@@ -50,8 +57,17 @@ class Compressor:
 
     name = "none"
 
-    def __init__(self) -> None:
+    def __init__(self, warmup: int = 0) -> None:
         self.state: dict[Any, Any] = {}  # per key: error feedback, warm-start factors
+        self.warmup = warmup
+        self.step: int | None = None  # the step being reduced (1-based), None: not told
+
+    def begin_step(self, step: int | None = None) -> None:
+        """Number the next reductions as step `step` (default: the one after the last)."""
+        self.step = step if step is not None else (self.step or 0) + 1
+
+    def warming_up(self) -> bool:
+        return self.step is not None and self.step < self.warmup
 
     def reduce(self, key: Any, grads: list[torch.Tensor], group: dist.ProcessGroup | None,
                stats: CommStats) -> None:
@@ -105,8 +121,8 @@ class NoCompression(Compressor):
 class CastCompression(NoCompression):
     """All-reduce in a 16-bit float type: half the bytes, the rounding of that type."""
 
-    def __init__(self, dtype: torch.dtype) -> None:
-        super().__init__()
+    def __init__(self, dtype: torch.dtype, warmup: int = 0) -> None:
+        super().__init__(warmup)  # a cast has nothing to warm up: the warm-up is ignored
         self.dtype = dtype
         self.name = {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
 
@@ -133,15 +149,21 @@ class TopK(Compressor):
     all-gathered: every rank's sparse vector reaches every rank) and sum them into a dense
     vector; what was not sent stays in this rank's error and is added to the next round."""
 
-    def __init__(self, ratio: float) -> None:
-        super().__init__()
+    def __init__(self, ratio: float, warmup: int = 0) -> None:
+        super().__init__(warmup)
         if not 0 < ratio <= 1:
             raise ValueError(f"top-k ratio must be in (0, 1], got {ratio}")
         self.ratio = ratio
         self.name = f"topk:{ratio:g}"
 
-    def k_of(self, n: int) -> int:
-        return min(n, max(1, math.ceil(self.ratio * n)))
+    def density(self) -> float:
+        """The fraction sent this step: `ratio`, or during the warm-up ratio^(step / warmup)."""
+        if self.warming_up():
+            return self.ratio ** (max(self.step, 0) / self.warmup)
+        return self.ratio
+
+    def k_of(self, n: int, density: float | None = None) -> int:
+        return min(n, max(1, math.ceil((self.density() if density is None else density) * n)))
 
     @staticmethod
     def index_dtype(n: int) -> torch.dtype:
@@ -180,8 +202,9 @@ class TopK(Compressor):
         return torch.zeros(n, dtype=values.dtype, device=device).index_add_(0, idx, values)
 
     def sent_bytes(self, shapes, world):
+        """After the warm-up (density `ratio`)."""
         n = sum(math.prod(s) for s in shapes)
-        k = self.k_of(n)
+        k = self.k_of(n, self.ratio)
         return _ring_bytes("all_gather", k * 4, world) + _ring_bytes(
             "all_gather", k * torch.iinfo(self.index_dtype(n)).bits // 8, world)
 
@@ -194,8 +217,8 @@ class PowerSGD(Compressor):
     would not be `min_ratio` times smaller than themselves, go in one uncompressed all-reduce.
     """
 
-    def __init__(self, rank: int, seed: int = 0, min_ratio: float = 1.0) -> None:
-        super().__init__()
+    def __init__(self, rank: int, seed: int = 0, min_ratio: float = 1.0, warmup: int = 0) -> None:
+        super().__init__(warmup)
         if rank < 1:
             raise ValueError(f"PowerSGD rank must be at least 1, got {rank}")
         self.rank, self.min_ratio, self.seed = rank, min_ratio, seed
@@ -211,8 +234,9 @@ class PowerSGD(Compressor):
     def reduce(self, key, grads, group, stats):
         world = dist.get_world_size(group)
         state = self.state.setdefault(key, {})
-        mats = [i for i, g in enumerate(grads) if self.compressed(g.shape)]
-        rest = [g for g in grads if not self.compressed(g.shape)]
+        warm = self.warming_up()  # all uncompressed, the error feedback untouched
+        mats = [i for i, g in enumerate(grads) if not warm and self.compressed(g.shape)]
+        rest = [g for g in grads if warm or not self.compressed(g.shape)]
         if rest:
             flat = _flatten(rest)
             all_reduce(flat, group, stats)
@@ -256,7 +280,7 @@ class PowerSGD(Compressor):
         return out
 
     def sent_bytes(self, shapes, world):
-        """r(n + m) floats per compressed n x m matrix (P, then Q), plus the rest uncompressed."""
+        """After the warm-up: r(n + m) floats per compressed n x m matrix (P, then Q), plus the rest uncompressed."""
         dense = sum(math.prod(s) for s in shapes if not self.compressed(s))
         ps = qs = 0
         for s in filter(self.compressed, shapes):
@@ -268,23 +292,23 @@ class PowerSGD(Compressor):
 SPEC_HELP = "none, fp16, bf16, topk:RATIO (0 < RATIO <= 1) or powersgd:RANK (an integer >= 1)"
 
 
-def parse_compress(spec: str) -> Compressor | None:
-    """`none` -> None; `fp16`, `bf16`, `topk:0.01`, `powersgd:4` -> a compressor.
-    Raises ValueError naming what would work."""
+def parse_compress(spec: str, warmup: int = 0) -> Compressor | None:
+    """`none` -> None; `fp16`, `bf16`, `topk:0.01`, `powersgd:4` -> a compressor (with `warmup`
+    steps of warm-up). Raises ValueError naming what would work."""
     kind, sep, arg = spec.strip().partition(":")
     if spec == "none":
         return None
     if spec in ("fp16", "bf16"):
-        return CastCompression(torch.float16 if spec == "fp16" else torch.bfloat16)
+        return CastCompression(torch.float16 if spec == "fp16" else torch.bfloat16, warmup)
     try:
         if kind == "topk" and sep:
             ratio = float(arg)
             if 0 < ratio <= 1:
-                return TopK(ratio)
+                return TopK(ratio, warmup=warmup)
         elif kind == "powersgd" and sep:
             rank = int(arg)
             if rank >= 1:
-                return PowerSGD(rank)
+                return PowerSGD(rank, warmup=warmup)
     except ValueError:
         pass
     raise ValueError(f"expected {SPEC_HELP}, got {spec!r}")
