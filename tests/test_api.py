@@ -43,3 +43,65 @@ def test_own_model_example_with_tensor_parallelism_runs():
     assert r.returncode == 0, r.stderr[-2000:]
     losses = [float(line.split("loss ")[1].split()[0]) for line in r.stdout.splitlines() if "loss" in line]
     assert len(losses) == 4 and losses[-1] < losses[0]
+
+
+# ---------------------------------------------------------------- pipeline parallelism, own model
+def _pipeline(pp: int, dp: int = 1, kw: dict | None = None, steps: int = 4):
+    sys.path.insert(0, str(EXAMPLES))
+    import own_model_pp as ex
+
+    import paratrain
+
+    mesh = paratrain.init(dp=dp, pp=pp)
+    trainer = paratrain.Trainer(ex.build(), mesh, ex.loss_fn, lr=3e-3, **(kw or {}))
+    stages = [(r.start, r.stop) for r in trainer.model.pipeline.stages] if pp > 1 else None
+    return trainer.fit(ex.batches(mesh), steps, log_every=0), stages
+
+
+@pytest.fixture(scope="module")
+def pp_reference():
+    return spawn(_pipeline, 1, 1)[0][0]
+
+
+@pytest.mark.parametrize("pp,dp,kw", [
+    (2, 1, dict(microbatches=4)),
+    (2, 1, dict(microbatches=4, schedule="interleaved", pp_split=[2, 4, 6])),
+    (2, 2, dict(microbatches=2, schedule="gpipe", zero=1)),
+    (2, 1, dict(microbatches=2, zero=3, activation_checkpointing=True)),
+], ids=["pp2-1f1b", "pp2-interleaved-split", "dp2-pp2-gpipe-zero1", "pp2-zero3-ac"])
+def test_own_sequential_model_under_pipeline_matches_one_process(pp_reference, pp, dp, kw):
+    out = spawn(_pipeline, pp * dp, pp, dp, kw)
+    for losses, _ in out:  # every rank returns the global mean loss
+        torch.testing.assert_close(torch.tensor(losses), torch.tensor(pp_reference), rtol=1e-5, atol=0)
+    stages = out[0][1]
+    assert stages[0][0] == 0 and stages[-1][1] == 9 and all(a[1] == b[0] for a, b in zip(stages, stages[1:]))
+    if "pp_split" in kw:
+        assert [s[0] for s in stages[1:]] == kw["pp_split"]
+
+
+def _pipeline_errors():
+    import torch.nn as nn
+
+    import paratrain
+
+    mesh = paratrain.init(pp=2)
+    errors = []
+    lin = nn.Linear(4, 4)
+    for model, kw in ((nn.Transformer(d_model=8, nhead=2, num_encoder_layers=1, num_decoder_layers=1), {}),
+                      (nn.Sequential(lin, nn.ReLU(), lin), {}),
+                      (nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), {"pp_split": [5]}),
+                      (nn.Sequential(nn.Linear(4, 4)), {})):
+        try:
+            paratrain.parallelize(model, mesh, **kw)
+            errors.append(None)
+        except ValueError as e:
+            errors.append(str(e))
+    return errors
+
+
+def test_pipeline_refuses_what_it_cannot_cut():
+    errors = spawn(_pipeline_errors, 2)[0]
+    assert "nn.Sequential, or layers=" in errors[0]
+    assert "shares a parameter" in errors[1]
+    assert "pp_split must name 1 increasing" in errors[2]
+    assert "cannot fill 2 pipeline stages" in errors[3]

@@ -24,10 +24,12 @@ from paratrain.parallel.pipeline.schedule import Action, stage_of
 
 class PipelineExecutor:
     def __init__(self, chunks: list[nn.Module], mesh: Mesh, actions: list[Action], n_stages: int,
-                 act_shape: tuple[int, ...], device: torch.device, no_sync: Callable | None = None):
+                 act_shape: tuple[int, ...] | list[tuple[int, ...]], device: torch.device,
+                 no_sync: Callable | None = None):
         """`chunks[c]` is this rank's module for global stage c * pp + pp_rank; `act_shape` is the
-        (micro-batch, sequence, hidden) shape that crosses stage boundaries; `no_sync` (from
-        DataParallel) defers gradient all-reduce until this rank's last backward."""
+        shape that crosses stage boundaries (the GPT's (micro-batch, sequence, hidden)), or a list
+        of shapes: the output of stage s for every s but the last; `no_sync` (from DataParallel)
+        defers gradient all-reduce until this rank's last backward."""
         self.chunks, self.mesh, self.actions = chunks, mesh, actions
         self.p, self.rank = mesh.size("pp"), mesh.coord("pp")
         self.n_stages = n_stages
@@ -45,18 +47,23 @@ class PipelineExecutor:
     def _neighbour(self, stage: int) -> int:
         return self.ranks[stage % self.p]
 
+    def _shape(self, a: int, b: int) -> tuple[int, ...]:
+        """The shape exchanged between neighbouring stages a and b: the lower one's output."""
+        return tuple(self.act_shape[min(a, b)]) if isinstance(self.act_shape, list) else tuple(self.act_shape)
+
     def _receive(self, src_stage: int, mb: int, backward: bool, stage: int) -> torch.Tensor:
-        buf = torch.empty(self.act_shape, dtype=self.act_dtype, device=self.device)
+        buf = torch.empty(self._shape(src_stage, stage), dtype=self.act_dtype, device=self.device)
         t0 = time.perf_counter()
         recv(buf, self._neighbour(src_stage), self.group, tag=self._tag(mb, stage, backward), stats=self.mesh.comm)
         self._event("recv", f"recv {'grad' if backward else 'act'} {mb}", t0)
         return buf
 
     def _send(self, t: torch.Tensor, dst_stage: int, mb: int, backward: bool, stage: int, pending: list):
-        if tuple(t.shape) != self.act_shape or t.dtype != self.act_dtype:
+        shape = self._shape(stage, dst_stage)
+        if tuple(t.shape) != shape or t.dtype != self.act_dtype:
             raise RuntimeError(
-                f"pipeline stage {stage} would send {tuple(t.shape)} {t.dtype} but stages exchange "
-                f"{self.act_shape} {self.act_dtype}"
+                f"pipeline stage {stage} would send {tuple(t.shape)} {t.dtype} but stages {stage} and "
+                f"{dst_stage} exchange {shape} {self.act_dtype}"
             )
         pending.append(isend(t.detach().contiguous(), self._neighbour(dst_stage), self.group, self.mesh.comm,
                              tag=self._tag(mb, dst_stage, backward)))

@@ -1,10 +1,12 @@
-"""Split a GPT's blocks into pipeline stages balanced by modelled cost, and build the stages.
+"""Split a model's layers into pipeline stages balanced by modelled cost, and build the stages.
 
 The cost of a stage is the forward FLOPs per token of what it holds: a block costs
 24 d^2 (q, k, v, projection and the two MLP matrices) + 4 T d (attention scores and values);
 the first stage adds the embedding (a lookup: counted as d) and the last stage the output head
 (2 d V), which for a large vocabulary is worth several blocks. A short dynamic program over
 contiguous block ranges (as in Alpa's stage construction) minimises the most expensive stage.
+Any other model given as a sequence of layers (the Python API) is split the same way, each layer
+costing its parameter count unless the caller gives the split points.
 """
 
 from __future__ import annotations
@@ -24,25 +26,25 @@ def head_cost(cfg: GPTConfig) -> float:
     return 2 * cfg.d_model * cfg.vocab_size
 
 
-def balanced_split(n_blocks: int, n_stages: int, block: float, first_extra: float, last_extra: float) -> list[range]:
-    """Contiguous block ranges, one per stage (each non-empty), minimising the largest stage cost."""
-    if n_stages > n_blocks:
-        raise ValueError(f"{n_blocks} blocks cannot fill {n_stages} pipeline stages")
-
-    def cost(stage: int, lo: int, hi: int) -> float:
-        extra = (first_extra if stage == 0 else 0.0) + (last_extra if stage == n_stages - 1 else 0.0)
-        return (hi - lo) * block + extra
+def balanced_partition(costs: list[float], n_stages: int) -> list[range]:
+    """Contiguous ranges of layers with costs `costs`, one per stage (each non-empty), minimising
+    the largest stage cost; among equal maxima, the most even split."""
+    n = len(costs)
+    if n_stages > n:
+        raise ValueError(f"{n} blocks cannot fill {n_stages} pipeline stages")
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
 
     @functools.lru_cache(maxsize=None)
     def best(stage: int, lo: int) -> tuple[float, float, tuple[int, ...]]:
-        """(max cost, sum of squared costs, ends) for stages `stage..` over blocks `lo..`: the
-        smallest maximum, and among equals the most even split."""
+        """(max cost, sum of squared costs, ends) for stages `stage..` over layers `lo..`."""
         if stage == n_stages - 1:
-            c = cost(stage, lo, n_blocks)
-            return c, c * c, (n_blocks,)
+            c = prefix[n] - prefix[lo]
+            return c, c * c, (n,)
         options = []
-        for hi in range(lo + 1, n_blocks - (n_stages - stage - 1) + 1):
-            c = cost(stage, lo, hi)
+        for hi in range(lo + 1, n - (n_stages - stage - 1) + 1):
+            c = prefix[hi] - prefix[lo]
             worst, squares, ends = best(stage + 1, hi)
             options.append((max(c, worst), c * c + squares, (hi, *ends)))
         return min(options)
@@ -50,6 +52,16 @@ def balanced_split(n_blocks: int, n_stages: int, block: float, first_extra: floa
     *_, ends = best(0, 0)
     starts = (0, *ends[:-1])
     return [range(a, b) for a, b in zip(starts, ends)]
+
+
+def balanced_split(n_blocks: int, n_stages: int, block: float, first_extra: float, last_extra: float) -> list[range]:
+    """Blocks of equal cost; the first stage also holds something costing `first_extra` (the
+    embedding), the last `last_extra` (the head): counted with the first and the last block."""
+    costs = [block] * n_blocks
+    if n_blocks:
+        costs[0] += first_extra
+        costs[-1] += last_extra
+    return balanced_partition(costs, n_stages)
 
 
 def split_gpt(cfg: GPTConfig, seq_len: int, n_stages: int) -> list[range]:
@@ -76,6 +88,22 @@ class PipelineStage(nn.Module):
         for block in self.blocks.values():
             x = block(x)
         return GPT.output(self, x) if self.last else x
+
+
+class SequentialStage(nn.Module):
+    """A contiguous run of a sequential model's layers: `forward` applies them in order. The
+    layers keep their indices as names (`5.weight`, as in an `nn.Sequential`), so parameter names
+    do not depend on the split; `blocks` makes each layer a ZeRO-3 unit."""
+
+    def __init__(self, layers: list[nn.Module], indices: range, first: bool, last: bool):
+        super().__init__()
+        self.first, self.last = first, last
+        self.blocks = nn.ModuleDict({str(i): layers[i] for i in indices})
+
+    def forward(self, x):
+        for layer in self.blocks.values():
+            x = layer(x)
+        return x
 
 
 def build_stages(model: GPT, splits: list[range], pp_rank: int, pp: int) -> list[PipelineStage]:
