@@ -7,6 +7,8 @@ Runs `paratrain train` as a subprocess per configuration and reads tokens/s from
 
     python benchmarks/mfu.py                      # gpt2 and gpt2-medium (~350M), bf16, compiled
     python benchmarks/mfu.py --models gpt2 --no-compile
+    python benchmarks/mfu.py --device cpu --peak-tflops 1.5 --models tiny --batch 4 --seq-len 64 \
+        --steps 6 --warmup 2 --no-compile --precision fp32   # the same path on a CPU, its peak given
 """
 
 from __future__ import annotations
@@ -21,9 +23,13 @@ import tempfile
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, SXM, vendor specifications
 
 
-def peak_flops() -> tuple[str, float]:
+def peak_flops(args: argparse.Namespace) -> tuple[str, float]:
     import torch
 
+    if args.peak_tflops:
+        return args.device, args.peak_tflops * 1e12
+    if args.device != "cuda":
+        raise SystemExit("--device cpu: give the processor's peak with --peak-tflops")
     name = torch.cuda.get_device_name()
     for key, flops in PEAK_BF16.items():
         if key in name:
@@ -42,7 +48,7 @@ def flops_per_token(model: str, seq_len: int) -> float:
 def run(model: str, args: argparse.Namespace, compile_: bool) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         metrics = os.path.join(tmp, "m.jsonl")
-        cmd = [sys.executable, "-m", "paratrain", "train", "--model", model, "--device", "cuda", "--dp", "1",
+        cmd = [sys.executable, "-m", "paratrain", "train", "--model", model, "--device", args.device, "--dp", "1",
                "--precision", args.precision, "--steps", str(args.steps), "--global-batch", str(args.batch),
                "--seq-len", str(args.seq_len), "--metrics", metrics, "--no-progress", "--eval-every", "0"]
         subprocess.run(cmd + (["--compile"] if compile_ else []), check=True)
@@ -61,15 +67,19 @@ def main() -> None:
     p.add_argument("--precision", default="bf16")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--compile-only", action="store_true")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--peak-tflops", type=float, help="the device's peak FLOP/s in TFLOP/s (default: from its name)")
     args = p.parse_args()
-    gpu, peak = peak_flops()
+    if args.steps <= args.warmup:
+        p.error("--steps must exceed --warmup")
+    gpu, peak = peak_flops(args)
     rows = []
     for model in args.models:
         for compile_ in ([False] if args.no_compile else [True] if args.compile_only else [False, True]):
             tps = run(model, args, compile_)
             achieved = tps * flops_per_token(model, args.seq_len)
             rows.append((model, compile_, tps, achieved))
-    print(f"\n{gpu}, peak {peak / 1e12:.0f} TFLOP/s dense bf16; {args.batch} x {args.seq_len} tokens per step, "
+    print(f"\n{gpu}, peak {peak / 1e12:g} TFLOP/s; {args.batch} x {args.seq_len} tokens per step, "
           f"{args.precision}, steps {args.warmup + 1}-{args.steps}")
     print(f"{'model':<12} {'compile':<8} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6}")
     for model, compile_, tps, achieved in rows:
