@@ -84,7 +84,7 @@ def ddp_worker(rank: int, world: int, init_file: str, args: argparse.Namespace, 
     from torch.nn.parallel import DistributedDataParallel
 
     from paratrain.data import TokenLoader, load_corpus
-    from paratrain.train import lr_at
+    from paratrain.optim import lr_at
 
     torch.set_num_threads(threads_per_worker(world))
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)

@@ -33,6 +33,7 @@ import torch.nn as nn
 
 from paratrain.comm import all_reduce, isend, recv
 from paratrain.mesh import Mesh
+from paratrain.optim import LossScaler, clip_grad_norm
 from paratrain.parallel.data import DataParallel
 from paratrain.parallel.pipeline.executor import PipelineExecutor
 from paratrain.parallel.pipeline.partition import SequentialStage, balanced_partition
@@ -195,8 +196,6 @@ class Trainer:
 
     def __init__(self, model: nn.Module, mesh: Mesh, loss_fn, *, lr: float = 1e-3, weight_decay: float = 0.0,
                  grad_clip: float = 1.0, optimizer=None, **parallel):
-        from paratrain.train import LossScaler
-
         self.mesh, self.loss_fn, self.grad_clip = mesh, loss_fn, grad_clip
         self.model = parallelize(model, mesh, **parallel)
         groups = optimizer_params(self.model, weight_decay)
@@ -206,8 +205,6 @@ class Trainer:
         self.dp = mesh.size("dp")
 
     def step(self, inputs, targets) -> float:
-        from paratrain.train import clip_grad_norm
-
         self.model.train()
         self.model.zero_grad()
         if getattr(self.model, "compressor", None) is not None:

@@ -153,7 +153,7 @@ def test_gradient_shards_equal_single_process_reference(stage):
 
 
 def test_loss_scaler_backs_off_on_overflow_and_grows_after_a_window():
-    from paratrain.train import LossScaler
+    from paratrain.optim import LossScaler
 
     s = LossScaler(True, init=1024.0, window=3)
     s.update(True)

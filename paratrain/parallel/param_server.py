@@ -69,7 +69,7 @@ def decay_mask(model: torch.nn.Module) -> torch.Tensor:
 
 class Server:
     def __init__(self, cfg: RunConfig, index: int, workers: int, servers: int, group, model: torch.nn.Module):
-        from paratrain.train import lr_at
+        from paratrain.optim import lr_at
 
         self.cfg, self.index, self.W, self.S, self.group = cfg, index, workers, servers, group
         self.lr_at = lr_at
