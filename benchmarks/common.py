@@ -10,6 +10,20 @@ import tempfile
 from typing import Callable
 
 
+def peer_parser(doc: str, global_batch: int = 16, warmup: int = 2, steps: int = 10,
+                rounds: int = 3) -> argparse.ArgumentParser:
+    """The options every ours-against-a-peer speed benchmark takes."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--model", default="small")
+    p.add_argument("--global-batch", type=int, default=global_batch)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--warmup", type=int, default=warmup, help="untimed steps per round")
+    p.add_argument("--steps", type=int, default=steps, help="timed steps per round")
+    p.add_argument("--rounds", type=int, default=rounds, help="alternating rounds per contender")
+    p.add_argument("--json", help="also write the figures to this file")
+    return p
+
+
 def spawn_ranks(worker: Callable, nprocs: int, args: argparse.Namespace) -> dict:
     """Run `worker(rank, nprocs, init_file, args, out)` on `nprocs` processes; return the JSON
     that rank 0 wrote to `out`."""

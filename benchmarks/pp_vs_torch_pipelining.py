@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch.distributed.pipelining import PipelineStage as TorchPipelineStage
 from torch.distributed.pipelining import Schedule1F1B
 
-from common import print_speed, spawn_ranks
+from common import peer_parser, print_speed, spawn_ranks
 from paratrain.data import Batch, TokenLoader, load_corpus, split_microbatches
 from paratrain.launch import threads_per_worker
 from paratrain.mesh import Mesh
@@ -159,16 +159,9 @@ def worker(rank: int, world: int, init_file: str, args: argparse.Namespace, out:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="small")
+    p = peer_parser(__doc__)
     p.add_argument("--pp", type=int, default=2)
     p.add_argument("--microbatches", type=int, default=4)
-    p.add_argument("--global-batch", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--json", help="also write the figures to this file")
     args = p.parse_args()
     if args.model not in PRESETS:
         p.error(f"--model must be one of {', '.join(PRESETS)}")

@@ -28,7 +28,7 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from common import print_speed, spawn_ranks
+from common import peer_parser, print_speed, spawn_ranks
 from paratrain.data import TokenLoader, load_corpus
 from paratrain.launch import threads_per_worker
 from paratrain.mesh import Mesh
@@ -111,15 +111,8 @@ def worker(rank: int, world: int, init_file: str, args: argparse.Namespace, out:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = peer_parser(__doc__, global_batch=8)
     p.add_argument("--tp", type=int, default=2)
-    p.add_argument("--model", default="small")
-    p.add_argument("--global-batch", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--json", help="also write the figures to this file")
     args = p.parse_args()
     res = spawn_ranks(worker, args.tp, args)
     ratio = print_speed(res, "paratrain", "torch-tp")

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from common import print_speed, spawn_ranks
+from common import peer_parser, print_speed, spawn_ranks
 from paratrain.data import TokenLoader, load_corpus
 from paratrain.launch import threads_per_worker
 from paratrain.mesh import Mesh
@@ -152,16 +152,9 @@ def worker(rank: int, world: int, init_file: str, args: argparse.Namespace, out:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = peer_parser(__doc__)
     p.add_argument("--world", type=int, default=2)
-    p.add_argument("--model", default="small")
-    p.add_argument("--global-batch", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--json", help="also write the figures to this file")
     args = p.parse_args()
     if args.global_batch % args.world:
         p.error(f"--global-batch {args.global_batch} must be a multiple of --world {args.world}")

@@ -39,7 +39,22 @@ class Bucket:
     views: list[torch.Tensor] = field(default_factory=list)
 
 
-class DataParallel(nn.Module):
+class SyncSwitch:
+    """`no_sync()`: while inside, gradient hooks accumulate locally instead of communicating."""
+
+    require_sync = True
+
+    @contextmanager
+    def no_sync(self):
+        """Accumulate gradients locally, without communication (all but the last micro-batch)."""
+        previous, self.require_sync = self.require_sync, False
+        try:
+            yield
+        finally:
+            self.require_sync = previous
+
+
+class DataParallel(SyncSwitch, nn.Module):
     def __init__(self, module: nn.Module, mesh: Mesh, bucket_mb: float = 25.0, average: bool = False,
                  compressor: Compressor | None = None):
         super().__init__()
@@ -88,15 +103,6 @@ class DataParallel(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
-
-    @contextmanager
-    def no_sync(self):
-        """Accumulate gradients locally, without communication (all but the last micro-batch)."""
-        previous, self.require_sync = self.require_sync, False
-        try:
-            yield
-        finally:
-            self.require_sync = previous
 
     def _on_grad_ready(self, p: nn.Parameter) -> None:
         if not self.require_sync:

@@ -31,7 +31,7 @@ gradients, of which this rank keeps its shard; a 16-bit cast stays a reduce-scat
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +39,7 @@ import torch.nn as nn
 
 from paratrain.comm import Compressor, all_gather_flat, all_reduce, reduce_scatter_flat
 from paratrain.mesh import Mesh
+from paratrain.parallel.data import SyncSwitch
 
 FLAGS = ("tp_sharded", "sequence_parallel", "pp_duplicate", "pp_tied")
 
@@ -204,7 +205,11 @@ def _in_backward() -> bool:
     return torch._C._current_autograd_node() is not None
 
 
-class ZeroDataParallel(nn.Module):
+class ZeroDataParallel(SyncSwitch, nn.Module):
+    """ZeRO stages 0-3 over the dp group. `no_sync()`: stages 0 and 1 accumulate full gradients
+    locally (all but the last micro-batch); stages 2 and 3 keep no full gradients, so they reduce
+    every micro-batch regardless."""
+
     def __init__(self, module: nn.Module, mesh: Mesh, stage: int, dtype: torch.dtype = torch.float32,
                  tops: list[nn.Module] | None = None, activation_checkpointing: bool = False,
                  compressor: Compressor | None = None, names: dict[int, str] | None = None):
@@ -319,16 +324,6 @@ class ZeroDataParallel(nn.Module):
     # ------------------------------------------------------------ gradients
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
-
-    @contextmanager
-    def no_sync(self):
-        """Stages 0 and 1: accumulate full gradients locally (all but the last micro-batch).
-        Stages 2 and 3 keep no full gradients, so they reduce every micro-batch regardless."""
-        previous, self.require_sync = self.require_sync, False
-        try:
-            yield
-        finally:
-            self.require_sync = previous
 
     def _on_grad_ready(self, p: nn.Parameter) -> None:
         g, i = self._slot_of[id(p)]
