@@ -37,7 +37,7 @@ from paratrain.optim import LossScaler, clip_grad_norm
 from paratrain.parallel.data import DataParallel
 from paratrain.parallel.pipeline.executor import PipelineExecutor
 from paratrain.parallel.pipeline.partition import SequentialStage, balanced_partition
-from paratrain.parallel.pipeline.schedule import bubble_fraction, build_schedule
+from paratrain.parallel.pipeline.schedule import build_schedule
 from paratrain.parallel.tensor import parallelize_tensor
 from paratrain.parallel.zero import ZeroDataParallel
 
@@ -115,7 +115,6 @@ class Pipeline:
         v = virtual_stages if schedule == "interleaved" else 1
         n = p * v
         self.table = build_schedule(schedule, p, microbatches, v)  # refuses too few micro-batches
-        self.bubble_theory = bubble_fraction(self.table, p)
         if split is None:  # balanced by parameter count (a layer without parameters costs little)
             self.stages = balanced_partition([1 + sum(x.numel() for x in layer.parameters()) for layer in layers], n)
         else:
@@ -132,7 +131,6 @@ class Pipeline:
                     if owner.setdefault(id(q), s) != s:
                         raise ValueError(f"parallelize: layer {names[i]} shares a parameter with stage {owner[id(q)]}; "
                                          "pipeline stages may not share parameters (untie them, or split elsewhere)")
-        self.n_stages, self.p, self.rank = n, p, rank
         self.chunks = nn.ModuleList([SequentialStage(layers, self.stages[s], s == 0, s == n - 1)
                                      for s in range(rank, n, p)])
         device = next(model.parameters()).device
@@ -142,24 +140,25 @@ class Pipeline:
     def _probe_shapes(self, micro: torch.Tensor) -> None:
         """One forward of a micro-batch, stage after stage without gradients, to learn the shape
         each stage sends (a stage receives its input's shape from the one before)."""
-        ex, shapes = self.executor, [None] * (self.n_stages - 1)
-        group, ranks = self.mesh.group("pp"), self.mesh.ranks("pp")
+        ex = self.executor
+        shapes = [None] * (ex.n_stages - 1)
         with torch.no_grad():
-            for s in range(self.rank, self.n_stages, self.p):
+            for s in range(ex.rank, ex.n_stages, ex.p):
                 if s == 0:
                     x = micro.to(ex.device)
-                else:
-                    header = torch.zeros(9, dtype=torch.int64)
-                    recv(header, ranks[(s - 1) % self.p], group, tag=s, stats=self.mesh.comm)
+                else:  # the header lives on the device: NCCL sends device tensors only
+                    header = torch.zeros(9, dtype=torch.int64, device=ex.device)
+                    recv(header, ex._neighbour(s - 1), ex.group, tag=s, stats=self.mesh.comm)
                     shapes[s - 1] = tuple(header[1 : 1 + header[0]].tolist())
                     x = torch.zeros(shapes[s - 1], dtype=ex.act_dtype, device=ex.device)
-                y = self.chunks[s // self.p](x)
-                if s < self.n_stages - 1:
+                y = self.chunks[s // ex.p](x)
+                if s < ex.n_stages - 1:
                     shapes[s] = tuple(y.shape)
                     if len(shapes[s]) > 8:
                         raise ValueError(f"pipeline stage {s} outputs a tensor of {len(shapes[s])} dimensions (at most 8)")
-                    header = torch.tensor([len(y.shape), *y.shape, *[0] * (8 - len(y.shape))], dtype=torch.int64)
-                    isend(header, ranks[(s + 1) % self.p], group, self.mesh.comm, tag=s + 1).wait()
+                    header = torch.tensor([len(y.shape), *y.shape, *[0] * (8 - len(y.shape))], dtype=torch.int64,
+                                          device=ex.device)
+                    isend(header, ex._neighbour(s + 1), ex.group, self.mesh.comm, tag=s + 1).wait()
         ex.act_shape = shapes
 
     def run(self, inputs: torch.Tensor, targets: torch.Tensor, loss_fn, scale: float = 1.0) -> torch.Tensor:

@@ -38,7 +38,7 @@ from paratrain.models.gpt import PRESETS
 from paratrain.parallel.pipeline.executor import PipelineExecutor
 from paratrain.parallel.pipeline.partition import build_stages, split_gpt
 from paratrain.parallel.pipeline.schedule import bubble_fraction, build_schedule
-from paratrain.parallel.pipeline.timeline import chrome_trace, plot_timeline
+from paratrain.parallel.pipeline.timeline import write_run_timeline
 from paratrain.parallel.tensor import (
     GPT_PLAN,
     ColumnParallelLinear,
@@ -362,26 +362,6 @@ class Trainer:
             per_stage.append(sum(st.idle_per_rank[r] for st in steps for r in ranks) / (len(steps) * len(ranks)))
         return {"pipeline_idle_per_stage": per_stage, "pipeline_bubble_theory": self.bubble_theory}
 
-    def write_timeline(self, folder: str) -> None:
-        """The last run of the executor, every stage (dp and tp coordinate 0), as a Chrome trace
-        (`timeline.json`) and a PNG (`timeline.png`). Collective: every rank calls it."""
-        mine = []
-        if self.mesh.coord("dp") == 0 and self.mesh.coord("tp") == 0:
-            mine = [{**e, "rank": self.mesh.coord("pp")} for e in self.pipeline.events]
-        gathered: list = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, (self.pipeline.wall_start, mine))
-        if self.rank != 0:
-            return
-        t0 = min(w for w, ev in gathered if ev)
-        events = [{**e, "start": e["start"] + w - t0, "end": e["end"] + w - t0} for w, ev in gathered for e in ev]
-        os.makedirs(folder, exist_ok=True)
-        lay = self.cfg.layout
-        chrome_trace(events, os.path.join(folder, "timeline.json"))
-        plot_timeline(events, os.path.join(folder, "timeline.png"),
-                      title=f"{format_layout(lay)} {lay.schedule}, {lay.microbatches} micro-batches "
-                            f"(step {self.cfg.train.steps})", row="stage")
-        print(f"paratrain: pipeline timeline written to {folder}/timeline.json and timeline.png", flush=True)
-
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean loss per token over `eval_batches` fixed batches of the held-out split."""
@@ -465,7 +445,9 @@ class Trainer:
         if self.watchdog:
             self.watchdog.stop()
         if self.pipeline and tr.timeline:
-            self.write_timeline(tr.timeline)
+            lay = self.cfg.layout
+            write_run_timeline(self.pipeline, self.mesh, tr.timeline,
+                               f"{format_layout(lay)} {lay.schedule}, {lay.microbatches} micro-batches (step {tr.steps})")
         val = self.evaluate()
         val_losses.append((tr.steps, val))
         steady = times[1:] or times  # the first step pays for warm-up; leave it out if we can

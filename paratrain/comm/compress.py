@@ -159,7 +159,7 @@ class TopK(Compressor):
     def density(self) -> float:
         """The fraction sent this step: `ratio`, or during the warm-up ratio^(step / warmup)."""
         if self.warming_up():
-            return self.ratio ** (max(self.step, 0) / self.warmup)
+            return self.ratio ** (self.step / self.warmup)
         return self.ratio
 
     def k_of(self, n: int, density: float | None = None) -> int:

@@ -35,7 +35,9 @@ class PipelineExecutor:
         self.n_stages = n_stages
         self.ranks = mesh.ranks("pp")
         self.group = mesh.group("pp")
-        self.act_shape, self.device = act_shape, device
+        # the shape each stage but the last sends (one shape for all boundaries, or one per stage)
+        self.act_shape = act_shape if isinstance(act_shape, list) else [tuple(act_shape)] * (n_stages - 1)
+        self.device = device
         self.act_dtype = torch.float32  # the compute dtype (bf16 / fp16 under mixed precision)
         self.no_sync = no_sync or nullcontext
         self.events: list[dict] = []  # {"rank", "name", "kind", "start", "end"} of the last run
@@ -49,7 +51,7 @@ class PipelineExecutor:
 
     def _shape(self, a: int, b: int) -> tuple[int, ...]:
         """The shape exchanged between neighbouring stages a and b: the lower one's output."""
-        return tuple(self.act_shape[min(a, b)]) if isinstance(self.act_shape, list) else tuple(self.act_shape)
+        return tuple(self.act_shape[min(a, b)])
 
     def _receive(self, src_stage: int, mb: int, backward: bool, stage: int) -> torch.Tensor:
         buf = torch.empty(self._shape(src_stage, stage), dtype=self.act_dtype, device=self.device)

@@ -8,6 +8,9 @@ An event is {"rank": int, "name": str, "kind": "F" | "B" | "send" | "recv" | "id
 from __future__ import annotations
 
 import json
+import os
+
+import torch.distributed as dist
 
 from paratrain.parallel.pipeline.schedule import Timeline
 
@@ -79,3 +82,21 @@ def plot_timeline(events: list[dict], path: str, title: str = "", row: str = "ra
               bbox_to_anchor=(1.005, 1.0), fontsize=7, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def write_run_timeline(executor, mesh, folder: str, title: str) -> None:
+    """The executor's last run, every stage (dp and tp coordinate 0), as a Chrome trace
+    (`timeline.json`) and a PNG (`timeline.png`), written by rank 0. Collective: every rank calls it."""
+    mine = []
+    if mesh.coord("dp") == 0 and mesh.coord("tp") == 0:
+        mine = [{**e, "rank": mesh.coord("pp")} for e in executor.events]
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (executor.wall_start, mine))
+    if mesh.rank != 0:
+        return
+    t0 = min(w for w, ev in gathered if ev)
+    events = [{**e, "start": e["start"] + w - t0, "end": e["end"] + w - t0} for w, ev in gathered for e in ev]
+    os.makedirs(folder, exist_ok=True)
+    chrome_trace(events, os.path.join(folder, "timeline.json"))
+    plot_timeline(events, os.path.join(folder, "timeline.png"), title=title, row="stage")
+    print(f"paratrain: pipeline timeline written to {folder}/timeline.json and timeline.png", flush=True)
