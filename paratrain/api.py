@@ -33,7 +33,8 @@ import torch.nn as nn
 
 from paratrain.comm import all_reduce, isend, recv
 from paratrain.mesh import Mesh
-from paratrain.optim import LossScaler, clip_grad_norm
+from paratrain.optim import LossScaler, adamw, clip_grad_norm
+from paratrain.parallel.activation import checkpoint_blocks
 from paratrain.parallel.data import DataParallel
 from paratrain.parallel.pipeline.executor import PipelineExecutor
 from paratrain.parallel.pipeline.partition import SequentialStage, balanced_partition
@@ -87,8 +88,6 @@ def parallelize(model: nn.Module, mesh: Mesh, *, zero: int = 0, precision: str =
     else:
         wrapped = DataParallel(model, mesh, bucket_mb=bucket_mb, compressor=compressor)
     if activation_checkpointing:
-        from paratrain.train import checkpoint_blocks
-
         checkpoint_blocks(tops, blocks if pipeline is None else None)
     if pipeline is not None:
         pipeline.executor.no_sync = wrapped.no_sync
@@ -198,7 +197,7 @@ class Trainer:
         self.mesh, self.loss_fn, self.grad_clip = mesh, loss_fn, grad_clip
         self.model = parallelize(model, mesh, **parallel)
         groups = optimizer_params(self.model, weight_decay)
-        self.optimizer = optimizer(groups) if optimizer else torch.optim.AdamW(groups, lr=lr)
+        self.optimizer = optimizer(groups) if optimizer else adamw(groups, lr=lr)
         self.zero = isinstance(self.model, ZeroDataParallel)
         self.scaler = LossScaler(parallel.get("precision") == "fp16")
         self.dp = mesh.size("dp")

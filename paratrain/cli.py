@@ -39,6 +39,8 @@ FLAGS: dict[str, tuple[str, str, type, str]] = {
     "--collective-timeout": ("train", "collective_timeout", float, "seconds before a stuck collective is reported and the run stops (0: off)"),
     "--simulate-failure": ("train", "simulate_failure", str, "testing aid: RANK:STEP raises there (first attempt only)"),
     "--timeline": ("train", "timeline", str, "with --pp: write the last step's pipeline timeline (JSON trace + PNG) here"),
+    "--profile": ("train", "profile", str, "profile the last steps with torch.profiler; traces and tables per rank go here"),
+    "--profile-steps": ("train", "profile_steps", int, "how many of the last steps --profile records (default 3)"),
     "--simulate-straggler": ("train", "simulate_straggler", str, "testing aid: RANK:SECONDS delays that worker every step"),
     "--data": ("data", "path", str, "'stdlib' (default) or a text file or folder of text files"),
     "--checkpoint-dir": ("checkpoint", "dir", str, "checkpoint folder"),

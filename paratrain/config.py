@@ -83,6 +83,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile each transformer block
     collective_timeout: float = 300.0  # seconds a collective may wait before the hang report (0: off)
     timeline: str | None = None  # folder for the pipeline timeline of the last step (pp > 1)
+    profile: str | None = None  # folder for torch.profiler traces and tables of the last steps
+    profile_steps: int = 3  # how many of the last steps --profile records
 
 
 @dataclass
@@ -253,6 +255,8 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         raise ConfigError("--timeline: draws the pipeline schedule and needs --pp 2 or more")
     if tr.steps < 1:
         raise ConfigError(f"--steps: must be at least 1, got {tr.steps}")
+    if tr.profile_steps < 1:
+        raise ConfigError(f"--profile-steps: must be at least 1, got {tr.profile_steps}")
     if tr.global_batch < 1:
         raise ConfigError(f"--global-batch: must be at least 1, got {tr.global_batch}")
     if tr.global_batch % (lay.dp * lay.microbatches):

@@ -22,8 +22,9 @@ def lr_at(step: int, base_lr: float, warmup: int, total: int, min_ratio: float) 
 
 
 def clip_grad_norm(parts: list[tuple[torch.Tensor, torch.nn.Parameter]], mesh: Mesh, max_norm: float,
-                   dp_sharded: bool = False) -> float:
-    """Clip on the norm of the whole model's gradient and return that norm.
+                   dp_sharded: bool = False) -> torch.Tensor:
+    """Clip on the norm of the whole model's gradient and return that norm (a 0-d tensor on the
+    device: reading it waits for the device, so callers read it once the step is launched).
 
     `parts` are (gradient, parameter carrying the flags). Gradients are dp-reduced already: dp
     replicas hold the same gradients, or, under ZeRO (`dp_sharded`), disjoint shards whose squares
@@ -54,7 +55,14 @@ def clip_grad_norm(parts: list[tuple[torch.Tensor, torch.nn.Parameter]], mesh: M
         coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         for g, _ in parts:
             g.mul_(coef.to(g.dtype))
-    return float(norm)
+    return norm
+
+
+def adamw(groups: list[dict], **kwargs) -> torch.optim.AdamW:
+    """AdamW; on a GPU its fused kernel (one launch per step for all tensors, against several per
+    tensor list for the default foreach one). The update is the same arithmetic."""
+    on_gpu = all(p.is_cuda for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, fused=True if on_gpu else None, **kwargs)
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

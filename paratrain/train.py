@@ -28,8 +28,10 @@ from paratrain.checkpoint import Checkpointer, latest_good, model_identity
 from paratrain.config import RunConfig, format_layout
 from paratrain.data import ByteTokenizer, TokenLoader, load_corpus, split_microbatches
 from paratrain.mesh import Mesh, coords_of
-from paratrain.optim import DTYPES, LossScaler, clip_grad_norm, lr_at
+from paratrain.optim import DTYPES, LossScaler, adamw, clip_grad_norm, lr_at
+from paratrain.profile import StepProfiler
 from paratrain.models.gpt import build_model, count_params
+from paratrain.parallel.activation import checkpoint_blocks
 from paratrain.parallel.data import DataParallel
 from paratrain.parallel.zero import ZeroDataParallel, blocks_of
 from paratrain.comm import all_reduce, parse_compress
@@ -49,23 +51,16 @@ from paratrain.parallel.tensor import (
 )
 
 
+def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy, in fp32 whatever the logits' dtype."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
+
+
 def peak_memory_bytes(device: torch.device) -> int:
     """Measured peak: allocator high-water mark on CUDA, the process's peak resident set on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def checkpoint_blocks(tops: list[torch.nn.Module], blocks: list[torch.nn.Module] | None = None) -> None:
-    """Activation checkpointing per block: keep only each block's input, recompute the rest in
-    backward. Applied last, around whatever the block's forward has become (ZeRO-3's gather
-    then runs inside the recomputation too)."""
-    from functools import partial
-
-    from torch.utils.checkpoint import checkpoint
-
-    for block in blocks or [b for top in tops for b in blocks_of(top)]:
-        block.forward = partial(checkpoint, block.forward, use_reentrant=False)
 
 
 @dataclass
@@ -139,20 +134,20 @@ class Trainer:
             self.model = DataParallel(model, mesh, bucket_mb=tr.bucket_mb, compressor=self.compressor)
             decay = [p for p in model.parameters() if p.dim() >= 2]
             no_decay = [p for p in model.parameters() if p.dim() < 2]
+        self.cross_entropy = token_cross_entropy
         if tr.compile:  # per block, as the blocks are the repeated unit (graphs are reused)
             for top in tops:
                 for block in blocks_of(top):
                     block.compile()
+            # and the loss, so the fp32 upcast of the logits fuses into the softmax
+            self.cross_entropy = torch.compile(token_cross_entropy)
         if tr.activation_checkpointing:
             checkpoint_blocks(tops)
         if self.pipeline:
             self.pipeline.no_sync = self.model.no_sync
             self.pipeline.act_dtype = self.dtype
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": tr.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=tr.lr,
-            betas=(tr.beta1, tr.beta2),
-        )
+        self.optimizer = adamw([{"params": decay, "weight_decay": tr.weight_decay},
+                                {"params": no_decay, "weight_decay": 0.0}], lr=tr.lr, betas=(tr.beta1, tr.beta2))
         corpus = load_corpus(cfg.data.path)
         self.corpus_bytes = corpus.size
         self.loader = TokenLoader(corpus, tr.seq_len, tr.global_batch, tr.seed, cfg.data.val_fraction)
@@ -235,16 +230,16 @@ class Trainer:
 
     def _loss_of_logits(self, logits: torch.Tensor, targets: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
         """This micro-batch's part of the global mean loss (times the fp16 loss scale), in fp32."""
-        targets, logits = targets.to(self.device), logits.float()
+        targets = targets.to(self.device)
         if self.tp is not None:  # logits are split along the vocabulary
-            loss = vocab_parallel_cross_entropy(logits, targets, self.tp).sum()
+            loss = vocab_parallel_cross_entropy(logits.float(), targets, self.tp).sum()
         else:
-            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
+            loss = self.cross_entropy(logits, targets)
         return loss * (scale / self.tokens_per_step)
 
-    def train_step(self, step: int) -> tuple[torch.Tensor, float, float]:
-        """Forward, backward and update for `step`. Returns (this rank's loss part, grad norm, lr);
-        a skipped fp16 step sets `self.skipped`."""
+    def train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor | float, float]:
+        """Forward, backward and update for `step`. Returns (this rank's loss part, grad norm, lr),
+        the first two as device tensors; a skipped fp16 step sets `self.skipped`."""
         tr = self.cfg.train
         if self.fail_at == (self.rank, step):
             if self.fail_kill:
@@ -309,6 +304,7 @@ class Trainer:
         t0 = time.perf_counter()
         loss_part, grad_norm, lr = self.train_step(step)
         loss_value = float(loss_part) if self.is_loss_rank else 0.0  # float() waits for the device
+        grad_norm = float(grad_norm)  # a device tensor until now, so the step ran without waiting
         dt = time.perf_counter() - t0
         idle = self.pipeline.idle_fraction() if self.pipeline else 0.0
         g = self._gather([loss_value, self.mesh.comm.bytes, peak_memory_bytes(self.device), dt, idle])
@@ -420,8 +416,11 @@ class Trainer:
                    dynamic_ncols=True, file=sys.stderr)
         losses, val_losses, times, steps_seen = [], [], [], []
         first = last = None
+        profiler = StepProfiler(tr.profile, max(self.loader.step, tr.steps - tr.profile_steps + 1), tr.steps,
+                                self.rank, self.device)
         for k in range(self.loader.step, tr.steps + 1):
-            s = self.step(k)
+            with profiler.around(k):
+                s = self.step(k)
             losses.append(s.loss)
             times.append(s.step_time_s)
             steps_seen.append(s)

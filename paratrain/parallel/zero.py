@@ -423,13 +423,16 @@ class ZeroDataParallel(SyncSwitch, nn.Module):
         return [g.master for g in self.groups if g.decay == decay]
 
     def unscale_grads(self, scale: float) -> bool:
-        """Set each master's fp32 `.grad` = grad shard / scale; True if any (on any rank) is not
-        finite (fp16 overflow: the step must be skipped)."""
-        bad = torch.zeros((), device=self.groups[0].master.device)
+        """Set each master's fp32 `.grad` = grad shard / scale. In fp16, return True if any (on
+        any rank) is not finite (an overflow: the step must be skipped). bf16 and fp32 have fp32's
+        range and skip nothing, so they return False without the check, which would make the host
+        wait for the device in the middle of every step."""
         for g in self.groups:
             g.master.grad = g.grad_shard.float().div_(scale) if scale != 1.0 else g.grad_shard.float()
-            bad += (~torch.isfinite(g.master.grad)).any().float()
-        if self.dtype == torch.float16 and torch.distributed.get_world_size() > 1:
+        if self.dtype != torch.float16:
+            return False
+        bad = torch.stack([(~torch.isfinite(g.master.grad)).any() for g in self.groups]).any().float()
+        if torch.distributed.get_world_size() > 1:
             torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
         return bool(bad > 0)
 

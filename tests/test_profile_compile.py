@@ -1,0 +1,70 @@
+"""The GPU-efficiency paths, checked on the CPU: `--compile` (compiled blocks and loss) trains as
+eager does, bf16 runs without waiting on the device for overflow checks, and `--profile` writes a
+trace, a table and an ops summary per rank for the last steps."""
+
+import json
+
+import pytest
+import torch
+
+from test_cli import TINY, paratrain, read_metrics
+
+
+def steps_of(path):
+    return [m for m in read_metrics(path) if "step" in m and "loss" in m]
+
+
+def test_compile_trains_like_eager(tmp_path):
+    runs = {}
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        path = tmp_path / f"{name}.jsonl"
+        r = paratrain("train", *TINY, "--steps", "3", "--metrics", str(path), "--no-progress", "--eval-every", "0",
+                      *extra, timeout=400)
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[name] = steps_of(path)
+    for key in ("loss", "grad_norm"):
+        eager, compiled = [s[key] for s in runs["eager"]], [s[key] for s in runs["compiled"]]
+        assert compiled == pytest.approx(eager, rel=1e-5), key
+
+
+def test_profile_writes_trace_table_and_ops_per_rank(tmp_path):
+    out = tmp_path / "prof"
+    r = paratrain("train", *TINY, "--steps", "5", "--dp", "2", "--precision", "bf16", "--no-progress",
+                  "--profile", str(out), "--profile-steps", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    for rank in (0, 1):
+        trace = json.load(open(out / f"trace_rank{rank}.json"))
+        steps = {e["name"] for e in trace["traceEvents"] if e.get("name", "").startswith("paratrain step")}
+        assert steps == {"paratrain step 4", "paratrain step 5"}  # the last two steps only
+        ops = json.load(open(out / f"ops_rank{rank}.json"))
+        assert ops["device"] == "cpu" and ops["steps"] == 2 and ops["wall_s"] > 0
+        names = {o["name"] for o in ops["ops"]}
+        assert {"aten::addmm", "aten::mm", "c10d::allreduce_"} <= names  # forward, backward, dp=2 gradients
+        busy = sum(o["self_cpu_s"] for o in ops["ops"] if o["name"].startswith("aten::"))
+        assert 0 < busy < ops["wall_s"]
+        assert "aten::mm" in (out / f"ops_rank{rank}.txt").read_text()
+
+
+def test_profile_steps_must_be_positive():
+    r = paratrain("train", *TINY, "--profile", "x", "--profile-steps", "0")
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == ["paratrain: error: --profile-steps: must be at least 1, got 0"]
+
+
+def test_bf16_unscale_does_not_check_overflow(tmp_path):
+    """bf16 has fp32's range: no finiteness check (a host-device wait), no skipped step."""
+    import torch.distributed as dist
+
+    from paratrain.mesh import Mesh
+    from paratrain.models.gpt import build_model
+    from paratrain.parallel.zero import ZeroDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        engine = ZeroDataParallel(build_model("tiny", 1), Mesh.build(), 0, torch.bfloat16)
+        engine(torch.randint(0, 256, (2, 16))).float().sum().backward()
+        engine.finish_grad_sync()
+        engine.groups[0].grad_shard[0] = float("inf")
+        assert engine.unscale_grads(1.0) is False
+        assert torch.isinf(engine.groups[0].master.grad).any()  # it reaches the update, as in plain torch
+    finally:
+        dist.destroy_process_group()
