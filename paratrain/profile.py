@@ -5,9 +5,12 @@ torch.profiler, each inside a `paratrain step N` range. Every rank writes to DIR
 - `trace_rank{r}.json`: a Chrome trace (chrome://tracing, Perfetto), kernels on their streams;
 - `ops_rank{r}.txt`: the profiler's table of operators and kernels, by self time;
 - `ops_rank{r}.json`: the same as data, for scripts such as benchmarks/mfu.py --breakdown:
-  {"device", "steps", "wall_s", "ops": [{"name", "calls", "self_device_s", "self_cpu_s"}]},
-  where `wall_s` is the wall-clock time of the profiled steps together. On a GPU the kernels
-  carry the device time (operators have none of their own), on a CPU the operators carry it.
+  {"device", "steps", "wall_s", "ops": [{"name", "calls", "self_device_s", "self_cpu_s",
+  "on_device", "annotation"}]}, where `wall_s` is the wall-clock time of the profiled steps
+  together. The device's busy time is the sum of `self_device_s` over the entries `on_device`
+  (kernels, copies) that are not an `annotation` (a named range's copy on the GPU timeline);
+  an operator that launched kernels also carries their time as its own, so only the kernels
+  count. On a CPU the operators carry the time.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import time
 from contextlib import nullcontext
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
 
@@ -55,7 +59,8 @@ class StepProfiler:
         with open(path("ops") + ".txt", "w") as f:
             f.write(events.table(sort_by=by, row_limit=60, max_name_column_width=90) + "\n")
         ops = [{"name": e.key, "calls": e.count, "self_device_s": e.self_device_time_total / 1e6,
-                "self_cpu_s": e.self_cpu_time_total / 1e6} for e in events]
+                "self_cpu_s": e.self_cpu_time_total / 1e6, "on_device": e.device_type != DeviceType.CPU,
+                "annotation": bool(e.is_user_annotation)} for e in events]
         ops.sort(key=lambda o: (o["self_device_s"], o["self_cpu_s"]), reverse=True)
         with open(path("ops") + ".json", "w") as f:
             json.dump({"device": self.device.type, "steps": self.last - self.first + 1, "wall_s": self.wall,
