@@ -201,10 +201,6 @@ def load_toml(path: str) -> dict[str, Any]:
         raise ConfigError(f"--config: {path} is not valid TOML: {e}") from None
 
 
-# Settings that later parts of paratrain implement. Until then they are refused clearly.
-NOT_YET: dict = {}
-
-
 def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     """Reject impossible settings with a one-line ConfigError naming the field and a fix.
 
@@ -331,9 +327,6 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
             f"layout: {lay}{servers} needs world size {cfg.world_size} but the launcher started {world_size} "
             f"processes; set --dp/--tp/--pp{'/--servers' if servers else ''} so that they add up to {world_size}"
         )
-    for name, (is_set, what) in NOT_YET.items():
-        if is_set(cfg):
-            raise ConfigError(f"{name}: {what} is not yet supported in this version of paratrain")
 
 
 def _validate_sync(cfg: RunConfig) -> None:

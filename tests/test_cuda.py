@@ -56,3 +56,25 @@ def test_mixed_precision_and_zero_on_cuda(tmp_path, flags):
     if "fp16" in flags:
         assert all("loss_scale" in x for x in steps)
     assert records[-1]["memory_per_rank"][0]["params"] > 0 or "3" in flags
+
+
+def test_compiled_bf16_step_profiles_its_kernels_on_cuda(tmp_path):
+    """--compile (blocks and loss), fused AdamW and --profile on a GPU: the ops summary counts
+    kernels once, with GEMMs and compiled kernels among them."""
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent.parent / "benchmarks"))
+    import mfu
+
+    prof = tmp_path / "prof"
+    r = subprocess.run(
+        [sys.executable, "-m", "paratrain", "train", "--model", "tiny", "--device", "cuda", "--dp", "1",
+         "--precision", "bf16", "--compile", "--steps", "6", "--global-batch", "8", "--seq-len", "64",
+         "--no-progress", "--profile", str(prof), "--profile-steps", "2"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    ops = json.load(open(prof / "ops_rank0.json"))
+    assert ops["device"] == "cuda" and ops["steps"] == 2
+    per_category = {c: s for c, s, _ in mfu.breakdown(ops)}
+    assert per_category["matmul"] > 0 and per_category[mfu.COMPILED] > 0
+    busy = sum(s for c, s in per_category.items() if not c.startswith("idle"))
+    assert 0 < busy < ops["wall_s"] / ops["steps"]
