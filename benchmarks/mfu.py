@@ -2,7 +2,9 @@
 
 MFU = achieved model FLOP/s / the GPU's peak dense bf16 FLOP/s, with model FLOPs per token
 6 N + 12 L T d (forward and backward of every weight, plus attention scores and values; PaLM,
-Chowdhery et al. 2022, appendix B), N counting every parameter (the tied embedding once).
+Chowdhery et al. 2022, appendix B), N counting the weights of matrix products (the tied
+embedding once, as the head): the planner's formula (planner/cost.py), which `paratrain train`
+also reports.
 Runs `paratrain train` as a subprocess per configuration and reads tokens/s from its metrics.
 
 --ceiling times, alone on the device and in the run's dtype, every matrix multiplication of one
@@ -38,7 +40,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, SXM, vendor specifications
+from paratrain.models.gpt import PRESETS, build_model
+from paratrain.optim import DTYPES
+from paratrain.planner import flops_per_token as formula_flops_per_token
+from paratrain.planner import gpu_peak_flops
+
 PROFILE_STEPS = 3  # the last steps of a run that --breakdown profiles
 
 
@@ -48,23 +54,14 @@ def peak_flops(args: argparse.Namespace) -> tuple[str, float]:
     if args.device != "cuda":
         raise SystemExit("--device cpu: give the processor's peak with --peak-tflops")
     name = torch.cuda.get_device_name()
-    for key, flops in PEAK_BF16.items():
-        if key in name:
-            return name, flops
-    raise SystemExit(f"no peak FLOP/s known for {name}; add it to PEAK_BF16")
-
-
-def model_flops_per_token(model: nn.Module, seq_len: int) -> int:
-    from paratrain.models.gpt import count_params
-
-    cfg = model.cfg
-    return 6 * count_params(model) + 12 * cfg.n_layer * seq_len * cfg.d_model
+    peak = gpu_peak_flops(name)
+    if peak is None:
+        raise SystemExit(f"no peak FLOP/s known for {name}: give it with --peak-tflops")
+    return name, peak
 
 
 def flops_per_token(model: str, seq_len: int) -> int:
-    from paratrain.models.gpt import build_model
-
-    return model_flops_per_token(build_model(model, 0), seq_len)
+    return int(formula_flops_per_token(PRESETS[model], seq_len))
 
 
 def run(model: str, args: argparse.Namespace, compile_: bool) -> tuple[float, dict | None]:
@@ -177,13 +174,10 @@ def gemm_ceiling(model: nn.Module, batch: int, seq_len: int, dtype: torch.dtype,
         torch.cuda.empty_cache()  # give the memory back for the next `paratrain train`
     gemm_s = sum(r["seconds"] for r in rows)
     return {"rows": rows, "attention": attention, "gemm_flops": sum(r["flops"] for r in rows), "gemm_s": gemm_s,
-            "floor_s": gemm_s + attention["seconds"], "model_flops": model_flops_per_token(model, seq_len) * tokens}
+            "floor_s": gemm_s + attention["seconds"], "model_flops": int(formula_flops_per_token(cfg, seq_len)) * tokens}
 
 
 def measure_ceiling(model: str, args: argparse.Namespace) -> dict:
-    from paratrain.models.gpt import build_model
-    from paratrain.optim import DTYPES
-
     return gemm_ceiling(build_model(model, 0), args.batch, args.seq_len, DTYPES[args.precision], args.device)
 
 

@@ -25,30 +25,24 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from paratrain.checkpoint import Checkpointer, latest_good, model_identity
+from paratrain.comm import all_reduce, parse_compress
+from paratrain.comm.flight import Watchdog
 from paratrain.config import RunConfig, format_layout
 from paratrain.data import ByteTokenizer, TokenLoader, load_corpus, split_microbatches
 from paratrain.mesh import Mesh, coords_of
+from paratrain.models.gpt import PRESETS, build_model, count_params
 from paratrain.optim import DTYPES, LossScaler, adamw, clip_grad_norm, lr_at
-from paratrain.profile import StepProfiler
-from paratrain.models.gpt import build_model, count_params
 from paratrain.parallel.activation import checkpoint_blocks
 from paratrain.parallel.data import DataParallel
-from paratrain.parallel.zero import ZeroDataParallel, blocks_of
-from paratrain.comm import all_reduce, parse_compress
-from paratrain.comm.flight import Watchdog
-from paratrain.models.gpt import PRESETS
 from paratrain.parallel.pipeline.executor import PipelineExecutor
 from paratrain.parallel.pipeline.partition import build_stages, split_gpt
 from paratrain.parallel.pipeline.schedule import bubble_fraction, build_schedule
 from paratrain.parallel.pipeline.timeline import write_run_timeline
-from paratrain.parallel.tensor import (
-    GPT_PLAN,
-    ColumnParallelLinear,
-    TPGroup,
-    parallelize_tensor,
-    sync_sequence_parallel_grads,
-    vocab_parallel_cross_entropy,
-)
+from paratrain.parallel.tensor import (GPT_PLAN, ColumnParallelLinear, TPGroup, parallelize_tensor,
+                                       sync_sequence_parallel_grads, vocab_parallel_cross_entropy)
+from paratrain.parallel.zero import ZeroDataParallel, blocks_of
+from paratrain.planner import flops_per_token, gpu_peak_flops
+from paratrain.profile import StepProfiler
 
 
 def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -451,6 +445,10 @@ class Trainer:
         val_losses.append((tr.steps, val))
         steady = times[1:] or times  # the first step pays for warm-up; leave it out if we can
         throughput = self.tokens_per_step * len(steady) / sum(steady) if steady else 0.0
+        # model FLOP/s per device, and on a known GPU in bf16/fp16 their share of its peak (MFU)
+        tflops = throughput * flops_per_token(PRESETS[self.cfg.model.name], tr.seq_len) / self.mesh.world_size / 1e12
+        peak = gpu_peak_flops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None
+        mfu = tflops * 1e12 / peak if peak and self.dtype != torch.float32 else None
         if last is None:  # resumed from a checkpoint of the last step: nothing left to train
             first = last = StepStats(tr.steps, float("nan"), 0, 1.0, 0, 0, 0.0, 0.0)
             self.peak_per_rank = [peak_memory_bytes(self.device)] * self.mesh.world_size
@@ -468,6 +466,8 @@ class Trainer:
             "first_loss": first.loss,
             "val_loss": val,
             "tokens_per_s": throughput,
+            "tflops_per_device": tflops,
+            "mfu": mfu,
             "peak_mem_bytes_per_rank": self.peak_per_rank,
             "param_bytes_per_rank": [m["params"] for m in memory],
             "memory_per_rank": memory,
@@ -487,7 +487,8 @@ class Trainer:
                                for r, m in enumerate(memory))
             print(f"paratrain: done. loss {first.loss:.3f} (step {first.step}) -> {last.loss:.3f} (step {tr.steps}), "
                   f"validation loss {val:.3f}", flush=True)
-            print(f"  throughput {throughput:,.0f} tokens/s over steps 2-{tr.steps}; peak memory: {mem}")
+            flops = f"{tflops:.3g} TFLOP/s per device" + (f", MFU {mfu:.1%}" if mfu is not None else "")
+            print(f"  throughput {throughput:,.0f} tokens/s over steps 2-{tr.steps} ({flops}); peak memory: {mem}")
             print(f"  model states (MiB, parameters + gradients + optimizer): {states}")
             if pipe:
                 idle = ", ".join(f"stage {i} {f:.1%}" for i, f in enumerate(pipe["pipeline_idle_per_stage"]))

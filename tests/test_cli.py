@@ -38,6 +38,12 @@ def test_train_writes_the_metrics_contract(tmp_path):
     assert steps[0]["comm_bytes"] == 2 * 4 * start["params"]
     assert end["event"] == "end" and end["steps"] == 4 and end["final_loss"] == steps[-1]["loss"]
     assert end["tokens_per_s"] > 0 and len(end["peak_mem_bytes_per_rank"]) == 2
+    # model FLOP/s per device by the planner's formula; no MFU without a known GPU peak
+    from paratrain.models.gpt import PRESETS
+    from paratrain.planner import flops_per_token
+
+    assert end["tflops_per_device"] == pytest.approx(end["tokens_per_s"] * flops_per_token(PRESETS["tiny"], 32) / 2 / 1e12)
+    assert end["mfu"] is None and "TFLOP/s per device" in r.stdout
 
 
 def test_failed_worker_names_its_rank_and_first_error():

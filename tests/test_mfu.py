@@ -16,8 +16,11 @@ import mfu  # noqa: E402
 
 
 def test_flops_per_token_is_6n_plus_attention():
-    # GPT-2 small: 124,475,904 parameters (vocabulary padded to 50304, embedding tied), 12 layers, d 768
-    assert mfu.flops_per_token("gpt2", 1024) == 6 * 124_475_904 + 12 * 12 * 1024 * 768
+    # GPT-2 small: N = 12 L d^2 in the blocks' matrices + 50304 x 768 in the tied embedding (the
+    # head's matrix); 12 layers, d 768
+    n = 12 * 12 * 768**2 + 50304 * 768
+    assert n == 123_568_128
+    assert mfu.flops_per_token("gpt2", 1024) == 6 * n + 12 * 12 * 1024 * 768
 
 
 def test_mfu_path_on_cpu():
@@ -58,16 +61,14 @@ def test_gemm_ceiling_shapes_counts_and_flops():
     assert a["seconds"] > 0 and c["floor_s"] == c["gemm_s"] + a["seconds"]
 
     # FLOPs: the GEMMs are 3 x 2 M K N each, i.e. 6 M per weight of a linear (the tied embedding
-    # counted once, through the head); attention is the formula's 12 L T d per token. What the
-    # formula's 6 N counts besides is 6 M per parameter outside any GEMM: the biases (q, k, v,
-    # attn.proj, mlp.proj: d each, mlp.fc: 4d), two LayerNorms per block (2d each), ln_f, and wpe.
+    # counted once, through the head); attention is the formula's 12 L T d per token. The formula's
+    # N is exactly these weights: the biases, LayerNorms and wpe, in no GEMM, are left out.
     gemm_weights = L * (4 * d * d + 2 * 4 * d * d) + d * cfg.vocab_size
     no_gemm = L * (9 * d + 4 * d) + 2 * d + cfg.max_seq_len * d
     assert count_params(model) == gemm_weights + no_gemm
     assert c["gemm_flops"] == sum(3 * 2 * M * k * n * count for (_, k, n), count in shapes.items()) == 6 * M * gemm_weights
     assert a["flops"] == 12 * L * T * d * M
-    assert c["model_flops"] == mfu.flops_per_token("tiny", T) * M
-    assert c["model_flops"] == c["gemm_flops"] + a["flops"] + 6 * M * no_gemm
+    assert c["model_flops"] == mfu.flops_per_token("tiny", T) * M == c["gemm_flops"] + a["flops"]
 
 
 def test_linear_gemms_of_gpt2():

@@ -235,3 +235,12 @@ def test_layout_auto_validates(flags, capsys):
     assert "--layout auto chose dp=" in capsys.readouterr().out
     if "--pp" in flags:
         assert cfg.layout.pp == 2 and cfg.layout.microbatches >= 2
+
+
+def test_gpu_peak_by_cuda_device_name():
+    from paratrain.planner import gpu_peak_flops
+
+    assert gpu_peak_flops("NVIDIA H100 80GB HBM3") == 989e12  # SXM
+    assert gpu_peak_flops("NVIDIA H100 PCIe") == 756e12 and gpu_peak_flops("NVIDIA H100 NVL") == 835e12
+    assert gpu_peak_flops("NVIDIA H200") == 989e12 and gpu_peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert gpu_peak_flops("Tesla T4") is None

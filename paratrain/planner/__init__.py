@@ -17,11 +17,12 @@ from paratrain.planner.cost import (
     ring_time,
 )
 from paratrain.planner.calibrate import calibrate
-from paratrain.planner.hardware import Hardware, Link, cpu_local, get_hardware
+from paratrain.planner.hardware import Hardware, Link, cpu_local, get_hardware, gpu_peak_flops
 from paratrain.planner.search import PlanResult, plan, predict_layout
 
 __all__ = [
     "Candidate", "Estimate", "Hardware", "Link", "PlanResult", "activation_bytes_per_layer", "all_reduce_time",
-    "calibrate", "cpu_local", "estimate", "flops_per_token", "get_hardware", "model_state_bytes", "param_count",
+    "calibrate", "cpu_local", "estimate", "flops_per_token", "get_hardware", "gpu_peak_flops", "model_state_bytes",
+    "param_count",
     "plan", "predict_layout", "ring_time",
 ]

@@ -277,6 +277,17 @@ def cpu_local(path: str | None = None) -> Hardware:
     )
 
 
+# Dense bf16 (and fp16) peaks by the name CUDA gives the device (torch.cuda.get_device_name),
+# most specific first: the PCIe and NVL H100s run lower clocks than the SXM part of H100_80GB.
+GPU_PEAK_BF16 = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", H100_80GB.peak_flops),
+                 ("H200", H100_80GB.peak_flops), ("A100", A100_80GB.peak_flops)]
+
+
+def gpu_peak_flops(device_name: str) -> float | None:
+    """The datasheet's dense bf16 FLOP/s of a GPU by its CUDA name, None for one not listed."""
+    return next((flops for key, flops in GPU_PEAK_BF16 if key in device_name), None)
+
+
 def get_hardware(name: str) -> Hardware:
     if name == "cpu-local":
         return cpu_local()
