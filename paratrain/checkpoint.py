@@ -286,6 +286,22 @@ def latest_good(root: str, model: dict | None = None) -> tuple[str | None, list[
 
 
 # ------------------------------------------------------------------ saving and loading
+def publish(root: str, tmp: str, step: int, info: dict, keep: int) -> None:
+    """One rank, once all have written: manifest (sizes, CRC-32), one atomic rename of `tmp` to
+    `root/step_N`, then drop the oldest beyond `keep`."""
+    write_manifest(tmp, info)
+    final = os.path.join(root, f"{PREFIX}{step:08d}")
+    if os.path.exists(final):  # the same step saved again after a restart
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    for old in checkpoints(root)[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def tmp_folder(root: str, step: int) -> str:
+    return os.path.join(root, f".tmp-{PREFIX}{step:08d}")
+
+
 class Checkpointer:
     """Saves and loads one Trainer's state (see the module docstring)."""
 
@@ -316,7 +332,7 @@ class Checkpointer:
     def save(self, step: int) -> None:
         t0 = time.perf_counter()
         self.wait()  # one save at a time
-        tmp = os.path.join(self.root, f".tmp-{PREFIX}{step:08d}")
+        tmp = tmp_folder(self.root, step)
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
@@ -338,7 +354,7 @@ class Checkpointer:
             with quiet():
                 dcp.save(state, checkpoint_id=tmp, process_group=self.group, planner=_planners()[0])
             if self.rank == 0:
-                self._publish(tmp, step, info)
+                publish(self.root, tmp, step, info, self.keep)
             return time.perf_counter()
 
         if self.async_save:
@@ -366,16 +382,6 @@ class Checkpointer:
         end = future.result()
         dist.barrier(self.group)  # every rank's write, and rank 0's publication, are done
         self.events.append({"step": step, "blocked_s": blocked + time.perf_counter() - w0, "total_s": end - t0})
-
-    def _publish(self, tmp: str, step: int, info: dict) -> None:
-        """Rank 0: manifest (sizes, CRC-32), one atomic rename, then drop the oldest beyond `keep`."""
-        write_manifest(tmp, info)
-        final = os.path.join(self.root, f"{PREFIX}{step:08d}")
-        if os.path.exists(final):  # the same step saved again after a restart
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        for old in checkpoints(self.root)[self.keep:]:
-            shutil.rmtree(old, ignore_errors=True)
 
     def load(self, folder: str) -> int:
         """Load `folder` into this layout; returns the step it was saved at."""

@@ -319,8 +319,11 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         raise ConfigError("--checkpoint-every must be >= 0 and --keep-checkpoints >= 1")
     if (ck.every or ck.resume or ck.async_save) and not ck.dir:
         raise ConfigError("--checkpoint-every/--resume/--async-checkpoint: give the folder with --checkpoint-dir DIR")
-    if ck.dir and tr.sync == "ps":
-        raise ConfigError("--checkpoint-dir: parameter-server runs do not checkpoint in this version; use --sync allreduce")
+    if ck.dir and tr.sync == "ps" and tr.staleness != 0:
+        raise ConfigError("--checkpoint-dir: parameter servers checkpoint synchronous runs only (--staleness 0); "
+                          "with staleness they share no step to save at")
+    if ck.async_save and tr.sync == "ps":
+        raise ConfigError("--async-checkpoint: parameter servers save synchronously; leave it out with --sync ps")
     if world_size is not None and world_size != cfg.world_size:
         servers = f" + {tr.servers} servers" if tr.sync == "ps" else ""
         raise ConfigError(

@@ -25,8 +25,10 @@ fails, the launcher stops the whole group, servers included.
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import shutil
 import sys
 import time
 
@@ -86,6 +88,16 @@ class Server:
             [{"params": [v for v, (_, _, d) in zip(self.views, runs) if d], "weight_decay": tr.weight_decay},
              {"params": [v for v, (_, _, d) in zip(self.views, runs) if not d], "weight_decay": 0.0}],
             lr=tr.lr, betas=(tr.beta1, tr.beta2))
+        # Adam's moments as two flat vectors beside the shard (the state AdamW would create, but
+        # in one piece), so that a checkpoint cuts them as it cuts the parameters
+        self.moments = {m: torch.zeros_like(self.shard) for m in ("exp_avg", "exp_avg_sq")}
+        for v, (a, b, _) in zip(self.views, runs):
+            self.optimizer.state[v] = {"step": torch.tensor(0.0), **{m: t[a:b] for m, t in self.moments.items()}}
+        # (global name, offset in the flat vector, shape) of every parameter, for checkpoints
+        offsets = [0]
+        for p in model.parameters():
+            offsets.append(offsets[-1] + p.numel())
+        self.slots = [(name, off, tuple(p.shape)) for (name, p), off in zip(model.named_parameters(), offsets)]
         self.version = 0  # updates applied
         self.clock = [0] * workers  # pushes received from each worker
         self.done = [False] * workers
@@ -98,6 +110,7 @@ class Server:
         self.gaps: list[int] = []  # per granted pull: clock lead over the slowest worker
         self.staleness: list[int] = []  # per push: updates between its pull and its application
         self.sends: list = []
+        self.ckpt = ServerCheckpoints(self) if cfg.checkpoint.dir else None
 
     # ---- rules
     def _slowest(self) -> int:
@@ -153,6 +166,8 @@ class Server:
             offset += v.numel()
         self.optimizer.step()
         self.version += 1
+        if self.ckpt and self.cfg.checkpoint.every and self.version % self.cfg.checkpoint.every == 0:
+            self.ckpt.save(self.version)  # synchronous servers only: every server is at this step
         self.sum_loss += loss
         self.sum_sq += norm
         self.count += 1
@@ -177,6 +192,10 @@ class Server:
             self.sum_grad.zero_()
             self.clock_loss = 0.0
 
+    def resume(self, folder: str, step: int) -> None:
+        self.ckpt.load(folder)
+        self.version, self.clock = step, [step] * self.W
+
     def run(self) -> None:
         header = torch.empty(HEADER, dtype=torch.float64)
         while not all(self.done):
@@ -199,6 +218,73 @@ class Server:
                 dist.send(t.contiguous(), 0, tag=TAG_LOG)
 
 
+class ServerCheckpoints:
+    """The servers' part of a checkpoint, in the canonical form of paratrain/checkpoint.py (each
+    parameter and its two moments under the global name), so that it loads into any layout, and
+    a checkpoint of any layout loads into the servers. Saved by the servers alone, at the steps
+    of a synchronous run (with staleness the servers share no step); the workers hold nothing
+    that outlives a step, and their batches follow from the step."""
+
+    def __init__(self, server: "Server"):
+        self.server, self.cfg = server, server.cfg
+        self.first = server.index == 0  # creates the folder and publishes it
+
+    def entries(self) -> list:
+        from paratrain.checkpoint import Entry, _shifted, flat_range_boxes
+
+        srv, out = self.server, []
+        tensors = {"model": srv.shard, "optim/exp_avg": srv.moments["exp_avg"],
+                   "optim/exp_avg_sq": srv.moments["exp_avg_sq"]}
+        for name, off, shape in srv.slots:
+            a, b = max(off, srv.lo), min(off + math.prod(shape), srv.hi)
+            if a < b:  # this server holds elements [a, b) of the parameter
+                boxes = flat_range_boxes(a - off, b - off, shape)
+                for prefix, data in tensors.items():
+                    out.append(Entry(f"{prefix}/{name}", shape, _shifted(boxes, (0,) * len(shape), data, srv.lo - off),
+                                     owner=True))
+        return out
+
+    def meta(self, step: int) -> dict:
+        # as the trainer writes it: the loader's next step, the optimizer's step count
+        return {"loader": {"step": step + 1, "seed": self.cfg.train.seed}, "optim_step": float(step),
+                "scaler": {"scale": 1.0, "good": 0}}
+
+    def save(self, step: int) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        from paratrain.checkpoint import _planners, boxes_state, model_identity, publish, quiet, tmp_folder
+
+        cfg, group = self.cfg, self.server.group
+        tmp = tmp_folder(cfg.checkpoint.dir, step)
+        if self.first:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        dist.barrier(group)
+        state = {**boxes_state(self.entries(), saving=True), "meta": self.meta(step)}
+        with quiet():
+            dcp.save(state, checkpoint_id=tmp, process_group=group, planner=_planners()[0])
+        if self.first:
+            info = {"step": step, "model": model_identity(cfg), "layout": ps_layout(cfg),
+                    "world_size": dist.get_world_size(), "config": cfg.to_dict(), "time": time.time()}
+            publish(cfg.checkpoint.dir, tmp, step, info, cfg.checkpoint.keep)
+        dist.barrier(group)  # published before any server goes on
+
+    def load(self, folder: str) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        from paratrain.checkpoint import _planners, boxes_state, quiet
+
+        state = {**boxes_state(self.entries(), saving=False), "meta": self.meta(0)}
+        with quiet():
+            dcp.load(state, checkpoint_id=folder, process_group=self.server.group, planner=_planners()[1])
+        for v in self.server.views:
+            self.server.optimizer.state[v]["step"] = torch.tensor(float(state["meta"]["optim_step"]))
+
+
+def ps_layout(cfg: RunConfig) -> str:
+    return f"{format_layout(cfg.layout)},ps={cfg.train.servers},staleness={cfg.train.staleness}"
+
+
 class Worker:
     def __init__(self, cfg: RunConfig, rank: int, workers: int, servers: int, model: torch.nn.Module,
                  device: torch.device):
@@ -212,6 +298,7 @@ class Worker:
         who, _, delay = (straggler or "-1:0").partition(":")
         self.delay = float(delay) if int(who) == rank else 0.0
         self.bytes = 0  # what this worker sent (gradients and headers)
+        self.start = 0  # the step a resumed run starts after
         fail = tr.simulate_failure
         first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
         who, _, step = (fail or "-1:0").partition(":")
@@ -247,7 +334,8 @@ class Worker:
         cfg = self.cfg
         bar = tqdm(total=cfg.train.steps, disable=not (self.rank == 0 and cfg.train.progress), desc="worker 0",
                    unit="step", dynamic_ncols=True, file=sys.stderr)
-        clock = 0
+        clock = self.start
+        bar.update(clock)
         while (version := self._pull(clock)) is not None:
             if self.fail_at == clock + 1:
                 raise RuntimeError(f"simulated failure of rank {self.rank} at step {clock + 1} (--simulate-failure)")
@@ -306,10 +394,17 @@ def run_ps(cfg: RunConfig, device: torch.device) -> dict:
     server_group = dist.new_group(list(range(W, W + S)))  # every rank takes part in creating it
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model.name, cfg.train.seed, cfg.model.dropout, cfg.model.tie_embeddings)
+    folder, start = resume_point(cfg, rank)
     if rank >= W:
-        Server(cfg, rank - W, W, S, server_group, model).run()
+        server = Server(cfg, rank - W, W, S, server_group, model)
+        if folder:
+            server.resume(folder, start)
+        server.run()
         return {}
     worker = Worker(cfg, rank, W, S, model.to(device), device)
+    worker.start = start
+    if folder and rank == 0:
+        print(f"paratrain: resumed from {folder} (step {start}) into {ps_layout(cfg)}", flush=True)
     if rank == 0:
         print(f"paratrain: training {cfg.model.name} ({count_params(model) / 1e6:.2f}M parameters) with {W} "
               f"workers and {S} parameter server(s), staleness {cfg.train.staleness}, "
@@ -325,13 +420,33 @@ def run_ps(cfg: RunConfig, device: torch.device) -> dict:
     return report(cfg, worker, log, gaps, staleness, val, t0, done, clocks)
 
 
+def resume_point(cfg: RunConfig, rank: int) -> tuple[str | None, int]:
+    """The checkpoint to resume from (with --resume, or in a restart after a failure) and its
+    step; rank 0 chooses, skipping broken ones with a warning, and tells every rank."""
+    from paratrain.checkpoint import MANIFEST, latest_good, model_identity
+
+    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+    if not cfg.checkpoint.dir or (first_attempt and not cfg.checkpoint.resume):
+        return None, 0
+    choice = [None]
+    if rank == 0:
+        choice[0], skipped = latest_good(cfg.checkpoint.dir, model_identity(cfg))
+        for reason in skipped:
+            print(f"paratrain: warning: skipped checkpoint {reason}", file=sys.stderr, flush=True)
+    dist.broadcast_object_list(choice, src=0)
+    if choice[0] is None:
+        return None, 0  # nothing saved yet: start over
+    with open(os.path.join(choice[0], MANIFEST)) as fh:
+        return choice[0], int(json.load(fh)["step"])
+
+
 def report(cfg: RunConfig, worker: Worker, log, gaps, staleness, val: float, t0: float, done: float,
            clocks: int) -> dict:
     from paratrain.train import peak_memory_bytes
 
     tr = cfg.train
     W, S, n = cfg.layout.dp, tr.servers, count_params(worker.model)
-    layout = f"{format_layout(cfg.layout)},ps={S},staleness={tr.staleness}"
+    layout = ps_layout(cfg)
     losses = [float(x) for x in log[:, 1]]
     times = [float(t) for t in log[:, 2]]
     step_times = [b - a for a, b in zip([t0] + times, times)]
@@ -353,16 +468,14 @@ def report(cfg: RunConfig, worker: Worker, log, gaps, staleness, val: float, t0:
         "ps_version_staleness": [int(s) for s in staleness.flatten()],
     }
     if tr.metrics:
-        import json
-
         with open(tr.metrics, "w") as fh:
             fh.write(json.dumps({"event": "start", "layout": layout, "world_size": W + S, "params": n,
                                  "config": cfg.to_dict()}) + "\n")
             for record in steps:
                 fh.write(json.dumps(record) + "\n")
             fh.write(json.dumps(summary) + "\n")
-    print(f"paratrain: done ({layout}, {W} workers, {S} servers). loss {losses[0]:.3f} (step 1) -> "
-          f"{losses[-1]:.3f} (step {len(losses)}), validation loss {val:.3f}", flush=True)
+    print(f"paratrain: done ({layout}, {W} workers, {S} servers). loss {losses[0]:.3f} (step {int(log[0, 0])}) -> "
+          f"{losses[-1]:.3f} (step {int(log[-1, 0])}), validation loss {val:.3f}", flush=True)
     print(f"  throughput {summary['tokens_per_s']:,.0f} tokens/s over {wall:.1f} s; largest clock lead "
           f"{summary['ps_max_clock_gap']} (bound {tr.staleness if tr.staleness >= 0 else 'none'}), largest "
           f"version staleness {summary['ps_max_version_staleness']}", flush=True)
