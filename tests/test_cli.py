@@ -57,9 +57,10 @@ def test_failed_worker_names_its_rank_and_first_error():
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.slow  # restarts from a checkpoint are tested by default (test_checkpoint.py, test_param_server.py)
 def test_restart_after_a_transient_failure_completes(tmp_path):
-    # The engine restarts both workers; without checkpoints (a later feature) the run starts over,
-    # so it ends exactly where an uninterrupted run ends.
+    # The engine restarts both workers; without a checkpoint the run starts over, so it ends
+    # exactly where an uninterrupted run ends.
     clean, restarted = tmp_path / "clean.jsonl", tmp_path / "restarted.jsonl"
     assert paratrain("train", *TINY, "--dp", "2", "--metrics", str(clean), "--no-progress").returncode == 0
     r = paratrain("train", *TINY, "--dp", "2", "--simulate-failure", "0:3", "--max-restarts", "1",
