@@ -30,3 +30,11 @@ def test_compare_four_layouts_and_one_invalid(tmp_path):
     assert "## Recommendation" in md and "fastest layout" in md and "`tp=3` failed" in md
     assert "data:image/png;base64," in (out / "report.html").read_text()
     assert abs(done[2]["bubble_theory"] - 0.2) < 1e-9 and 0 <= done[2]["bubble_measured"] < 1
+    # model FLOP/s per device beside tokens/s (no MFU on a CPU: its peak is not known)
+    from paratrain.models.gpt import PRESETS
+    from paratrain.planner import flops_per_token
+
+    for x in done:
+        assert x["mfu"] is None
+        assert abs(x["tflops_per_device"] * 2e12 - x["tokens_per_s"] * flops_per_token(PRESETS["tiny"], 32)) < 1e-6 * x["tokens_per_s"]
+    assert "TFLOP/s per device (MFU)" in md

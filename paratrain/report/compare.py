@@ -64,6 +64,8 @@ def run_layout(base: RunConfig, spec: str, out: str) -> dict:
         "canonical": format_layout(cfg.layout),
         "world_size": cfg.layout.world_size,
         "tokens_per_s": result["tokens_per_s"],
+        "tflops_per_device": result["tflops_per_device"],
+        "mfu": result["mfu"],
         "step_time_s": statistics.median(s["step_time_s"] for s in steady),
         "peak_mem_bytes": max(m["peak"] for m in memory),
         "model_state_bytes": max(m["params"] + m["grads"] + m["optimizer"] for m in memory),
@@ -210,14 +212,15 @@ def _row_cells(r: dict) -> list[str]:
         return f(v) if v is not None else "-"
 
     bubble = "-" if r["bubble_measured"] is None else f"{r['bubble_measured']:.1%} / {r['bubble_theory']:.1%}"
-    return [r["layout"], f"{r['tokens_per_s']:,.0f}", f"{r['step_time_s'] * 1e3:,.0f}",
+    flops = f"{r['tflops_per_device']:.3g}" + ("" if r["mfu"] is None else f" ({r['mfu']:.1%})")
+    return [r["layout"], f"{r['tokens_per_s']:,.0f}", flops, f"{r['step_time_s'] * 1e3:,.0f}",
             opt(r.get("predicted_step_time_s"), lambda v: f"{v * 1e3:,.0f}"),
             f"{r['peak_mem_bytes'] / MiB:,.0f}", opt(r.get("predicted_peak_mem_bytes"), lambda v: f"{v / MiB:,.0f}"),
             f"{r['model_state_bytes'] / MiB:,.1f}", _fmt_bytes(r["comm_bytes_per_step"]), bubble,
             f"{r['final_loss']:.4f}"]
 
 
-HEAD = ["layout", "tokens/s", "step ms", "predicted ms", "peak MiB", "predicted MiB", "model states MiB",
+HEAD = ["layout", "tokens/s", "TFLOP/s per device (MFU)", "step ms", "predicted ms", "peak MiB", "predicted MiB", "model states MiB",
         "comm per step", "pp idle / bubble", "final loss"]
 
 
