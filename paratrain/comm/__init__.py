@@ -1,4 +1,5 @@
-"""Communication: collectives that count what they send, gradient compression (later: fingerprints)."""
+"""Communication: collectives that count what they send, gradient compression, and (flight.py)
+the fingerprints of every call behind the hang reports."""
 
 from paratrain.comm.collectives import (
     CommStats, all_gather, all_gather_flat, all_reduce, broadcast, isend, recv, reduce_scatter, reduce_scatter_flat,
