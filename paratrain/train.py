@@ -117,6 +117,13 @@ class Trainer:
         self.layout_name = f"{format_layout(lay)},schedule={lay.schedule},microbatches={lay.microbatches}"
         self.dtype = DTYPES[tr.precision]
         self.scaler = LossScaler(tr.precision == "fp16")
+        self.cross_entropy = token_cross_entropy
+        if tr.compile:  # each block's own computation, before the strategies wrap it (ZeRO-3's
+            for top in tops:  # gathers stay outside the graphs); the blocks share their graphs
+                for block in blocks_of(top):
+                    block.forward = torch.compile(block.forward)
+            # and the loss, so the fp32 upcast of the logits fuses into the softmax
+            self.cross_entropy = torch.compile(token_cross_entropy)
         # ZeRO for stages 1-3, and for mixed precision (its stage 0 keeps fp32 masters)
         self.zero = lay.zero > 0 or self.dtype != torch.float32
         self.compressor = parse_compress(tr.compress, tr.compress_warmup)
@@ -128,13 +135,6 @@ class Trainer:
             self.model = DataParallel(model, mesh, bucket_mb=tr.bucket_mb, compressor=self.compressor)
             decay = [p for p in model.parameters() if p.dim() >= 2]
             no_decay = [p for p in model.parameters() if p.dim() < 2]
-        self.cross_entropy = token_cross_entropy
-        if tr.compile:  # per block, as the blocks are the repeated unit (graphs are reused)
-            for top in tops:
-                for block in blocks_of(top):
-                    block.compile()
-            # and the loss, so the fp32 upcast of the logits fuses into the softmax
-            self.cross_entropy = torch.compile(token_cross_entropy)
         if tr.activation_checkpointing:
             checkpoint_blocks(tops)
         if self.pipeline:

@@ -1,5 +1,5 @@
 """The GPU-efficiency paths, checked on the CPU: `--compile` (compiled blocks and loss) trains as
-eager does, bf16 runs without waiting on the device for overflow checks, and `--profile` writes a
+eager does in every kind of layout, bf16 runs without waiting on the device for overflow checks, and `--profile` writes a
 trace, a table and an ops summary per rank for the last steps."""
 
 import json
@@ -14,12 +14,18 @@ def steps_of(path):
     return [m for m in read_metrics(path) if "step" in m and "loss" in m]
 
 
-def test_compile_trains_like_eager(tmp_path):
+@pytest.mark.parametrize("layout", [
+    ["--dp", "2", "--zero", "3", "--activation-checkpointing"],  # gathers and recomputation around the graphs
+    pytest.param(["--dp", "1"], marks=pytest.mark.slow),
+    pytest.param(["--tp", "2"], marks=pytest.mark.slow),  # graphs broken at each collective
+    pytest.param(["--pp", "2", "--microbatches", "2"], marks=pytest.mark.slow),
+], ids=["dp2-zero3-ac", "dp1", "tp2", "pp2"])
+def test_compile_trains_like_eager(tmp_path, layout):
     runs = {}
     for name, extra in (("eager", []), ("compiled", ["--compile"])):
         path = tmp_path / f"{name}.jsonl"
-        r = paratrain("train", *TINY, "--steps", "3", "--metrics", str(path), "--no-progress", "--eval-every", "0",
-                      *extra, timeout=400)
+        r = paratrain("train", *TINY, *layout, "--steps", "3", "--metrics", str(path), "--no-progress",
+                      "--eval-every", "0", *extra, timeout=400)
         assert r.returncode == 0, r.stderr[-3000:]
         runs[name] = steps_of(path)
     for key in ("loss", "grad_norm"):
@@ -68,3 +74,29 @@ def test_bf16_unscale_does_not_check_overflow(tmp_path):
         assert torch.isinf(engine.groups[0].master.grad).any()  # it reaches the update, as in plain torch
     finally:
         dist.destroy_process_group()
+
+
+def test_collectives_do_not_make_compiled_code_recompile(tmp_path):
+    """A compiled function that calls a collective (tensor parallelism's blocks do) breaks its
+    graph around it instead of tracing the bookkeeping: no recompilation at every call."""
+    import torch.distributed as dist
+
+    from paratrain.comm import CommStats, all_reduce
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        stats = CommStats()
+
+        @torch.compile(backend="eager")
+        def block(x):
+            y = x * 2
+            all_reduce(y, None, stats)
+            return y + 1
+
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for _ in range(4):
+                assert torch.equal(block(torch.ones(3)), torch.full((3,), 3.0))
+        assert stats.flight.seq == 4  # every call was recorded, eagerly
+    finally:
+        dist.destroy_process_group()
+        torch._dynamo.reset()

@@ -20,6 +20,12 @@ import torch.distributed as dist
 from paratrain.comm.flight import Fingerprint, FlightRecorder
 
 
+# torch.compile does not trace into these wrappers: their bookkeeping (byte counts, the flight
+# recorder's sequence numbers, call sites) would make it recompile at every call. A compiled
+# block breaks its graph around each collective and runs the collective as it is.
+opaque = torch.compiler.disable
+
+
 RING_FACTOR = {
     "all_reduce": lambda n: 2 * (n - 1) / n,
     "reduce_scatter": lambda n: (n - 1) / n,
@@ -61,12 +67,14 @@ def _issue(stats: CommStats, fp: Fingerprint, call, async_op: bool):
         stats.flight.end()
 
 
+@opaque
 def all_reduce(tensor: torch.Tensor, group: dist.ProcessGroup, stats: CommStats,
                op: dist.ReduceOp = dist.ReduceOp.SUM, async_op: bool = False):
     fp = stats.record("all_reduce", tensor, group)
     return _issue(stats, fp, lambda: dist.all_reduce(tensor, op=op, group=group, async_op=async_op), async_op)
 
 
+@opaque
 def broadcast(tensor: torch.Tensor, src: int, group: dist.ProcessGroup, stats: CommStats,
               async_op: bool = False):
     """Broadcast from global rank `src` to every rank of `group`."""
@@ -79,6 +87,7 @@ _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
+@opaque
 def all_gather(tensor: torch.Tensor, group: dist.ProcessGroup, stats: CommStats, dim: int = 0) -> torch.Tensor:
     """Concatenate every rank's `tensor` along `dim`, in group-rank order."""
     n = dist.get_world_size(group)
@@ -89,6 +98,7 @@ def all_gather(tensor: torch.Tensor, group: dist.ProcessGroup, stats: CommStats,
     return out.movedim(0, dim)
 
 
+@opaque
 def reduce_scatter(tensor: torch.Tensor, group: dist.ProcessGroup, stats: CommStats, dim: int = 0) -> torch.Tensor:
     """Sum over ranks, then keep this rank's chunk of the result along `dim`."""
     n = dist.get_world_size(group)
@@ -99,12 +109,14 @@ def reduce_scatter(tensor: torch.Tensor, group: dist.ProcessGroup, stats: CommSt
     return out.movedim(0, dim)
 
 
+@opaque
 def isend(tensor: torch.Tensor, dst: int, group: dist.ProcessGroup, stats: CommStats, tag: int = 0):
     """Non-blocking send to global rank `dst`; returns the work handle."""
     fp = stats.record("send", tensor, group)
     return _issue(stats, fp, lambda: dist.isend(tensor, dst=dst, group=group, tag=tag), True)
 
 
+@opaque
 def recv(tensor: torch.Tensor, src: int, group: dist.ProcessGroup, tag: int = 0,
          stats: CommStats | None = None) -> torch.Tensor:
     """Blocking receive from global rank `src` into `tensor` (its bytes count on the sender's
@@ -117,6 +129,7 @@ def recv(tensor: torch.Tensor, src: int, group: dist.ProcessGroup, tag: int = 0,
     return tensor
 
 
+@opaque
 def all_gather_flat(out: torch.Tensor, shard: torch.Tensor, group: dist.ProcessGroup, stats: CommStats,
                     async_op: bool = False):
     """`out` (n * shard.numel(), flat) receives every rank's `shard` in group-rank order."""
@@ -124,6 +137,7 @@ def all_gather_flat(out: torch.Tensor, shard: torch.Tensor, group: dist.ProcessG
     return _issue(stats, fp, lambda: _all_gather_single(out, shard, group=group, async_op=async_op), async_op)
 
 
+@opaque
 def reduce_scatter_flat(out: torch.Tensor, flat: torch.Tensor, group: dist.ProcessGroup, stats: CommStats,
                         async_op: bool = False):
     """`out` receives this rank's 1/n chunk of the sum over ranks of `flat`."""
