@@ -60,7 +60,8 @@ def _groups_of_every_layout(world):
     return seen
 
 
-@pytest.mark.parametrize("world", [4, 8])
+# 8 processes on 2 cores take a while; every layout's groups are checked without processes above
+@pytest.mark.parametrize("world", [4, pytest.param(8, marks=pytest.mark.slow)])
 def test_process_groups_match_the_layout(world):
     per_rank = spawn(_groups_of_every_layout, world, world)
     for rank, seen in enumerate(per_rank):

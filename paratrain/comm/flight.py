@@ -46,10 +46,16 @@ class Fingerprint:
         return f"{self.op} (group {self.group}; {self.shape} {self.dtype}) at {self.site}, step {self.step}"
 
 
+def _inside(filename: str) -> bool:
+    """paratrain/comm itself, or torch.compile's wrapper that keeps the collectives out of graphs."""
+    path = os.path.abspath(filename)
+    return os.path.dirname(path) == _HERE or f"{os.sep}torch{os.sep}_dynamo{os.sep}" in path
+
+
 def _call_site() -> str:
     """file:line of the first caller outside paratrain/comm."""
     frame = sys._getframe(2)
-    while frame is not None and os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == _HERE:
+    while frame is not None and _inside(frame.f_code.co_filename):
         frame = frame.f_back
     if frame is None:
         return "?"
