@@ -100,7 +100,7 @@ def tp_box(local_shape: tuple[int, ...], tp_dim: int | None, tp_rank: int, tp: i
     return tuple(shape), tuple(offset)
 
 
-def _shifted(boxes, base: tuple[int, ...], data: torch.Tensor, start: int) -> list[Piece]:
+def shifted_pieces(boxes, base: tuple[int, ...], data: torch.Tensor, start: int) -> list[Piece]:
     """Pieces from flat boxes of a local tensor whose flat element `start` is data[0]."""
     return [Piece(tuple(o + b for o, b in zip(off, base)), data[lo - start : hi - start].view(size))
             for off, size, lo, hi in boxes]
@@ -139,7 +139,7 @@ def training_entries(engine, optimizer: torch.optim.Optimizer, mesh, names: dict
 
                 def pieces(moment, g=g, boxes=boxes, base=base, start=start):
                     data = g.master.data if moment is None else moments(g.master)[moment]
-                    return _shifted(boxes, base, data, start)
+                    return shifted_pieces(boxes, base, data, start)
 
                 assert s.name, "ZeroDataParallel needs `names` for checkpoints"
                 add(s.name, shape, pieces, owner)
@@ -154,7 +154,7 @@ def training_entries(engine, optimizer: torch.optim.Optimizer, mesh, names: dict
             data = p.data if moment is None else moments(p)[moment]
             if boxes is None:
                 return [Piece(base, data)]
-            return _shifted(boxes, base, data.reshape(-1), 0)
+            return shifted_pieces(boxes, base, data.reshape(-1), 0)
 
         add(names[id(p)], shape, pieces, owner)
     return entries
@@ -194,7 +194,7 @@ def boxes_state(entries: list[Entry], saving: bool) -> dict:
     return {e.key: Boxes(e.shape, e.pieces) for e in entries if e.pieces and (e.owner or not saving)}
 
 
-def _planners():
+def planners():
     """DCP's default planners, taught to find a `Boxes` piece by its offset."""
     from torch.distributed.checkpoint import DefaultLoadPlanner, DefaultSavePlanner
 
@@ -352,7 +352,7 @@ class Checkpointer:
             """Every rank writes its part; DCP's save returns on rank 0 once all parts and the
             metadata are written, so rank 0 then publishes. Returns when the save ended."""
             with quiet():
-                dcp.save(state, checkpoint_id=tmp, process_group=self.group, planner=_planners()[0])
+                dcp.save(state, checkpoint_id=tmp, process_group=self.group, planner=planners()[0])
             if self.rank == 0:
                 publish(self.root, tmp, step, info, self.keep)
             return time.perf_counter()
@@ -395,7 +395,7 @@ class Checkpointer:
         if same_layout:
             state[f"rng/{self.rank}"] = torch.get_rng_state()
         with quiet():
-            dcp.load(state, checkpoint_id=folder, process_group=self.group, planner=_planners()[1])
+            dcp.load(state, checkpoint_id=folder, process_group=self.group, planner=planners()[1])
         meta = state["meta"]
         t = self.t
         t.loader.load_state_dict(meta["loader"])

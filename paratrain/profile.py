@@ -41,13 +41,13 @@ class StepProfiler:
         if self.prof is None:
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
             self.prof = profile(activities=activities)
-            self.prof.__enter__()
+            self.prof.start()
         return _Timed(self, step)
 
     def _done(self, step: int, seconds: float) -> None:
         self.wall += seconds
         if step == self.last:
-            self.prof.__exit__(None, None, None)
+            self.prof.stop()
             self.write()
 
     def write(self) -> None:

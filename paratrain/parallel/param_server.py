@@ -37,6 +37,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from paratrain.checkpoint import (MANIFEST, Entry, boxes_state, flat_range_boxes, latest_good, model_identity, planners,
+                                  publish, quiet, shifted_pieces, tmp_folder)
 from paratrain.config import RunConfig, format_layout
 from paratrain.data import TokenLoader, load_corpus, split_microbatches
 from paratrain.models.gpt import build_model, count_params
@@ -230,8 +232,6 @@ class ServerCheckpoints:
         self.first = server.index == 0  # creates the folder and publishes it
 
     def entries(self) -> list:
-        from paratrain.checkpoint import Entry, _shifted, flat_range_boxes
-
         srv, out = self.server, []
         tensors = {"model": srv.shard, "optim/exp_avg": srv.moments["exp_avg"],
                    "optim/exp_avg_sq": srv.moments["exp_avg_sq"]}
@@ -240,8 +240,8 @@ class ServerCheckpoints:
             if a < b:  # this server holds elements [a, b) of the parameter
                 boxes = flat_range_boxes(a - off, b - off, shape)
                 for prefix, data in tensors.items():
-                    out.append(Entry(f"{prefix}/{name}", shape, _shifted(boxes, (0,) * len(shape), data, srv.lo - off),
-                                     owner=True))
+                    pieces = shifted_pieces(boxes, (0,) * len(shape), data, srv.lo - off)
+                    out.append(Entry(f"{prefix}/{name}", shape, pieces, owner=True))
         return out
 
     def meta(self, step: int) -> dict:
@@ -252,8 +252,6 @@ class ServerCheckpoints:
     def save(self, step: int) -> None:
         import torch.distributed.checkpoint as dcp
 
-        from paratrain.checkpoint import _planners, boxes_state, model_identity, publish, quiet, tmp_folder
-
         cfg, group = self.cfg, self.server.group
         tmp = tmp_folder(cfg.checkpoint.dir, step)
         if self.first:
@@ -262,7 +260,7 @@ class ServerCheckpoints:
         dist.barrier(group)
         state = {**boxes_state(self.entries(), saving=True), "meta": self.meta(step)}
         with quiet():
-            dcp.save(state, checkpoint_id=tmp, process_group=group, planner=_planners()[0])
+            dcp.save(state, checkpoint_id=tmp, process_group=group, planner=planners()[0])
         if self.first:
             info = {"step": step, "model": model_identity(cfg), "layout": ps_layout(cfg),
                     "world_size": dist.get_world_size(), "config": cfg.to_dict(), "time": time.time()}
@@ -272,11 +270,9 @@ class ServerCheckpoints:
     def load(self, folder: str) -> None:
         import torch.distributed.checkpoint as dcp
 
-        from paratrain.checkpoint import _planners, boxes_state, quiet
-
         state = {**boxes_state(self.entries(), saving=False), "meta": self.meta(0)}
         with quiet():
-            dcp.load(state, checkpoint_id=folder, process_group=self.server.group, planner=_planners()[1])
+            dcp.load(state, checkpoint_id=folder, process_group=self.server.group, planner=planners()[1])
         for v in self.server.views:
             self.server.optimizer.state[v]["step"] = torch.tensor(float(state["meta"]["optim_step"]))
 
@@ -423,8 +419,6 @@ def run_ps(cfg: RunConfig, device: torch.device) -> dict:
 def resume_point(cfg: RunConfig, rank: int) -> tuple[str | None, int]:
     """The checkpoint to resume from (with --resume, or in a restart after a failure) and its
     step; rank 0 chooses, skipping broken ones with a warning, and tells every rank."""
-    from paratrain.checkpoint import MANIFEST, latest_good, model_identity
-
     first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
     if not cfg.checkpoint.dir or (first_attempt and not cfg.checkpoint.resume):
         return None, 0
