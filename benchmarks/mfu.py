@@ -34,7 +34,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 import torch
 import torch.nn as nn
@@ -44,6 +43,7 @@ from paratrain.models.gpt import PRESETS, build_model
 from paratrain.optim import DTYPES
 from paratrain.planner import flops_per_token as formula_flops_per_token
 from paratrain.planner import gpu_peak_flops
+from paratrain.planner.calibrate import median_time
 
 PROFILE_STEPS = 3  # the last steps of a run that --breakdown profiles
 
@@ -98,12 +98,7 @@ def median_seconds(fn, device: torch.device, warmup: int = 3, iters: int = 10) -
             end.record()
         torch.cuda.synchronize(device)
         return statistics.median(start.elapsed_time(end) / 1e3 for start, end in pairs)
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return median_time(fn, iters, warmup=0)
 
 
 def linear_gemms(model: nn.Module, tokens: int) -> list[dict]:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 import warnings
 import zlib
@@ -302,6 +303,45 @@ def tmp_folder(root: str, step: int) -> str:
     return os.path.join(root, f".tmp-{PREFIX}{step:08d}")
 
 
+def begin_save(root: str, step: int, group, first: bool) -> str:
+    """The group's first rank makes a clean temporary folder for `step`; all wait for it."""
+    tmp = tmp_folder(root, step)
+    if first:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    dist.barrier(group)
+    return tmp
+
+
+def write_and_publish(state: dict, tmp: str, group, first: bool, root: str, step: int, info: dict, keep: int) -> None:
+    """Every rank of `group` writes its part; DCP's save returns on the first rank once all parts
+    and the metadata are written, so that rank then publishes."""
+    import torch.distributed.checkpoint as dcp
+
+    with quiet():
+        dcp.save(state, checkpoint_id=tmp, process_group=group, planner=planners()[0])
+    if first:
+        publish(root, tmp, step, info, keep)
+
+
+def run_info(cfg, step: int, layout: str) -> dict:
+    """What the manifest says of the run besides the files."""
+    return {"step": step, "model": model_identity(cfg), "layout": layout, "world_size": dist.get_world_size(),
+            "config": cfg.to_dict(), "time": time.time()}
+
+
+def agree_on_latest(root: str, cfg) -> str | None:
+    """The newest good checkpoint under `root`, chosen by rank 0 (broken ones skipped with a
+    warning) and told to every rank; None if there is none yet."""
+    choice = [None]
+    if dist.get_rank() == 0:
+        choice[0], skipped = latest_good(root, model_identity(cfg))
+        for reason in skipped:
+            print(f"paratrain: warning: skipped checkpoint {reason}", file=sys.stderr, flush=True)
+    dist.broadcast_object_list(choice, src=0)
+    return choice[0]
+
+
 class Checkpointer:
     """Saves and loads one Trainer's state (see the module docstring)."""
 
@@ -324,19 +364,10 @@ class Checkpointer:
         return {"loader": t.loader.state_dict(), "optim_step": max(steps, default=0.0),
                 "scaler": {"scale": t.scaler.scale, "good": t.scaler.good}}
 
-    def _info(self, step: int) -> dict:
-        t = self.t
-        return {"step": step, "model": model_identity(t.cfg), "layout": t.layout_name,
-                "world_size": dist.get_world_size(), "config": t.cfg.to_dict(), "time": time.time()}
-
     def save(self, step: int) -> None:
         t0 = time.perf_counter()
         self.wait()  # one save at a time
-        tmp = tmp_folder(self.root, step)
-        if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
-        dist.barrier(self.group)
+        tmp = begin_save(self.root, step, self.group, self.rank == 0)
         entries = self._entries()
         if self.async_save:  # stage: copy what this rank writes to host memory, then write behind
             entries = [Entry(e.key, e.shape, [Piece(p.offset, p.tensor.detach().to("cpu", copy=True))
@@ -344,17 +375,11 @@ class Checkpointer:
         state = boxes_state(entries, saving=True)
         state["meta"] = self._meta()
         state[f"rng/{self.rank}"] = torch.get_rng_state()
-        import torch.distributed.checkpoint as dcp
-
-        info = self._info(step)
+        info = run_info(self.t.cfg, step, self.t.layout_name)
 
         def write() -> float:
-            """Every rank writes its part; DCP's save returns on rank 0 once all parts and the
-            metadata are written, so rank 0 then publishes. Returns when the save ended."""
-            with quiet():
-                dcp.save(state, checkpoint_id=tmp, process_group=self.group, planner=planners()[0])
-            if self.rank == 0:
-                publish(self.root, tmp, step, info, self.keep)
+            """Write and publish; returns when the save ended."""
+            write_and_publish(state, tmp, self.group, self.rank == 0, self.root, step, info, self.keep)
             return time.perf_counter()
 
         if self.async_save:

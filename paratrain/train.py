@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from paratrain.checkpoint import Checkpointer, latest_good, model_identity
+from paratrain.checkpoint import Checkpointer, agree_on_latest
 from paratrain.comm import all_reduce, parse_compress
 from paratrain.comm.flight import Watchdog
 from paratrain.config import RunConfig, format_layout
@@ -163,19 +163,13 @@ class Trainer:
 
     def _resume(self) -> None:
         """Load the newest good checkpoint (rank 0 chooses; broken ones are skipped with a warning)."""
-        choice = [None]
-        if self.rank == 0:
-            folder, skipped = latest_good(self.cfg.checkpoint.dir, model_identity(self.cfg))
-            for reason in skipped:
-                print(f"paratrain: warning: skipped checkpoint {reason}", file=sys.stderr, flush=True)
-            choice = [folder]
-        dist.broadcast_object_list(choice, src=0)
-        if choice[0] is None:
+        folder = agree_on_latest(self.cfg.checkpoint.dir, self.cfg)
+        if folder is None:
             return  # nothing saved yet: a restart starts over
-        step = self.ckpt.load(choice[0])
-        self.resumed_from = choice[0]
+        step = self.ckpt.load(folder)
+        self.resumed_from = folder
         if self.rank == 0:
-            print(f"paratrain: resumed from {choice[0]} (step {step}) into {self.layout_name}", flush=True)
+            print(f"paratrain: resumed from {folder} (step {step}) into {self.layout_name}", flush=True)
 
     def after_load(self) -> None:
         """After a checkpoint was loaded into the masters: refresh what compute uses."""

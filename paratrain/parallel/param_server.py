@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import sys
 import time
 
@@ -37,8 +36,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from paratrain.checkpoint import (MANIFEST, Entry, boxes_state, flat_range_boxes, latest_good, model_identity, planners,
-                                  publish, quiet, shifted_pieces, tmp_folder)
+from paratrain.checkpoint import (MANIFEST, Entry, agree_on_latest, begin_save, boxes_state, flat_range_boxes, planners,
+                                  quiet, run_info, shifted_pieces, write_and_publish)
 from paratrain.config import RunConfig, format_layout
 from paratrain.data import TokenLoader, load_corpus, split_microbatches
 from paratrain.models.gpt import build_model, count_params
@@ -250,21 +249,11 @@ class ServerCheckpoints:
                 "scaler": {"scale": 1.0, "good": 0}}
 
     def save(self, step: int) -> None:
-        import torch.distributed.checkpoint as dcp
-
-        cfg, group = self.cfg, self.server.group
-        tmp = tmp_folder(cfg.checkpoint.dir, step)
-        if self.first:
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
-        dist.barrier(group)
+        ck, group = self.cfg.checkpoint, self.server.group
+        tmp = begin_save(ck.dir, step, group, self.first)
         state = {**boxes_state(self.entries(), saving=True), "meta": self.meta(step)}
-        with quiet():
-            dcp.save(state, checkpoint_id=tmp, process_group=group, planner=planners()[0])
-        if self.first:
-            info = {"step": step, "model": model_identity(cfg), "layout": ps_layout(cfg),
-                    "world_size": dist.get_world_size(), "config": cfg.to_dict(), "time": time.time()}
-            publish(cfg.checkpoint.dir, tmp, step, info, cfg.checkpoint.keep)
+        write_and_publish(state, tmp, group, self.first, ck.dir, step, run_info(self.cfg, step, ps_layout(self.cfg)),
+                          ck.keep)
         dist.barrier(group)  # published before any server goes on
 
     def load(self, folder: str) -> None:
@@ -390,7 +379,7 @@ def run_ps(cfg: RunConfig, device: torch.device) -> dict:
     server_group = dist.new_group(list(range(W, W + S)))  # every rank takes part in creating it
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model.name, cfg.train.seed, cfg.model.dropout, cfg.model.tie_embeddings)
-    folder, start = resume_point(cfg, rank)
+    folder, start = resume_point(cfg)
     if rank >= W:
         server = Server(cfg, rank - W, W, S, server_group, model)
         if folder:
@@ -416,22 +405,17 @@ def run_ps(cfg: RunConfig, device: torch.device) -> dict:
     return report(cfg, worker, log, gaps, staleness, val, t0, done, clocks)
 
 
-def resume_point(cfg: RunConfig, rank: int) -> tuple[str | None, int]:
+def resume_point(cfg: RunConfig) -> tuple[str | None, int]:
     """The checkpoint to resume from (with --resume, or in a restart after a failure) and its
     step; rank 0 chooses, skipping broken ones with a warning, and tells every rank."""
     first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
     if not cfg.checkpoint.dir or (first_attempt and not cfg.checkpoint.resume):
         return None, 0
-    choice = [None]
-    if rank == 0:
-        choice[0], skipped = latest_good(cfg.checkpoint.dir, model_identity(cfg))
-        for reason in skipped:
-            print(f"paratrain: warning: skipped checkpoint {reason}", file=sys.stderr, flush=True)
-    dist.broadcast_object_list(choice, src=0)
-    if choice[0] is None:
+    folder = agree_on_latest(cfg.checkpoint.dir, cfg)
+    if folder is None:
         return None, 0  # nothing saved yet: start over
-    with open(os.path.join(choice[0], MANIFEST)) as fh:
-        return choice[0], int(json.load(fh)["step"])
+    with open(os.path.join(folder, MANIFEST)) as fh:
+        return folder, int(json.load(fh)["step"])
 
 
 def report(cfg: RunConfig, worker: Worker, log, gaps, staleness, val: float, t0: float, done: float,

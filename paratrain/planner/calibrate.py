@@ -30,8 +30,10 @@ import time
 from paratrain.planner.hardware import Hardware, _ram_bytes, cache_path, cpu_local, local_cores
 
 
-def _median_time(fn, repeat: int) -> float:
-    fn()  # warm-up
+def median_time(fn, repeat: int, warmup: int = 1) -> float:
+    """Median wall-clock seconds of one call of `fn` over `repeat` calls, after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
@@ -80,7 +82,7 @@ def measure_compute(threads: int, repeat: int = 5) -> dict:
         gemm = []
         for m, k, n in GEMM_SHAPES:
             run, flops = _training_gemms(m, k, n)
-            gemm.append((2.0 * m * k * n, flops / _median_time(run, repeat if flops < 3e9 else 3)))
+            gemm.append((2.0 * m * k * n, flops / median_time(run, repeat if flops < 3e9 else 3)))
         attn = []
         for b, heads, s, hd in ATTN_SHAPES:
             q, k_, v = (torch.randn(b, heads, s, hd, requires_grad=True) for _ in range(3))
@@ -88,21 +90,21 @@ def measure_compute(threads: int, repeat: int = 5) -> dict:
             def sdpa():
                 F.scaled_dot_product_attention(q, k_, v, is_causal=True).sum().backward()
             fwd = 4.0 * b * heads * s * s * hd
-            attn.append((fwd, 3 * fwd / _median_time(sdpa, repeat)))
+            attn.append((fwd, 3 * fwd / median_time(sdpa, repeat)))
         x = torch.randn(2048, 1024, requires_grad=True)
         gy = torch.randn(2048, 1024)
-        elem = {"gelu": _median_time(lambda: F.gelu(x, approximate="tanh").backward(gy), repeat) / x.numel()}
+        elem = {"gelu": median_time(lambda: F.gelu(x, approximate="tanh").backward(gy), repeat) / x.numel()}
         ln = torch.nn.LayerNorm(1024)
-        elem["layer_norm"] = _median_time(lambda: ln(x).backward(gy), repeat) / x.numel()
-        elem["softmax"] = _median_time(lambda: F.log_softmax(x, -1).backward(gy), repeat) / x.numel()
+        elem["layer_norm"] = median_time(lambda: ln(x).backward(gy), repeat) / x.numel()
+        elem["softmax"] = median_time(lambda: F.log_softmax(x, -1).backward(gy), repeat) / x.numel()
         params = [torch.nn.Parameter(torch.randn(512, 512)) for _ in range(8)]
         for p in params:
             p.grad = torch.randn_like(p)
         opt = torch.optim.AdamW(params, lr=1e-3)
-        elem["adamw"] = _median_time(opt.step, repeat) / sum(p.numel() for p in params)
+        elem["adamw"] = median_time(opt.step, repeat) / sum(p.numel() for p in params)
         a, b_ = torch.randn(8 * 2**20), torch.randn(8 * 2**20)
         out = torch.empty_like(a)
-        elem["bw"] = 3 * a.numel() * 4 / _median_time(lambda: torch.add(a, b_, out=out), repeat)
+        elem["bw"] = 3 * a.numel() * 4 / median_time(lambda: torch.add(a, b_, out=out), repeat)
     finally:
         torch.set_num_threads(previous)
     return {"gemm": gemm, "attn": attn, "elem": elem}
@@ -120,7 +122,7 @@ def measure_dispatch(repeat: int = 5) -> float:
             z = z * 1.0001
         z.sum().backward()
 
-    return _median_time(chain, repeat) / 400  # 200 forward ops, about as many backward nodes
+    return median_time(chain, repeat) / 400  # 200 forward ops, about as many backward nodes
 
 
 def reference_step_time(steps: int = 6) -> float:
@@ -146,7 +148,7 @@ def reference_step_time(steps: int = 6) -> float:
         opt.step()
 
     step()
-    return _median_time(step, steps)
+    return median_time(step, steps)
 
 
 def _gloo_worker(rank: int, world: int, init_file: str, out: str) -> None:
@@ -181,7 +183,7 @@ def _gloo_worker(rank: int, world: int, init_file: str, out: str) -> None:
             "all_gather": lambda: _all_gather(full, shard),
         }
         for op, fn in runs.items():
-            times[op][s] = _median_time(fn, 21 if s <= 1 << 20 else 7)
+            times[op][s] = median_time(fn, 21 if s <= 1 << 20 else 7)
 
         def ping():  # a send and its receipt, then the same back: two messages
             if rank == 0:
@@ -190,7 +192,7 @@ def _gloo_worker(rank: int, world: int, init_file: str, out: str) -> None:
             elif rank == 1:
                 dist.recv(full, 0)
                 dist.send(full, 0)
-        times["p2p"][s] = _median_time(ping, 21 if s <= 1 << 20 else 7) / 2
+        times["p2p"][s] = median_time(ping, 21 if s <= 1 << 20 else 7) / 2
     dist.barrier()
     step = reference_step_time()  # every worker at once, as data-parallel workers compute
     gathered = [None] * world
