@@ -49,12 +49,13 @@ def init(dp: int | None = None, tp: int = 1, pp: int = 1, backend: str | None = 
     """Join the process group (from torchrun's environment, unless already initialised) and lay
     the ranks out as pp x dp x tp; dp defaults to world / (tp * pp)."""
     if not dist.is_initialized():
-        from paratrain.launch import init_process_group
+        from paratrain.launch import init_process_group, leave_at_exit
 
         cuda = torch.cuda.is_available()
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         init_process_group(backend or ("nccl" if cuda else "gloo"))
+        leave_at_exit()  # a script's end need not destroy the group (torchrun's examples do not)
     world = dist.get_world_size()
     dp = dp or world // (tp * pp)
     device = "cuda" if dist.get_backend() == "nccl" else "cpu"

@@ -9,7 +9,9 @@ on CUDA. Each local worker gets an equal share of the cores, so workers do not o
 
 from __future__ import annotations
 
+import atexit
 import datetime
+import gc
 import logging
 import os
 import re
@@ -63,7 +65,25 @@ def run_worker(cfg_dict: dict) -> dict:
         mesh = Mesh.build(cfg.layout.dp, cfg.layout.tp, cfg.layout.pp, device_type=device.type)
         return Trainer(cfg, mesh, device).fit()
     finally:
+        leave_process_group()
+
+
+def leave_process_group() -> None:
+    """Collect garbage, then destroy the default group (if any).
+
+    Reference cycles left by a training step (autograd graphs around collectives) can hold gloo
+    state; collected at interpreter exit, after the group is gone, they abort the process
+    ("terminate called without an active exception", exit status -6) in about one run of four
+    under torch 2.13, with torch's own DistributedDataParallel too. Collected first, they do not.
+    """
+    gc.collect()
+    if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def leave_at_exit() -> None:
+    """For processes that join a group themselves (the Python API): leave it at exit, cleanly."""
+    atexit.register(leave_process_group)
 
 
 def init_process_group(backend: str, timeout: datetime.timedelta = datetime.timedelta(minutes=10)) -> None:

@@ -105,3 +105,45 @@ def test_pipeline_refuses_what_it_cannot_cut():
     assert "shares a parameter" in errors[1]
     assert "pp_split must name 1 increasing" in errors[2]
     assert "cannot fill 2 pipeline stages" in errors[3]
+
+
+# ---------------------------------------------------------------- frozen parameters (fine-tuning)
+FROZEN_RUNS = [dict(zero=0), dict(zero=3), dict(zero=1, precision="bf16")]
+
+
+def _frozen(steps: int = 3):
+    """A model whose embedding is frozen, trained under each of FROZEN_RUNS in turn: the losses,
+    and whether the frozen weight stayed as it was (in the compute dtype) while the rest moved."""
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    import paratrain
+
+    mesh = paratrain.init()
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    out = []
+    for kw in FROZEN_RUNS:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Embedding(64, 32), nn.Linear(32, 32), nn.GELU(), nn.Linear(32, 64))
+        model[0].weight.requires_grad_(False)
+        frozen, head = model[0].weight.detach().clone(), model[3].weight.detach().clone()
+        trainer = paratrain.Trainer(model, mesh, lambda y, t: F.cross_entropy(y.flatten(0, 1), t.flatten()),
+                                    lr=1e-2, **kw)
+        g, losses = torch.Generator().manual_seed(1), []
+        for _ in range(steps):  # each rank its share of the same global batch
+            x, t = torch.randint(0, 64, (2, 4, 8), generator=g)
+            losses.append(trainer.step(x[rank * 4 // world:(rank + 1) * 4 // world],
+                                       t[rank * 4 // world:(rank + 1) * 4 // world]))
+        dtype = torch.bfloat16 if kw.get("precision") == "bf16" else torch.float32
+        kept = torch.equal(model[0].weight, frozen.to(dtype))
+        moved = kw["zero"] == 3 or not torch.equal(model[3].weight.float(), head)  # zero 3: the modules hold no weights
+        out.append((losses, kept, moved))
+    return out
+
+
+def test_frozen_parameters_stay_frozen_and_match_one_process():
+    reference = spawn(_frozen, 1)[0]
+    for (losses, kept, moved), (ref, _, _), kw in zip(spawn(_frozen, 2)[0], reference, FROZEN_RUNS):
+        assert kept and moved, kw
+        rtol = 1e-2 if kw.get("precision") == "bf16" else 1e-5
+        torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref), rtol=rtol, atol=0)

@@ -231,6 +231,9 @@ class ZeroDataParallel(SyncSwitch, nn.Module):
             for name, p in m._parameters.items():
                 if p is not None:
                     refs.setdefault(id(p), []).append((m, name))
+        for p in module.parameters():  # frozen: not trained nor sharded, but computed in `dtype` too
+            if not p.requires_grad and p.is_floating_point():
+                p.data = p.data.to(dtype)
         seen: set[int] = set()
         for t, top in enumerate(tops):
             blocks = blocks_of(top)
