@@ -113,20 +113,30 @@ FROZEN_RUNS = [dict(zero=0), dict(zero=3), dict(zero=1, precision="bf16")]
 
 def _frozen(steps: int = 3):
     """A model whose embedding is frozen, trained under each of FROZEN_RUNS in turn: the losses,
-    and whether the frozen weight stayed as it was (in the compute dtype) while the rest moved."""
+    and whether the frozen weight stayed as it was (in the compute dtype) while the rest moved.
+    Each rank builds it from its own seed: the wrappers start every replica from dp rank 0's
+    parameters (frozen ones too) and buffers, so the run is rank 0's model trained on the batch."""
     import torch.nn as nn
     import torch.nn.functional as F
 
     import paratrain
 
+    class Gain(nn.Module):  # a buffer in the forward
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("gain", torch.rand(32) + 0.5)
+
+        def forward(self, x):
+            return x * self.gain.to(x.dtype)
+
     mesh = paratrain.init()
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     out = []
     for kw in FROZEN_RUNS:
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Embedding(64, 32), nn.Linear(32, 32), nn.GELU(), nn.Linear(32, 64))
+        torch.manual_seed(rank)
+        model = nn.Sequential(nn.Embedding(64, 32), Gain(), nn.Linear(32, 32), nn.GELU(), nn.Linear(32, 64))
         model[0].weight.requires_grad_(False)
-        frozen, head = model[0].weight.detach().clone(), model[3].weight.detach().clone()
+        frozen, head = model[0].weight.detach().clone(), model[4].weight.detach().clone()
         trainer = paratrain.Trainer(model, mesh, lambda y, t: F.cross_entropy(y.flatten(0, 1), t.flatten()),
                                     lr=1e-2, **kw)
         g, losses = torch.Generator().manual_seed(1), []
@@ -136,12 +146,12 @@ def _frozen(steps: int = 3):
                                        t[rank * 4 // world:(rank + 1) * 4 // world]))
         dtype = torch.bfloat16 if kw.get("precision") == "bf16" else torch.float32
         kept = torch.equal(model[0].weight, frozen.to(dtype))
-        moved = kw["zero"] == 3 or not torch.equal(model[3].weight.float(), head)  # zero 3: the modules hold no weights
+        moved = kw["zero"] == 3 or not torch.equal(model[4].weight.float(), head)  # zero 3: the modules hold no weights
         out.append((losses, kept, moved))
     return out
 
 
-def test_frozen_parameters_stay_frozen_and_match_one_process():
+def test_frozen_parameters_and_replicas_built_apart_match_one_process():
     reference = spawn(_frozen, 1)[0]
     for (losses, kept, moved), (ref, _, _), kw in zip(spawn(_frozen, 2)[0], reference, FROZEN_RUNS):
         assert kept and moved, kw

@@ -54,6 +54,17 @@ class SyncSwitch:
             self.require_sync = previous
 
 
+def sync_module_states(module: nn.Module, mesh: Mesh) -> None:
+    """Every parameter (frozen ones too) and buffer as dp rank 0 has it, once, as DDP does at
+    construction: replicas that start apart would never meet again."""
+    if mesh.size("dp") == 1:
+        return
+    src, group = mesh.ranks("dp")[0], mesh.group("dp")
+    with torch.no_grad():
+        for t in [*module.parameters(), *module.buffers()]:
+            broadcast(t.data, src, group, mesh.comm)
+
+
 class DataParallel(SyncSwitch, nn.Module):
     def __init__(self, module: nn.Module, mesh: Mesh, bucket_mb: float = 25.0, average: bool = False,
                  compressor: Compressor | None = None):
@@ -66,10 +77,7 @@ class DataParallel(SyncSwitch, nn.Module):
         self.average = average
         self.require_sync = True
         params = [p for p in module.parameters() if p.requires_grad]
-        src = mesh.ranks("dp")[0]
-        with torch.no_grad():
-            for p in params:
-                broadcast(p.data, src, self.group, mesh.comm)
+        sync_module_states(module, mesh)
         self.buckets: list[Bucket] = []
         self._slot_of: dict[nn.Parameter, tuple[int, int]] = {}  # param -> (bucket, index)
         self._next_to_launch = 0

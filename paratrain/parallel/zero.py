@@ -39,7 +39,7 @@ import torch.nn as nn
 
 from paratrain.comm import Compressor, all_gather_flat, all_reduce, reduce_scatter_flat
 from paratrain.mesh import Mesh
-from paratrain.parallel.data import SyncSwitch
+from paratrain.parallel.data import SyncSwitch, sync_module_states
 
 FLAGS = ("tp_sharded", "sequence_parallel", "pp_duplicate", "pp_tied")
 
@@ -231,6 +231,7 @@ class ZeroDataParallel(SyncSwitch, nn.Module):
             for name, p in m._parameters.items():
                 if p is not None:
                     refs.setdefault(id(p), []).append((m, name))
+        sync_module_states(module, mesh)
         for p in module.parameters():  # frozen: not trained nor sharded, but computed in `dtype` too
             if not p.requires_grad and p.is_floating_point():
                 p.data = p.data.to(dtype)
