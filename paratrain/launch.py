@@ -61,11 +61,15 @@ def run_worker(cfg_dict: dict) -> dict:
         if cfg.train.sync == "ps":
             from paratrain.parallel.param_server import run_ps
 
-            return run_ps(cfg, device)
-        mesh = Mesh.build(cfg.layout.dp, cfg.layout.tp, cfg.layout.pp, device_type=device.type)
-        return Trainer(cfg, mesh, device).fit()
-    finally:
-        leave_process_group()
+            result = run_ps(cfg, device)
+        else:
+            mesh = Mesh.build(cfg.layout.dp, cfg.layout.tp, cfg.layout.pp, device_type=device.type)
+            result = Trainer(cfg, mesh, device).fit()
+    except BaseException:
+        dist.destroy_process_group()  # no gc.collect here: on failure it left a semaphore leak warning
+        raise
+    leave_process_group()  # under torchrun the process lives on to its interpreter's teardown
+    return result
 
 
 def leave_process_group() -> None:
