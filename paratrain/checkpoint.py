@@ -451,7 +451,9 @@ def load_full_model(folder: str) -> dict[str, torch.Tensor]:
     md = reader.read_metadata()
     state = {k: torch.empty(v.size, dtype=v.properties.dtype) for k, v in md.state_dict_metadata.items()
              if k.startswith("model/") and isinstance(v, TensorStorageMetadata)}
-    dcp.load(state, storage_reader=reader, no_dist=True)
+    with warnings.catch_warnings():  # no_dist=True is the intent: DCP need not say it assumed it
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        dcp.load(state, storage_reader=reader, no_dist=True)
     return {k[len("model/"):]: v for k, v in state.items()}
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from paratrain.config import ConfigError, RunConfig, load_toml, merge, parse_layout, validate
+from paratrain.config import (ConfigError, RunConfig, load_toml, make_folder, merge, parse_layout, prepare_outputs,
+                              validate)
 
 # flag -> (section, setting, type). Every flag defaults to None: "not given", so that the
 # TOML file (--config) can supply a value and a flag overrides it.
@@ -205,6 +206,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         world = int(os.environ["WORLD_SIZE"]) if under_torchrun() else None
         validate(cfg, world_size=world)
         check_resume(cfg)
+        prepare_outputs(cfg)
     except ConfigError as e:
         fail(str(e))
     if under_torchrun():
@@ -244,10 +246,14 @@ def check_resume(cfg: RunConfig) -> None:
     import json
 
     with open(os.path.join(folder, "manifest.json")) as fh:
-        seed = json.load(fh)["config"]["train"]["seed"]
+        manifest = json.load(fh)
+    seed, step = manifest["config"]["train"]["seed"], manifest["step"]
     if seed != cfg.train.seed:
         raise ConfigError(f"--resume: {folder} was trained with --seed {seed} (it fixes the batches); "
                           f"this run has --seed {cfg.train.seed}")
+    if step >= cfg.train.steps:
+        raise ConfigError(f"--resume: {folder} is at step {step}, so --steps {cfg.train.steps} leaves nothing to "
+                          f"train; give --steps above {step}")
 
 
 def cmd_checkpoint(args: argparse.Namespace) -> int:
@@ -261,8 +267,15 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
 
     if not os.path.exists(args.path):
         fail(f"checkpoint export: no such folder {args.path!r}")
+    if not os.path.isdir(args.path):
+        fail(f"checkpoint export: {args.path!r} is a file; give a checkpoint folder (step_N) or the --checkpoint-dir")
+    if os.path.isdir(args.to):
+        fail(f"--to: {args.to!r} is a folder; give a file such as {os.path.join(args.to, 'model.safetensors')}")
     try:
+        make_folder("--to", os.path.dirname(args.to) or ".")
         folder = export(args.path, args.to)
+    except ConfigError as e:
+        fail(str(e))
     except CheckpointError as e:
         fail(f"checkpoint export: {e}")
     print(f"paratrain: wrote {args.to} from {folder}")
@@ -284,13 +297,18 @@ def cmd_compare(args: argparse.Namespace) -> int:
     tr.progress, tr.eval_batches = False, 2
     try:
         validate(cfg)  # the parts every layout shares
+        make_folder("--out", args.out)
     except ConfigError as e:
         fail(str(e))
     world = torch.cuda.device_count() if tr.device == "cuda" else default_layout_dp(16, "cpu")
     layouts = args.layouts or default_layouts(world)
-    compare(cfg, layouts, args.out, "paratrain compare " + shlex.join(sys.argv[2:]) if sys.argv[1:2] == ["compare"]
-            else "paratrain compare")
-    print(f"paratrain compare: wrote {args.out}/report.md, report.html, results.json and plots")
+    summary = compare(cfg, layouts, args.out, "paratrain compare " + shlex.join(sys.argv[2:])
+                      if sys.argv[1:2] == ["compare"] else "paratrain compare")
+    done = [r for r in summary["results"] if "error" not in r]
+    print(f"paratrain compare: wrote {args.out}/report.md, report.html, results.json" + (" and plots" if done else ""))
+    if not done:
+        print(f"paratrain compare: no layout completed; their errors are in {args.out}/report.md", file=sys.stderr)
+        return 1
     return 0
 
 

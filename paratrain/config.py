@@ -9,6 +9,7 @@ process starts.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -231,8 +232,6 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         )
     if lay.pp > 1:
         v = lay.virtual_stages if lay.schedule == "interleaved" else 1
-        if lay.virtual_stages < 1:
-            raise ConfigError(f"--virtual-stages: must be at least 1, got {lay.virtual_stages}")
         if preset.n_layer < lay.pp * v:
             raise ConfigError(
                 f"--pp: model {cfg.model.name} has {preset.n_layer} layers, fewer than the {lay.pp * v} "
@@ -247,12 +246,20 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
             raise ConfigError(
                 f"--microbatches: the interleaved schedule needs a multiple of pp={lay.pp}, got {lay.microbatches}"
             )
+    if lay.virtual_stages < 1:
+        raise ConfigError(f"--virtual-stages: must be at least 1, got {lay.virtual_stages}")
+    if lay.virtual_stages != LayoutConfig.virtual_stages and (lay.schedule != "interleaved" or lay.pp == 1):
+        raise ConfigError(f"--virtual-stages: only applies to --schedule interleaved with --pp 2 or more, got "
+                          f"{lay.virtual_stages} with --schedule {lay.schedule} --pp {lay.pp}; "
+                          "add those or leave it out")
     if tr.timeline is not None and lay.pp == 1:
         raise ConfigError("--timeline: draws the pipeline schedule and needs --pp 2 or more")
     if tr.steps < 1:
         raise ConfigError(f"--steps: must be at least 1, got {tr.steps}")
     if tr.profile_steps < 1:
         raise ConfigError(f"--profile-steps: must be at least 1, got {tr.profile_steps}")
+    if tr.profile is None and tr.profile_steps != TrainConfig.profile_steps:
+        raise ConfigError("--profile-steps: give the folder with --profile DIR")
     if tr.global_batch < 1:
         raise ConfigError(f"--global-batch: must be at least 1, got {tr.global_batch}")
     if tr.global_batch % (lay.dp * lay.microbatches):
@@ -264,20 +271,30 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         raise ConfigError(
             f"--seq-len: must be between 1 and {preset.max_seq_len} for model {cfg.model.name}, got {tr.seq_len}"
         )
-    if not tr.lr > 0:
-        raise ConfigError(f"--lr: must be positive, got {tr.lr}")
+    if not 0 <= tr.seed < 2**32:
+        raise ConfigError(f"--seed: must be between 0 and {2**32 - 1}, got {tr.seed}")
+    if not 0 < tr.lr < math.inf:
+        raise ConfigError(f"--lr: must be a positive finite number, got {tr.lr}")
     if not 0 <= tr.min_lr_ratio <= 1:
         raise ConfigError(f"train.min_lr_ratio: must be between 0 and 1, got {tr.min_lr_ratio}")
-    if tr.warmup_steps < 0 or tr.grad_clip < 0 or tr.weight_decay < 0:
-        raise ConfigError("train.warmup_steps, train.grad_clip and train.weight_decay must not be negative")
+    for name, value, what in (("--warmup-steps", tr.warmup_steps, ""),
+                              ("--grad-clip", tr.grad_clip, " (0 turns clipping off)"),
+                              ("train.weight_decay", tr.weight_decay, ""),
+                              ("--eval-every", tr.eval_every, " (0: only at the end)")):
+        if not 0 <= value < math.inf:
+            raise ConfigError(f"{name}: must be {'at least 0' if value < 0 else 'a finite number'}{what}, got {value}")
+    if tr.eval_batches < 1:
+        raise ConfigError(f"train.eval_batches: must be at least 1, got {tr.eval_batches}")
+    for name in ("beta1", "beta2"):
+        if not 0 <= getattr(tr, name) < 1:
+            raise ConfigError(f"train.{name}: must be in [0, 1), got {getattr(tr, name)}")
     if not 0 <= cfg.model.dropout < 1:
         raise ConfigError(f"model.dropout: must be in [0, 1), got {cfg.model.dropout}")
-    if tr.bucket_mb <= 0:
-        raise ConfigError(f"--bucket-mb: must be positive, got {tr.bucket_mb}")
-    if tr.eval_every < 0 or tr.eval_batches < 1:
-        raise ConfigError("train.eval_every must be >= 0 and train.eval_batches >= 1")
-    if tr.collective_timeout < 0:
-        raise ConfigError(f"--collective-timeout: must be >= 0 seconds (0 turns the watchdog off), got {tr.collective_timeout}")
+    if not 0 < tr.bucket_mb < math.inf:
+        raise ConfigError(f"--bucket-mb: must be a positive finite number, got {tr.bucket_mb}")
+    if not 0 <= tr.collective_timeout < math.inf:
+        raise ConfigError(f"--collective-timeout: must be a finite number of seconds >= 0 (0 turns the watchdog off), "
+                          f"got {tr.collective_timeout}")
     if tr.max_restarts < 0:
         raise ConfigError(f"--max-restarts: must be at least 0, got {tr.max_restarts}")
     if tr.precision not in ("fp32", "bf16", "fp16"):
@@ -313,10 +330,29 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         raise ConfigError(f"--data: no such file or folder {cfg.data.path!r}; give a text file, a folder, or 'stdlib'")
     if not 0 < cfg.data.val_fraction < 0.5:
         raise ConfigError(f"data.val_fraction: must be in (0, 0.5), got {cfg.data.val_fraction}")
+    if cfg.data.path != "stdlib":
+        from paratrain.data import check_corpus
+
+        try:
+            check_corpus(cfg.data.path, tr.seq_len)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     _validate_sync(cfg)
+    if tr.device == "cpu" and world_size is None:  # local workers: each needs the planner's worker baseline
+        from paratrain.planner.hardware import cpu_local
+
+        hw = cpu_local()
+        if cfg.world_size * hw.reserve_bytes > hw.memory_bytes:
+            raise ConfigError(
+                f"layout: {cfg.world_size} local workers need about "
+                f"{cfg.world_size * hw.reserve_bytes / 2**30:.0f} GiB ({hw.reserve_bytes / 2**20:.0f} MiB each "
+                f"before the model) but this machine has "
+                f"{hw.memory_bytes / 2**30:.0f} GiB; use fewer --dp/--tp/--pp, or torchrun across machines")
     ck = cfg.checkpoint
-    if ck.every < 0 or ck.keep < 1:
-        raise ConfigError("--checkpoint-every must be >= 0 and --keep-checkpoints >= 1")
+    if ck.every < 0:
+        raise ConfigError(f"--checkpoint-every: must be at least 0, got {ck.every}")
+    if ck.keep < 1:
+        raise ConfigError(f"--keep-checkpoints: must be at least 1, got {ck.keep}")
     if (ck.every or ck.resume or ck.async_save) and not ck.dir:
         raise ConfigError("--checkpoint-every/--resume/--async-checkpoint: give the folder with --checkpoint-dir DIR")
     if ck.dir and tr.sync == "ps" and tr.staleness != 0:
@@ -330,6 +366,34 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
             f"layout: {lay}{servers} needs world size {cfg.world_size} but the launcher started {world_size} "
             f"processes; set --dp/--tp/--pp{'/--servers' if servers else ''} so that they add up to {world_size}"
         )
+
+
+def make_folder(flag: str, path: str) -> None:
+    """Create the output folder `path` and its parents, as the workers would, but now: one that
+    cannot be made or written is a ConfigError before any worker starts."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"{flag}: cannot create the folder {path!r}: a file has that name; give another path")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{flag}: cannot create the folder {path!r} ({e.strerror}); give a writable folder") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag}: cannot write in {path!r}; give a writable folder")
+
+
+def prepare_outputs(cfg: RunConfig) -> None:
+    """Create the folders the run writes to (the --metrics file's, --profile, --timeline, and
+    --checkpoint-dir when it saves) before any worker starts."""
+    tr = cfg.train
+    if tr.metrics:
+        if os.path.isdir(tr.metrics):
+            raise ConfigError(f"--metrics: {tr.metrics!r} is a folder; give a file such as "
+                              f"{os.path.join(tr.metrics, 'metrics.jsonl')}")
+        make_folder("--metrics", os.path.dirname(tr.metrics) or ".")
+    for flag, path in (("--profile", tr.profile), ("--timeline", tr.timeline),
+                       ("--checkpoint-dir", cfg.checkpoint.dir if cfg.checkpoint.every else None)):
+        if path:
+            make_folder(flag, path)
 
 
 def _validate_sync(cfg: RunConfig) -> None:
@@ -352,7 +416,7 @@ def _validate_sync(cfg: RunConfig) -> None:
     if tr.simulate_straggler is not None:
         rank, _, seconds = tr.simulate_straggler.partition(":")
         try:
-            ok = rank.isdigit() and int(rank) < lay.dp * lay.tp * lay.pp and float(seconds) >= 0
+            ok = rank.isdigit() and int(rank) < lay.dp * lay.tp * lay.pp and 0 <= float(seconds) < math.inf
         except ValueError:
             ok = False
         if not ok:

@@ -71,6 +71,26 @@ def load_corpus(path: str = "stdlib", max_bytes: int = 64 << 20) -> np.ndarray:
     return corpus
 
 
+def check_corpus(path: str, seq_len: int) -> None:
+    """Raise ValueError (one line) unless `path` holds the text a TokenLoader of `seq_len` needs,
+    by load_corpus's rules; reads no more than it must, so a run can check before it starts."""
+    need, total = 4 * (seq_len + 1), 0
+    for f in text_files(path):
+        try:
+            with open(f, "rb") as fh:
+                if b"\0" in fh.read(4096):
+                    continue
+                total += os.fstat(fh.fileno()).st_size
+        except OSError as e:
+            raise ValueError(f"--data: cannot read {f!r} ({e.strerror})") from None
+        if total >= need:
+            return
+    if total == 0:
+        raise ValueError(f"--data: no text found in {path!r}; give a text file or a folder of text files")
+    raise ValueError(f"--data: the corpus has {total} bytes, too few for --seq-len {seq_len}; "
+                     f"give at least {need} bytes of text or a shorter --seq-len")
+
+
 @dataclass
 class Batch:
     inputs: torch.Tensor  # (B, T) int64

@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 
@@ -38,3 +39,35 @@ def test_compare_four_layouts_and_one_invalid(tmp_path):
         assert x["mfu"] is None
         assert abs(x["tflops_per_device"] * 2e12 - x["tokens_per_s"] * flops_per_token(PRESETS["tiny"], 32)) < 1e-6 * x["tokens_per_s"]
     assert "TFLOP/s per device (MFU)" in md
+
+
+def test_compare_with_no_layout_completed_writes_the_report_and_exits_1(tmp_path, capsys):
+    """Layouts that cannot be read fail before any training: the report lists them, status 1."""
+    from paratrain.cli import main
+
+    out = tmp_path / "report"
+    assert main(["compare", "--model", "tiny", "--layouts", "foo", "dp=x", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err == f"paratrain compare: no layout completed; their errors are in {out}/report.md\n"
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert [x["layout"] for x in results] == ["foo", "dp=x"] and all("error" in x for x in results)
+    assert "`foo` failed" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--out", "{tmp}/file"], "--out: cannot create the folder '{tmp}/file': a file has that name"),
+    (["--out", "{tmp}/file/report"], "--out: cannot create the folder"),
+    (["--seed", "-1"], "--seed: must be between 0 and 4294967295, got -1"),
+])
+def test_compare_bad_input_is_one_line_before_any_layout(argv, message, tmp_path, capsys):
+    from paratrain.cli import main
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit) as e:
+        main(["compare", "--model", "tiny", "--layouts", "dp=1", "--out", str(tmp_path / "r"),
+              *(a.format(tmp=tmp_path) for a in argv)])
+    assert e.value.code == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("paratrain: error: " + message.format(tmp=tmp_path)), lines
+    assert "paratrain compare: dp=1" not in captured.out  # no layout ran

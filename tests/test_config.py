@@ -75,6 +75,24 @@ BAD = [
     (["--layout", "dp=x"], "layout"),
     (["--simulate-failure", "9:1"], "--simulate-failure"),
     (["--config", "/no/such.toml"], "--config"),
+    (["--seed", "-1"], "--seed: must be between 0 and 4294967295, got -1"),
+    (["--seed", str(2**32)], "--seed"),
+    (["--profile-steps", "2"], "--profile-steps: give the folder with --profile DIR"),
+    (["--virtual-stages", "3"], "--virtual-stages: only applies to --schedule interleaved"),
+    (["--virtual-stages", "3", "--schedule", "interleaved"], "--virtual-stages"),  # pp=1
+    (["--pp", "2", "--microbatches", "2", "--virtual-stages", "3"], "--virtual-stages"),  # 1f1b
+    (["--virtual-stages", "0"], "--virtual-stages: must be at least 1"),
+    (["--warmup-steps", "-5"], "--warmup-steps: must be at least 0, got -5"),
+    (["--grad-clip", "-1"], "--grad-clip: must be at least 0"),
+    (["--grad-clip", "nan"], "--grad-clip: must be a finite number"),
+    (["--eval-every", "-1"], "--eval-every: must be at least 0"),
+    (["--checkpoint-every", "-1", "--checkpoint-dir", "x"], "--checkpoint-every: must be at least 0, got -1"),
+    (["--keep-checkpoints", "0", "--checkpoint-dir", "x"], "--keep-checkpoints: must be at least 1, got 0"),
+    (["--lr", "inf"], "--lr"),
+    (["--bucket-mb", "nan"], "--bucket-mb"),
+    (["--collective-timeout", "inf"], "--collective-timeout"),
+    (["--simulate-straggler", "0:inf"], "--simulate-straggler"),
+    (["--dp", "100000", "--global-batch", "100000"], "layout: 100000 local workers need about"),
 ]
 
 
@@ -98,6 +116,104 @@ def test_bad_toml_names_the_setting(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", "--config", str(path)])
     assert "train.steps must be an integer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("setting,message", [
+    ("weight_decay = -1", "train.weight_decay: must be at least 0, got -1.0"),
+    ("eval_batches = 0", "train.eval_batches: must be at least 1, got 0"),
+    ("beta2 = 1.0", "train.beta2: must be in [0, 1), got 1.0"),
+    ("lr = inf", "--lr: must be a positive finite number, got inf"),
+])
+def test_toml_only_settings_are_named_one_at_a_time(setting, message, tmp_path, capsys):
+    path = tmp_path / "run.toml"
+    path.write_text(f"[train]\n{setting}\n")
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--model", "tiny", "--device", "cpu", "--config", str(path)])
+    assert e.value.code == 2 and capsys.readouterr().err == f"paratrain: error: {message}\n"
+
+
+def _paths(tmp):
+    (tmp / "file").write_text("x")
+    (tmp / "empty.txt").write_text("")
+    (tmp / "empty").mkdir()
+    (tmp / "dir.pt").mkdir()
+    (tmp / "binary.bin").write_bytes(b"\0" * 5000)
+    (tmp / "short.txt").write_text("hello world")
+
+
+PATHS = [
+    (["--metrics", "{tmp}/file/m.jsonl"], "--metrics: cannot create the folder"),
+    (["--metrics", "{tmp}/empty"], "--metrics: '{tmp}/empty' is a folder"),
+    (["--profile", "{tmp}/file"], "--profile: cannot create the folder"),
+    (["--pp", "2", "--microbatches", "2", "--timeline", "{tmp}/file/t"], "--timeline: cannot create the folder"),
+    (["--checkpoint-dir", "{tmp}/file", "--checkpoint-every", "1"], "--checkpoint-dir: cannot create the folder"),
+    (["--data", "{tmp}/empty"], "--data: no text found"),
+    (["--data", "{tmp}/empty.txt"], "--data: no text found"),
+    (["--data", "{tmp}/binary.bin"], "--data: no text found"),
+    (["--data", "{tmp}/short.txt", "--seq-len", "32"], "--data: the corpus has 11 bytes, too few for --seq-len 32"),
+]
+
+
+@pytest.mark.parametrize("argv,field", PATHS, ids=[" ".join(a) for a, _ in PATHS])
+def test_unusable_paths_exit_2_before_any_worker(argv, field, tmp_path, capsys):
+    _paths(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--model", "tiny", "--device", "cpu", *(a.format(tmp=tmp_path) for a in argv)])
+    assert e.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"paratrain: error: {field.format(tmp=tmp_path)}"), lines
+
+
+def test_output_folders_are_created_before_the_workers(tmp_path):
+    from paratrain.config import prepare_outputs
+
+    cfg = cfg_of("--model", "tiny", "--device", "cpu", "--metrics", str(tmp_path / "a" / "b" / "m.jsonl"),
+                 "--profile", str(tmp_path / "prof"), "--checkpoint-dir", str(tmp_path / "ck"), "--checkpoint-every", "5")
+    validate(cfg)
+    prepare_outputs(cfg)
+    assert (tmp_path / "a" / "b").is_dir() and (tmp_path / "prof").is_dir() and (tmp_path / "ck").is_dir()
+    assert not (tmp_path / "a" / "b" / "m.jsonl").exists()  # the workers write it
+
+
+def test_resume_of_a_finished_run_is_refused(tmp_path, monkeypatch, capsys):
+    import json
+
+    import paratrain.checkpoint
+
+    step = tmp_path / "step_00000004"
+    step.mkdir()
+    (step / "manifest.json").write_text(json.dumps({"step": 4, "config": {"train": {"seed": 1234}}}))
+    monkeypatch.setattr(paratrain.checkpoint, "latest_good", lambda root, model: (str(step), []))
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--model", "tiny", "--device", "cpu", "--steps", "4", "--checkpoint-dir", str(tmp_path), "--resume"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == (f"paratrain: error: --resume: {step} is at step 4, so --steps 4 leaves nothing "
+                                       "to train; give --steps above 4\n")
+
+
+def test_layout_auto_keeps_virtual_stages_to_interleaved_pipelines():
+    from collections import Counter
+
+    from paratrain.models.gpt import PRESETS
+    from paratrain.planner.search import candidates
+
+    found = list(candidates(PRESETS["tiny"], 32, 8, 2, "fp32", 2, False, Counter(), {"virtual_stages": 3}))
+    assert found and all(c.schedule == "interleaved" and c.pp > 1 for c in found)
+
+
+@pytest.mark.parametrize("argv,field", [
+    (["{tmp}/file", "--to", "{tmp}/m.pt"], "checkpoint export: '{tmp}/file' is a file"),
+    (["{tmp}", "--to", "{tmp}/dir.pt"], "--to: '{tmp}/dir.pt' is a folder"),
+    (["{tmp}", "--to", "{tmp}/file/m.pt"], "--to: cannot create the folder"),
+    (["{tmp}", "--to", "{tmp}/m.bin"], "--to: write a .safetensors or .pt file"),
+])
+def test_checkpoint_export_refuses_bad_paths_in_one_line(argv, field, tmp_path, capsys):
+    _paths(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(["checkpoint", "export", *(a.format(tmp=tmp_path) for a in argv)])
+    assert e.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"paratrain: error: {field.format(tmp=tmp_path)}"), lines
 
 
 def test_console_script_rejects_before_starting_workers():

@@ -22,7 +22,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
 
-from paratrain.config import ConfigError, RunConfig
+from paratrain.config import ConfigError, LayoutConfig, RunConfig
 from paratrain.models.gpt import PRESETS, GPTConfig
 from paratrain.planner.cost import Candidate, Estimate, crosses_node, estimate, pad_vocab, param_count
 from paratrain.planner.hardware import NAMES, Hardware, get_hardware
@@ -99,6 +99,8 @@ def candidates(cfg: GPTConfig, seq_len: int, global_batch: int, gpus: int, preci
                 for sched in schedules:
                     if sched == "interleaved" and (m % pp or cfg.n_layer < vs * pp):
                         continue
+                    if vs != LayoutConfig.virtual_stages and (sched != "interleaved" or pp == 1):
+                        continue  # as validate(): virtual stages given only for the interleaved schedule
                     for zero in zeros:
                         for sp in sps:
                             c = Candidate(dp=dp, tp=tp, pp=pp, zero=zero, schedule=sched, microbatches=m,
