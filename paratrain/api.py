@@ -10,7 +10,10 @@
 DESIGN.md: a tensor-parallel plan (module path pattern -> style, as in
 `paratrain.parallel.tensor.GPT_PLAN`), then data parallelism or ZeRO (with fp32 master weights
 for mixed precision; ZeRO-3 gathers per layer, the layers found by `zero.blocks_of` or given as
-`blocks`), then activation checkpointing of those layers.
+`blocks`), then activation checkpointing of those layers. Every replica starts from dp rank 0's
+parameters and buffers (broadcast once, as DDP does). Frozen parameters (`requires_grad=False`,
+as in fine-tuning) are neither reduced, sharded nor optimised: each rank keeps them whole, in the
+compute dtype under mixed precision.
 
 Pipeline parallelism (a mesh with pp > 1) needs the model as a sequence of layers, each taking
 the previous one's output: an `nn.Sequential`, or `layers=[...]`. The layers are cut into
