@@ -1,14 +1,14 @@
 """Checkpoints: exact resume across layouts, survival of a SIGKILLed worker, clear refusals.
 
-A run saved in one layout and resumed in another (dp x tp -> pp, ZeRO-3 -> tp, a pipeline ->
-ZeRO-2, with an asynchronous save) continues with the losses of the uninterrupted run. A worker
-killed with SIGKILL under --max-restarts 1 costs only the steps since the last checkpoint: the
-final loss and parameters equal those of the run never interrupted. A truncated file, another
+A run saved in one layout and resumed in another (ZeRO-3 with an asynchronous save -> dp x tp ->
+pp in one chain; dp x tp -> pp, ZeRO-3 -> tp, a pipeline -> ZeRO-2 in the slow set) continues
+with the losses of the uninterrupted run. A worker killed with SIGKILL under max_restarts 1
+costs only the steps since the last checkpoint: the final loss and parameters equal those of
+the run never interrupted. A truncated file, another
 model's checkpoint and a missing folder are one line and exit status 2; a broken newest
 checkpoint falls back to the previous good one.
 """
 
-import json
 import os
 import shutil
 import subprocess
@@ -20,9 +20,9 @@ import torch
 from helpers import run_tiny
 from paratrain.checkpoint import checkpoints, load_full_model
 
-CASES = [
-    (dict(dp=2, tp=2), dict(pp=2, microbatches=2)),
-    (dict(dp=2, zero=3, checkpoint_async=True), dict(tp=2)),
+CASES = [  # slow-marked: test_resume_through_a_chain_of_layouts covers the first two in one chain
+    pytest.param(dict(dp=2, tp=2), dict(pp=2, microbatches=2), marks=pytest.mark.slow),
+    pytest.param(dict(dp=2, zero=3, checkpoint_async=True), dict(tp=2), marks=pytest.mark.slow),
     pytest.param(dict(pp=2, schedule="gpipe", microbatches=2), dict(dp=2, zero=2), marks=pytest.mark.slow),
 ]
 
@@ -45,38 +45,64 @@ def test_resume_in_another_layout_continues_the_same_losses(tmp_path, saved, loa
     torch.testing.assert_close(torch.tensor(resumed["losses"]), torch.tensor(full["losses"][6:]), rtol=1e-5, atol=0)
 
 
+def test_resume_through_a_chain_of_layouts(tmp_path):
+    """ZeRO-3 saved asynchronously -> dp x tp, which saves again -> pp: each resumed run
+    continues with the losses of the uninterrupted ZeRO-3 run (three launches for two changes
+    of layout)."""
+    full = run_ckpt(tmp_path / "a", every=6, async_save=True, dp=2, zero=3)  # saves at step 6 (and not at 10)
+    assert [os.path.basename(c) for c in checkpoints(tmp_path / "a")] == ["step_00000006"]
+    middle = run_ckpt(tmp_path / "a", every=2, resume=True, dp=2, tp=2)  # from step 6; saves at 8 and 10
+    assert middle["resumed_from"].endswith("step_00000006")
+    torch.testing.assert_close(torch.tensor(middle["losses"]), torch.tensor(full["losses"][6:]), rtol=1e-5, atol=0)
+    shutil.copytree(tmp_path / "a" / "step_00000008", tmp_path / "b" / "step_00000008")
+    last = run_ckpt(tmp_path / "b", resume=True, pp=2, microbatches=2)
+    assert last["resumed_from"].endswith("step_00000008")
+    torch.testing.assert_close(torch.tensor(last["losses"]), torch.tensor(full["losses"][8:]), rtol=1e-5, atol=0)
+
+
 def cli(*args, timeout=300):
     return subprocess.run([sys.executable, "-m", "paratrain", *args], capture_output=True, text=True, timeout=timeout)
 
 
-TRAIN = ["train", "--model", "tiny", "--dp", "2", "--steps", "12", "--seq-len", "32", "--seed", "5", "--no-progress"]
+def refused(capsys, *args):
+    """`paratrain ARGS` in this process, for runs refused before any worker starts (no interpreter
+    start-up): the exit status and what went to stderr."""
+    from paratrain.cli import main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(list(args))
+    return exit_.value.code, capsys.readouterr().err
 
 
-def test_sigkilled_worker_restarts_from_the_last_checkpoint_and_ends_exactly(tmp_path):
-    clean = cli(*TRAIN, "--checkpoint-dir", str(tmp_path / "a"), "--checkpoint-every", "4",
-                "--metrics", str(tmp_path / "a.jsonl"))
-    assert clean.returncode == 0, clean.stderr
-    killed = cli(*TRAIN, "--checkpoint-dir", str(tmp_path / "b"), "--checkpoint-every", "4", "--max-restarts", "1",
-                 "--simulate-failure", "1:7:kill", "--metrics", str(tmp_path / "b.jsonl"))
-    assert killed.returncode == 0, killed.stderr
-    end_a = json.loads(open(tmp_path / "a.jsonl").readlines()[-1])
-    end_b = json.loads(open(tmp_path / "b.jsonl").readlines()[-1])
-    assert end_b["resumed_from"].endswith("step_00000004")  # steps 5-7 were lost and redone
-    assert end_b["final_loss"] == pytest.approx(end_a["final_loss"], rel=1e-6)
-    a, b = load_full_model(checkpoints(tmp_path / "a")[0]), load_full_model(checkpoints(tmp_path / "b")[0])
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    """dp=2, 6 steps, saved at steps 3 and 6: the uninterrupted run of the SIGKILL test and the
+    checkpoints the refusal and export tests read (copied where they are changed)."""
+    folder = tmp_path_factory.mktemp("ckpt")
+    return folder, run_ckpt(folder, every=3, steps=6, dp=2)
+
+
+@pytest.fixture(scope="module")
+def saved(saved_run):
+    return saved_run[0]
+
+
+def test_sigkilled_worker_restarts_from_the_last_checkpoint_and_ends_exactly(saved_run, tmp_path):
+    clean_dir, clean = saved_run
+    # rank 1 is SIGKILLed at step 5; every rank restarts from step 3 and redoes steps 4 and 5
+    killed = run_tiny(steps=6, dp=2, max_restarts=1, simulate_failure="1:5:kill",
+                      checkpoint={"dir": str(tmp_path / "b"), "every": 3})
+    assert killed["resumed_from"].endswith("step_00000003")
+    assert killed["final_loss"] == pytest.approx(clean["final_loss"], rel=1e-6)
+    a, b = load_full_model(checkpoints(clean_dir)[0]), load_full_model(checkpoints(tmp_path / "b")[0])
+    assert os.path.basename(checkpoints(tmp_path / "b")[0]) == "step_00000006"
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-6, atol=0, msg=name)
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("ckpt")
-    run_ckpt(folder, every=3, steps=6)  # step_3 and step_6
-    return folder
-
-
-def test_truncated_newest_checkpoint_falls_back_and_a_lone_broken_one_is_refused(saved, tmp_path):
+def test_truncated_newest_checkpoint_falls_back_and_a_lone_broken_one_is_refused(saved, tmp_path, capsys):
     work = tmp_path / "c"
     shutil.copytree(saved, work)
     newest = checkpoints(work)[0]
@@ -89,19 +115,21 @@ def test_truncated_newest_checkpoint_falls_back_and_a_lone_broken_one_is_refused
     assert "skipped checkpoint step_00000006" in r.stderr and "truncated" in r.stderr
     assert "resumed from" in r.stdout and "step_00000003" in r.stdout
     shutil.rmtree(checkpoints(work)[-1])  # now the broken one is all there is (plus what the run saved: none)
-    r = cli("train", "--model", "tiny", "--steps", "8", "--seed", "5", "--checkpoint-dir", str(work), "--resume")
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 2  # the warning, then the error
-    assert r.stderr.strip().splitlines()[-1].startswith("paratrain: error: --resume: no complete checkpoint")
+    code, err = refused(capsys, "train", "--model", "tiny", "--steps", "8", "--seed", "5", "--checkpoint-dir", str(work),
+                        "--resume")
+    assert code == 2 and len(err.strip().splitlines()) == 2  # the warning, then the error
+    assert err.strip().splitlines()[-1].startswith("paratrain: error: --resume: no complete checkpoint")
     assert os.path.exists(os.path.join(newest, data))  # nothing was deleted
 
 
-def test_other_model_and_missing_folder_are_refused_in_one_line(saved, tmp_path):
-    r = cli("train", "--model", "small", "--steps", "8", "--checkpoint-dir", str(saved), "--resume")
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "holds model" in r.stderr and "tiny" in r.stderr
-    r = cli("train", "--model", "tiny", "--steps", "8", "--checkpoint-dir", str(saved), "--resume")
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--seed 5" in r.stderr
-    r = cli("train", "--model", "tiny", "--steps", "8", "--checkpoint-dir", str(tmp_path / "none"), "--resume")
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "no checkpoint folder" in r.stderr
+def test_other_model_and_missing_folder_are_refused_in_one_line(saved, tmp_path, capsys):
+    code, err = refused(capsys, "train", "--model", "small", "--steps", "8", "--checkpoint-dir", str(saved), "--resume")
+    assert code == 2 and err.count("\n") == 1 and "holds model" in err and "tiny" in err
+    code, err = refused(capsys, "train", "--model", "tiny", "--steps", "8", "--checkpoint-dir", str(saved), "--resume")
+    assert code == 2 and err.count("\n") == 1 and "--seed 5" in err
+    code, err = refused(capsys, "train", "--model", "tiny", "--steps", "8", "--checkpoint-dir", str(tmp_path / "none"),
+                        "--resume")
+    assert code == 2 and err.count("\n") == 1 and "no checkpoint folder" in err
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])

@@ -2,13 +2,13 @@
 training `tiny` end to end with each `--compress` mode.
 
 Unit rounds run on 2 gloo ranks that reduce known tensors (every rank can recompute every other
-rank's inputs, so the exact sum is known). The end-to-end runs train through the Trainer in one
-pair of spawned ranks (the launcher costs ~15 s a run on 2 cores) and read the metrics files.
+rank's inputs, so the exact sum is known). The end-to-end runs train through the Trainer's steps
+in one pair of spawned ranks (the launcher costs ~15 s a run on 2 cores) and read each step's
+metrics record.
 """
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -217,7 +217,7 @@ E2E = {  # name: (settings, compress)
 }
 
 
-def _train_all(folder: str) -> dict:
+def _train_all() -> dict:
     from paratrain.config import RunConfig, validate
     from paratrain.mesh import Mesh
     from paratrain.train import Trainer
@@ -233,20 +233,17 @@ def _train_all(folder: str) -> dict:
         for k, v in settings.items():
             setattr(tr if hasattr(tr, k) else cfg.layout, k, v)
         tr.steps, tr.global_batch, tr.seq_len, tr.seed, tr.lr, tr.warmup_steps = 10, 16, 32, 5, 3e-3, 2
-        tr.progress, tr.eval_batches, tr.compress, tr.metrics = False, 1, compress, f"{folder}/{name}.jsonl"
+        tr.progress, tr.eval_batches, tr.compress = False, 1, compress
         validate(cfg)
-        out[name] = Trainer(cfg, mesh).fit()["losses"]
+        trainer = Trainer(cfg, mesh)  # the steps of fit(), without its evaluation and sample
+        out[name] = [trainer.step(k).as_metrics() for k in range(1, tr.steps + 1)]  # the metrics-file records
     return out
 
 
 @pytest.fixture(scope="module")
-def e2e(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("compress")
-    losses = spawn(_train_all, WORLD, str(folder))[0]
-    steps = {}
-    for name in E2E:
-        lines = [json.loads(x) for x in (folder / f"{name}.jsonl").read_text().splitlines()]
-        steps[name] = [x for x in lines if "step" in x and "comm_bytes" in x]
+def e2e():
+    steps = spawn(_train_all, WORLD)[0]
+    losses = {name: [s["loss"] for s in records] for name, records in steps.items()}
     return losses, steps
 
 

@@ -61,47 +61,46 @@ def test_a_failing_worker_stops_the_servers_too():
 PS_RUN = ["--model", "tiny", "--steps", "8", "--global-batch", "8", "--seq-len", "32", "--no-progress"]
 
 
-def train(*flags, timeout=240):
-    r = subprocess.run([sys.executable, "-m", "paratrain", "train", *PS_RUN, *flags],
-                       capture_output=True, text=True, timeout=timeout)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return r
-
-
 def losses(path):
     return {m["step"]: m["loss"] for m in map(json.loads, open(path)) if "step" in m and "loss" in m}
 
 
-def test_ps_checkpoints_resume_exactly_after_a_restart_and_across_layouts(tmp_path):
-    ps = ["--sync", "ps", "--dp", "2", "--servers", "2"]
-    train(*ps, "--checkpoint-dir", str(tmp_path / "a"), "--checkpoint-every", "4", "--metrics", str(tmp_path / "a.jsonl"))
-    whole = losses(tmp_path / "a.jsonl")
-    assert sorted(whole) == list(range(1, 9))
-    # worker 1 fails at step 6: every rank restarts and the servers reload step 4
-    r = train(*ps, "--checkpoint-dir", str(tmp_path / "b"), "--checkpoint-every", "4", "--simulate-failure", "1:6",
-              "--max-restarts", "1", "--metrics", str(tmp_path / "b.jsonl"))
-    assert "resumed from" in r.stdout and "(step 4)" in r.stdout
+def test_ps_checkpoints_resume_exactly_after_a_restart_and_across_layouts(reference, tmp_path, capfd):
+    """All against the uninterrupted dp=1 `reference` (steps 1-10; synchronous servers are its
+    math, see above): an all-reduce ZeRO-1 checkpoint loads into the servers, a restart after a
+    worker's failure resumes from the servers' own checkpoint, and that loads into all-reduce."""
+    ref = dict(enumerate(reference["losses"], start=1))
+
+    def ckpt(folder, every=0, resume=False):
+        return {"dir": str(tmp_path / folder), "every": every, "resume": resume}
+
+    # all-reduce dp=2 ZeRO-1 saves step 4 (the whole run: the learning-rate schedule depends on it)
+    saver = run_tiny(dp=2, zero=1, checkpoint=ckpt("a", every=4))
+    assert saver["losses"] == pytest.approx(reference["losses"], rel=1e-5)
+    shutil.copytree(tmp_path / "a" / "step_00000004", tmp_path / "b" / "step_00000004")
+    capfd.readouterr()
+    # two workers and two servers resume from it; worker 1 fails at step 7: every rank restarts
+    # and the servers reload their own step 6
+    run_tiny(dp=2, sync="ps", servers=2, simulate_failure="1:7", max_restarts=1, metrics=str(tmp_path / "b.jsonl"),
+             checkpoint=ckpt("b", every=2, resume=True))
+    out = capfd.readouterr().out
+    assert "resumed from" in out and "(step 4)" in out and "(step 6)" in out, out
     after = losses(tmp_path / "b.jsonl")
-    assert sorted(after) == [5, 6, 7, 8]
-    assert [after[k] for k in after] == pytest.approx([whole[k] for k in after], rel=1e-5)
-    # the servers' step 4 loads into all-reduce ZeRO-1 on two ranks, whose step 8 loads into one
-    # worker with two servers again
-    (tmp_path / "c").mkdir()
-    shutil.copytree(tmp_path / "a" / "step_00000004", tmp_path / "c" / "step_00000004")
-    train("--dp", "2", "--zero", "1", "--checkpoint-dir", str(tmp_path / "c"), "--resume", "--checkpoint-every", "4",
-          "--steps", "12", "--metrics", str(tmp_path / "c.jsonl"))
-    mixed = losses(tmp_path / "c.jsonl")
-    assert [mixed[k] for k in (5, 6, 7, 8)] == pytest.approx([whole[k] for k in (5, 6, 7, 8)], rel=1e-5)
-    shutil.rmtree(tmp_path / "c" / "step_00000012")
-    train("--sync", "ps", "--dp", "1", "--servers", "2", "--checkpoint-dir", str(tmp_path / "c"), "--resume",
-          "--steps", "12", "--metrics", str(tmp_path / "d.jsonl"))
-    back = losses(tmp_path / "d.jsonl")
-    assert sorted(back) == [9, 10, 11, 12]
-    assert [back[k] for k in back] == pytest.approx([mixed[k] for k in back], rel=1e-5)
+    assert sorted(after) == [7, 8, 9, 10]
+    assert [after[k] for k in after] == pytest.approx([ref[k] for k in after], rel=1e-5)
+    # the servers' step 6 loads into all-reduce ZeRO-1 on two ranks
+    shutil.copytree(tmp_path / "b" / "step_00000006", tmp_path / "c" / "step_00000006")
+    mixed = run_tiny(dp=2, zero=1, checkpoint=ckpt("c", resume=True))
+    assert mixed["resumed_from"].endswith("step_00000006")
+    assert mixed["losses"] == pytest.approx([ref[k] for k in range(7, 11)], rel=1e-5)
 
 
-def test_ps_with_staleness_refuses_checkpoints():
-    r = subprocess.run([sys.executable, "-m", "paratrain", "train", *PS_RUN, "--sync", "ps", "--dp", "2", "--servers", "1",
-                        "--staleness", "2", "--checkpoint-dir", "x"], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
-    assert "--checkpoint-dir: parameter servers checkpoint synchronous runs only (--staleness 0)" in r.stderr
+def test_ps_with_staleness_refuses_checkpoints(capsys):
+    from paratrain.cli import main  # in this process: refused before any worker starts
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", *PS_RUN, "--sync", "ps", "--dp", "2", "--servers", "1", "--staleness", "2",
+              "--checkpoint-dir", "x"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert "--checkpoint-dir: parameter servers checkpoint synchronous runs only (--staleness 0)" in err

@@ -14,20 +14,41 @@ def steps_of(path):
     return [m for m in read_metrics(path) if "step" in m and "loss" in m]
 
 
+def _eager_then_compiled(layout: dict, folder: str) -> None:
+    """In spawned ranks: the run `paratrain train` makes of these flags (defaults but 3 steps of
+    8 x 32 tokens), through Trainer.fit, eager and then with --compile, each writing its metrics."""
+    from paratrain.config import RunConfig, validate
+    from paratrain.mesh import Mesh
+    from paratrain.train import Trainer
+
+    mesh = None
+    for name, compile_ in (("eager", False), ("compiled", True)):
+        cfg = RunConfig()
+        cfg.model.name = "tiny"
+        for k, v in layout.items():
+            setattr(cfg.train if k == "activation_checkpointing" else cfg.layout, k, v)
+        tr = cfg.train
+        tr.steps, tr.global_batch, tr.seq_len, tr.device, tr.progress, tr.eval_every = 3, 8, 32, "cpu", False, 0
+        tr.compile, tr.metrics = compile_, f"{folder}/{name}.jsonl"
+        validate(cfg)
+        mesh = mesh or Mesh.build(cfg.layout.dp, cfg.layout.tp, cfg.layout.pp)
+        Trainer(cfg, mesh).fit()
+
+
 @pytest.mark.parametrize("layout", [
-    ["--dp", "2", "--zero", "3", "--activation-checkpointing"],  # gathers and recomputation around the graphs
-    pytest.param(["--dp", "1"], marks=pytest.mark.slow),
-    pytest.param(["--tp", "2"], marks=pytest.mark.slow),  # graphs broken at each collective
-    pytest.param(["--pp", "2", "--microbatches", "2"], marks=pytest.mark.slow),
+    dict(dp=2, zero=3, activation_checkpointing=True),  # gathers and recomputation around the graphs
+    pytest.param(dict(dp=1), marks=pytest.mark.slow),
+    pytest.param(dict(tp=2), marks=pytest.mark.slow),  # graphs broken at each collective
+    pytest.param(dict(pp=2, microbatches=2), marks=pytest.mark.slow),
 ], ids=["dp2-zero3-ac", "dp1", "tp2", "pp2"])
 def test_compile_trains_like_eager(tmp_path, layout):
-    runs = {}
-    for name, extra in (("eager", []), ("compiled", ["--compile"])):
-        path = tmp_path / f"{name}.jsonl"
-        r = paratrain("train", *TINY, *layout, "--steps", "3", "--metrics", str(path), "--no-progress",
-                      "--eval-every", "0", *extra, timeout=400)
-        assert r.returncode == 0, r.stderr[-3000:]
-        runs[name] = steps_of(path)
+    from helpers import spawn
+
+    # both runs in one spawn of the layout's ranks: a launch each would cost more than the steps
+    spawn(_eager_then_compiled, layout.get("dp", 1) * layout.get("tp", 1) * layout.get("pp", 1), layout,
+          str(tmp_path), timeout=400)
+    runs = {name: steps_of(tmp_path / f"{name}.jsonl") for name in ("eager", "compiled")}
+    assert len(runs["eager"]) == len(runs["compiled"]) == 3
     for key in ("loss", "grad_norm"):
         eager, compiled = [s[key] for s in runs["eager"]], [s[key] for s in runs["compiled"]]
         assert compiled == pytest.approx(eager, rel=1e-5), key
@@ -51,9 +72,13 @@ def test_profile_writes_trace_table_and_ops_per_rank(tmp_path):
         assert "aten::mm" in (out / f"ops_rank{rank}.txt").read_text()
 
 
-def test_profile_steps_must_be_positive():
-    r = paratrain("train", *TINY, "--profile", "x", "--profile-steps", "0")
-    assert r.returncode == 2 and r.stderr.strip().splitlines() == ["paratrain: error: --profile-steps: must be at least 1, got 0"]
+def test_profile_steps_must_be_positive(capsys):
+    from paratrain.cli import main  # in this process: refused before any worker starts
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", *TINY, "--profile", "x", "--profile-steps", "0"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["paratrain: error: --profile-steps: must be at least 1, got 0"]
 
 
 def test_bf16_unscale_does_not_check_overflow(tmp_path):

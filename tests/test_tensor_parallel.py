@@ -140,10 +140,21 @@ def _count_collectives(n_layer, sp):
     return forward, dict(mesh.comm.calls), forward_bytes + mesh.comm.bytes
 
 
+def _count_all():
+    """In a spawned rank: `_count_collectives` for 2 and 3 blocks, without and with SP."""
+    return {(n, sp): _count_collectives(n, sp) for sp in (False, True) for n in (2, 3)}
+
+
+@pytest.fixture(scope="module")
+def collectives():
+    """Rank 0's counts of every case, from one spawn (process start-up dominates)."""
+    return spawn(_count_all, 2)[0]
+
+
 @pytest.mark.parametrize("sp", [False, True], ids=["no-sp", "sp"])
-def test_collectives_per_block(sp):
-    f2, b2, _ = spawn(_count_collectives, 2, 2, sp)[0]  # 2 blocks
-    f3, b3, _ = spawn(_count_collectives, 2, 3, sp)[0]  # 3 blocks: the difference is one block
+def test_collectives_per_block(collectives, sp):
+    f2, b2, _ = collectives[2, sp]  # 2 blocks
+    f3, b3, _ = collectives[3, sp]  # 3 blocks: the difference is one block
 
     def per_block(a, b):
         return {op: b.get(op, 0) - a.get(op, 0) for op in set(a) | set(b) if b.get(op, 0) != a.get(op, 0)}
@@ -156,11 +167,8 @@ def test_collectives_per_block(sp):
         assert per_block(b2, b3) == {"all_reduce": 2}
 
 
-def test_sequence_parallel_sends_the_same_bytes_per_block():
-    per_block = {}
-    for sp in (False, True):
-        b2, b3 = (spawn(_count_collectives, 2, n, sp)[0][2] for n in (2, 3))
-        per_block[sp] = b3 - b2
+def test_sequence_parallel_sends_the_same_bytes_per_block(collectives):
+    per_block = {sp: collectives[3, sp][2] - collectives[2, sp][2] for sp in (False, True)}
     # one block: 4 all-reduces of (2, 16, 32) fp32 = 4 x 2(n-1)/n x 4 KiB, or the same bytes as
     # 4 reduce-scatters plus 4 all-gathers
     assert per_block[False] == per_block[True] == 4 * 4096
@@ -185,11 +193,28 @@ def test_tp_random_state_differs_only_in_sharded_regions():
     assert not torch.equal(s0, a0)  # the forked stream advances
 
 
+def _train_twice_with_dropout():
+    """In a spawned rank (tp = world): the same 3-step dropout run, twice, through the Trainer."""
+    from paratrain.train import Trainer
+
+    mesh = Mesh.build(tp=dist.get_world_size())
+    runs = []
+    for _ in range(2):
+        cfg = RunConfig()
+        cfg.model.name, cfg.model.dropout = "tiny", 0.1
+        cfg.layout.tp = mesh.size("tp")
+        tr = cfg.train
+        tr.steps, tr.global_batch, tr.seq_len, tr.seed, tr.progress, tr.lr, tr.warmup_steps = 3, 8, 32, 5, False, 3e-3, 2
+        validate(cfg)
+        trainer = Trainer(cfg, mesh)  # the steps of fit(), without its evaluation and sample
+        runs.append([trainer.step(k).loss for k in range(1, tr.steps + 1)])
+    return runs
+
+
 def test_dropout_with_tp_trains():
-    a = tiny_run(tp=2, dropout=0.1, steps=3)
-    b = tiny_run(tp=2, dropout=0.1, steps=3)
-    assert a["losses"] == b["losses"]  # deterministic given the seed
-    assert all(x == x for x in a["losses"])
+    a, b = spawn(_train_twice_with_dropout, 2)[0]  # two runs of one spawn: no launch each
+    assert len(a) == 3 and a == b  # deterministic given the seed
+    assert all(x == x for x in a)
 
 
 class TwoLayer(nn.Module):

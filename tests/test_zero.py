@@ -76,21 +76,64 @@ def test_full_equivalence_matrix(reference, layout):
                                               pytest.param("bf16", dict(dp=1), marks=pytest.mark.slow)],
                          ids=["bf16-zero2", "fp16-zero3", "bf16-dp1"])
 def test_mixed_precision_stays_close_to_fp32(reference, precision, layout):
-    """Low-precision compute with fp32 master weights: each step's loss within 2% of fp32."""
+    """Low-precision compute with fp32 master weights: each step's loss within 2% of fp32. The
+    model-state bytes the trainer reports per rank follow the ZeRO formulas (16-bit either way)."""
     result = run_tiny(precision=precision, metrics=None, **layout)
     torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(reference["losses"]), rtol=0.02, atol=0)
     assert result["final_loss"] < result["first_loss"] - 0.3  # and it learns
+    check_zero_formula(layout.get("zero", 0), layout["dp"], result["memory_per_rank"])
+
+
+P_TINY = 424_576  # parameters of `tiny`
+
+
+def check_zero_formula(stage: int, n: int, rows: list[dict]) -> None:
+    """Per rank, with P parameters, N = dp and mixed-precision Adam: stage 0 16P, stage 1
+    2P + 2P + 12P/N, stage 2 2P + 14P/N, stage 3 16P/N (padding to a multiple of N aside)."""
+    P = P_TINY
+    expected = {0: 16 * P, 1: 4 * P + 12 * P / n, 2: 2 * P + 14 * P / n, 3: 16 * P / n}[stage]
+    for r in rows:
+        assert r["params"] + r["grads"] + r["optimizer"] == pytest.approx(expected, rel=0.01), (stage, n, r)
+
+
+def _model_state_bytes(cases: list[tuple[int, list[int]]]) -> dict[tuple[int, int], dict[str, int]]:
+    """In a spawned rank: for each (dp, stages), the bf16 engine and AdamW built as the Trainer
+    builds them over a dp group of that size (dp < world: the other ranks form further dp groups
+    of a dp x tp mesh; the model is not split), one step taken so that Adam's moments exist; the
+    model-state bytes this rank holds, per (stage, dp)."""
+    import torch.distributed as dist
+
+    from paratrain.mesh import Mesh
+    from paratrain.models.gpt import build_model
+    from paratrain.optim import adamw
+    from paratrain.parallel.zero import ZeroDataParallel
+
+    out = {}
+    for dp, stages in cases:
+        mesh = Mesh.build(dp=dp, tp=dist.get_world_size() // dp)
+        for stage in stages:
+            engine = ZeroDataParallel(build_model("tiny", 5), mesh, stage, torch.bfloat16)
+            optimizer = adamw([{"params": engine.master_params(True), "weight_decay": 0.1},
+                               {"params": engine.master_params(False), "weight_decay": 0.0}], lr=1e-3)
+            engine(torch.randint(0, 256, (2, 16))).float().mean().backward()
+            engine.finish_grad_sync()
+            engine.unscale_grads(1.0)
+            optimizer.step()
+            engine.publish()
+            out[stage, dp] = engine.memory_bytes(optimizer)
+    return out
 
 
 def test_model_state_bytes_follow_the_zero_formulas():
-    """Per rank, with P parameters, N = dp and mixed-precision Adam: stage 0 16P, stage 1
-    2P + 2P + 12P/N, stage 2 2P + 14P/N, stage 3 16P/N (padding to a multiple of N aside)."""
-    P = 424_576  # tiny
-    for stage, n in [(0, 2), (1, 2), (2, 2), (3, 2), (3, 4)]:
-        m = run_tiny(steps=1, dp=n, zero=stage, precision="bf16")["memory_per_rank"]
-        expected = {0: 16 * P, 1: 4 * P + 12 * P / n, 2: 2 * P + 14 * P / n, 3: 16 * P / n}[stage]
-        for r in m:
-            assert r["params"] + r["grads"] + r["optimizer"] == pytest.approx(expected, rel=0.01), (stage, n, r)
+    """Every stage at dp=2 and stage 3 at dp=4, in one spawn of 4 ranks (a launch per case costs
+    several seconds). The trainer's own report (memory_per_rank, the same counting) is checked
+    against the same formulas by test_mixed_precision_stays_close_to_fp32 (stages 2 and 3)."""
+    from helpers import spawn
+
+    for per_case in spawn(_model_state_bytes, 4, [(4, [3]), (2, [0, 1, 2, 3])]):
+        assert sorted(per_case) == [(0, 2), (1, 2), (2, 2), (3, 2), (3, 4)]
+        for (stage, n), r in per_case.items():
+            check_zero_formula(stage, n, [r])
 
 
 def _zero_grads(stage: int, microbatches: int):
