@@ -238,12 +238,16 @@ def write_manifest(folder: str, info: dict) -> None:
     os.replace(path + ".part", path)
 
 
+def read_manifest(folder: str) -> dict:
+    with open(os.path.join(folder, MANIFEST)) as fh:
+        return json.load(fh)
+
+
 def verify(folder: str) -> dict:
     """The manifest of a complete, intact checkpoint; CheckpointError (one line) otherwise."""
     name = os.path.basename(folder.rstrip("/"))
     try:
-        with open(os.path.join(folder, MANIFEST)) as fh:
-            manifest = json.load(fh)
+        manifest = read_manifest(folder)
     except FileNotFoundError:
         raise CheckpointError(f"{name} has no {MANIFEST} (an interrupted save)") from None
     except json.JSONDecodeError:
@@ -412,8 +416,7 @@ class Checkpointer:
         """Load `folder` into this layout; returns the step it was saved at."""
         import torch.distributed.checkpoint as dcp
 
-        with open(os.path.join(folder, MANIFEST)) as fh:
-            manifest = json.load(fh)
+        manifest = read_manifest(folder)
         state = boxes_state(self._entries(), saving=False)
         state["meta"] = self._meta()
         same_layout = manifest["layout"] == self.t.layout_name and manifest["world_size"] == dist.get_world_size()

@@ -227,7 +227,7 @@ def check_resume(cfg: RunConfig) -> None:
     newer checkpoints are skipped with a warning (the workers then load the newest good one)."""
     import os
 
-    from paratrain.checkpoint import CheckpointError, latest_good, model_identity
+    from paratrain.checkpoint import CheckpointError, latest_good, model_identity, read_manifest
 
     ck = cfg.checkpoint
     if not ck.resume:
@@ -243,10 +243,7 @@ def check_resume(cfg: RunConfig) -> None:
     if folder is None:
         why = f" ({skipped[0]})" if skipped else ""
         raise ConfigError(f"--resume: no complete checkpoint in {ck.dir!r}{why}")
-    import json
-
-    with open(os.path.join(folder, "manifest.json")) as fh:
-        manifest = json.load(fh)
+    manifest = read_manifest(folder)
     seed, step = manifest["config"]["train"]["seed"], manifest["step"]
     if seed != cfg.train.seed:
         raise ConfigError(f"--resume: {folder} was trained with --seed {seed} (it fixes the batches); "

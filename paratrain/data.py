@@ -59,7 +59,7 @@ def load_corpus(path: str = "stdlib", max_bytes: int = 64 << 20) -> np.ndarray:
     for f in files:
         with open(f, "rb") as fh:
             data = fh.read()
-        if b"\0" in data[:4096]:  # skip binary files in a user's folder
+        if is_binary(data):  # skipped in a user's folder
             continue
         chunks.append(data)
         total += len(data)
@@ -74,21 +74,36 @@ def load_corpus(path: str = "stdlib", max_bytes: int = 64 << 20) -> np.ndarray:
 def check_corpus(path: str, seq_len: int) -> None:
     """Raise ValueError (one line) unless `path` holds the text a TokenLoader of `seq_len` needs,
     by load_corpus's rules; reads no more than it must, so a run can check before it starts."""
-    need, total = 4 * (seq_len + 1), 0
+    total = 0
     for f in text_files(path):
         try:
             with open(f, "rb") as fh:
-                if b"\0" in fh.read(4096):
+                if is_binary(fh.read(4096)):
                     continue
                 total += os.fstat(fh.fileno()).st_size
         except OSError as e:
             raise ValueError(f"--data: cannot read {f!r} ({e.strerror})") from None
-        if total >= need:
+        if total >= min_corpus_bytes(seq_len):
             return
     if total == 0:
         raise ValueError(f"--data: no text found in {path!r}; give a text file or a folder of text files")
-    raise ValueError(f"--data: the corpus has {total} bytes, too few for --seq-len {seq_len}; "
-                     f"give at least {need} bytes of text or a shorter --seq-len")
+    check_corpus_size(total, seq_len)
+
+
+def is_binary(head: bytes) -> bool:
+    """A file whose first 4 KiB hold a NUL byte is not text."""
+    return b"\0" in head[:4096]
+
+
+def min_corpus_bytes(seq_len: int) -> int:
+    """Bytes a TokenLoader needs: windows of seq_len + 1 for both the training and validation splits."""
+    return 4 * (seq_len + 1)
+
+
+def check_corpus_size(size: int, seq_len: int) -> None:
+    if size < min_corpus_bytes(seq_len):
+        raise ValueError(f"--data: the corpus has {size} bytes, too few for --seq-len {seq_len}; "
+                         f"give at least {min_corpus_bytes(seq_len)} bytes of text or a shorter --seq-len")
 
 
 @dataclass
@@ -112,8 +127,7 @@ class TokenLoader:
         seed: int,
         val_fraction: float = 0.05,
     ):
-        if corpus.size < 4 * (seq_len + 1):
-            raise ValueError(f"--data: the corpus has {corpus.size} bytes, too few for --seq-len {seq_len}")
+        check_corpus_size(corpus.size, seq_len)
         n_val = max(int(corpus.size * val_fraction), 2 * (seq_len + 1))
         self.splits = {"train": corpus[:-n_val], "val": corpus[-n_val:]}
         self.seq_len = seq_len

@@ -77,7 +77,7 @@ def leave_process_group() -> None:
 
     Reference cycles left by a training step (autograd graphs around collectives) can hold gloo
     state; collected at interpreter exit, after the group is gone, they abort the process
-    ("terminate called without an active exception", exit status -6) in about one run of four
+    ("terminate called without an active exception", exit status -6) in one run of four to six
     under torch 2.13, with torch's own DistributedDataParallel too. Collected first, they do not.
     """
     gc.collect()

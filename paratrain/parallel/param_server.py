@@ -36,8 +36,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from paratrain.checkpoint import (MANIFEST, Entry, agree_on_latest, begin_save, boxes_state, flat_range_boxes, planners,
-                                  quiet, run_info, shifted_pieces, write_and_publish)
+from paratrain.checkpoint import (Entry, agree_on_latest, begin_save, boxes_state, flat_range_boxes, planners,
+                                  quiet, read_manifest, run_info, shifted_pieces, write_and_publish)
 from paratrain.config import RunConfig, format_layout
 from paratrain.data import TokenLoader, load_corpus, split_microbatches
 from paratrain.models.gpt import build_model, count_params
@@ -414,8 +414,7 @@ def resume_point(cfg: RunConfig) -> tuple[str | None, int]:
     folder = agree_on_latest(cfg.checkpoint.dir, cfg)
     if folder is None:
         return None, 0  # nothing saved yet: start over
-    with open(os.path.join(folder, MANIFEST)) as fh:
-        return folder, int(json.load(fh)["step"])
+    return folder, int(read_manifest(folder)["step"])
 
 
 def report(cfg: RunConfig, worker: Worker, log, gaps, staleness, val: float, t0: float, done: float,
