@@ -44,9 +44,9 @@ def paratrain_step():
 
     cfg = RunConfig.from_dict({"model": {"name": "narrow"}, "train": {
         "precision": "bf16", "global_batch": 1, "seq_len": 8, "steps": 10**6, "progress": False}})
-    trainer = Trainer(cfg, Mesh.build())
+    trainer = Trainer.from_config(cfg, Mesh.build())
     steps = iter(range(1, 10**6))
-    return lambda: trainer.step(next(steps))
+    return lambda: trainer.run_step(next(steps))
 
 
 def torch_step():

@@ -9,14 +9,13 @@ parallelism or ZeRO, on the standard library's source as bytes.
 from __future__ import annotations
 
 import argparse
-import itertools
 
 import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import paratrain
-from paratrain.data import TokenLoader, load_corpus
+from paratrain.data import load_corpus, token_batches
 
 
 def build(seed: int = 0) -> GPT2LMHeadModel:
@@ -30,12 +29,10 @@ def loss_fn(output, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(output.logits.flatten(0, 1).float(), targets.flatten())
 
 
-def batches(mesh: paratrain.Mesh, seq_len: int = 64, global_batch: int = 16, seed: int = 0):
-    """Each data-parallel rank's slice of global batch k, for k = 1, 2, ..."""
-    loader = TokenLoader(load_corpus(max_bytes=1 << 22), seq_len, global_batch, seed)
-    for k in itertools.count(1):
-        b = loader.local_batch(k, mesh.coord("dp"), mesh.size("dp"))
-        yield b.inputs, b.targets
+def data(seq_len: int = 64, global_batch: int = 16, seed: int = 0):
+    """Windows of the standard library's source as bytes: global batch k is a function of (seed, k),
+    each data-parallel rank takes its slice."""
+    return token_batches(load_corpus(max_bytes=1 << 22), seq_len, global_batch, seed)
 
 
 def main() -> None:
@@ -45,11 +42,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=50)
     args = p.parse_args()
     mesh = paratrain.init()
-    trainer = paratrain.Trainer(build(), mesh, loss_fn, zero=args.zero, precision=args.precision, lr=1e-3)
-    losses = trainer.fit(batches(mesh), args.steps)
-    if mesh.rank == 0:
-        print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f} over {args.steps} steps on {mesh.world_size} ranks, "
-              f"zero={args.zero}, {args.precision}")
+    trainer = paratrain.Trainer(build(), mesh, loss_fn, data=data(), zero=args.zero, precision=args.precision,
+                                lr=1e-3, steps=args.steps)
+    trainer.fit()
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import paratrain
+from paratrain.data import DatasetLoader
 
 VOCAB, D, SEQ = 64, 48, 16
 
@@ -41,16 +42,12 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
 
-def batches(mesh, global_batch: int = 16, seed: int = 1):
-    """A learnable task (the next token is the current one plus one); each dp rank its own
-    part of the global batch, the same on every rank of one pipeline."""
+def data(n: int = 512, global_batch: int = 16, seed: int = 1) -> DatasetLoader:
+    """A learnable task (the next token is the current one plus one) as a data set; global batch k
+    is a function of (seed, k), each dp rank its slice, the same on every rank of one pipeline."""
     gen = torch.Generator().manual_seed(seed)
-    dp, rank = mesh.size("dp"), mesh.coord("dp")
-    batch = global_batch // dp
-    while True:
-        x = torch.randint(0, VOCAB, (global_batch, SEQ), generator=gen)
-        x = x[rank * batch : (rank + 1) * batch]
-        yield x, (x + 1) % VOCAB
+    x = torch.randint(0, VOCAB, (n, SEQ), generator=gen)
+    return DatasetLoader(list(zip(x, (x + 1) % VOCAB)), global_batch, seed)
 
 
 def main() -> None:
@@ -61,11 +58,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     args = ap.parse_args()
     mesh = paratrain.init(dp=args.dp, pp=int(__import__("os").environ.get("WORLD_SIZE", 2)) // args.dp)
-    trainer = paratrain.Trainer(build(), mesh, loss_fn, lr=3e-3, zero=args.zero, schedule=args.schedule,
-                                microbatches=4)
-    if mesh.rank == 0:
-        print(f"stages (layers): {[f'{r.start}-{r.stop - 1}' for r in trainer.model.pipeline.stages]}", flush=True)
-    trainer.fit(batches(mesh), args.steps, log_every=10)
+    trainer = paratrain.Trainer(build(), mesh, loss_fn, data=data(), lr=3e-3, zero=args.zero, schedule=args.schedule,
+                                microbatches=4, steps=args.steps)
+    trainer.fit()  # prints the stages' layers at the start
 
 
 if __name__ == "__main__":

@@ -43,6 +43,8 @@ FLAGS: dict[str, tuple[str, str, type, str]] = {
     "--profile": ("train", "profile", str, "profile the last steps with torch.profiler; traces and tables per rank go here"),
     "--profile-steps": ("train", "profile_steps", int, "how many of the last steps --profile records (default 3)"),
     "--simulate-straggler": ("train", "simulate_straggler", str, "testing aid: RANK:SECONDS delays that worker every step"),
+    "--report-to": ("train", "report_to", str, "experiment trackers, comma-separated: tensorboard, wandb, mlflow"),
+    "--log-dir": ("train", "log_dir", str, "where the trackers write (default runs/)"),
     "--data": ("data", "path", str, "'stdlib' (default) or a text file or folder of text files"),
     "--checkpoint-dir": ("checkpoint", "dir", str, "checkpoint folder"),
     "--checkpoint-every": ("checkpoint", "every", int, "save every N steps"),
@@ -244,7 +246,7 @@ def check_resume(cfg: RunConfig) -> None:
         why = f" ({skipped[0]})" if skipped else ""
         raise ConfigError(f"--resume: no complete checkpoint in {ck.dir!r}{why}")
     manifest = read_manifest(folder)
-    seed, step = manifest["config"]["train"]["seed"], manifest["step"]
+    seed, step = manifest.get("config", {}).get("train", {}).get("seed", cfg.train.seed), manifest["step"]
     if seed != cfg.train.seed:
         raise ConfigError(f"--resume: {folder} was trained with --seed {seed} (it fixes the batches); "
                           f"this run has --seed {cfg.train.seed}")

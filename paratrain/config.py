@@ -86,6 +86,10 @@ class TrainConfig:
     timeline: str | None = None  # folder for the pipeline timeline of the last step (pp > 1)
     profile: str | None = None  # folder for torch.profiler traces and tables of the last steps
     profile_steps: int = 3  # how many of the last steps --profile records
+    report_to: str = "none"  # experiment trackers, comma-separated: tensorboard, wandb, mlflow
+    log_dir: str = "runs"  # where the trackers write (TensorBoard events, W&B offline runs, MLflow store)
+    broadcast_buffers: bool = True  # dp rank 0's buffers (BatchNorm statistics) before every forward, as DDP
+    sync_batchnorm: bool = False  # BatchNorm statistics over the whole dp group (SyncBatchNorm)
 
 
 @dataclass
@@ -207,6 +211,46 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
 
     `world_size`, when given (a run under torchrun), must equal dp * tp * pp.
     """
+    _validate_model_and_layout(cfg)
+    _validate_steps_and_batch(cfg)
+    _validate_optimizer(cfg)
+    _validate_precision_and_device(cfg, world_size)
+    _validate_data(cfg)
+    _validate_sync(cfg)
+    _validate_local_memory(cfg, world_size)
+    _validate_checkpoint(cfg)
+    _validate_trackers(cfg)
+    _validate_world_size(cfg, world_size)
+
+
+def validate_settings(cfg: RunConfig) -> None:
+    """The Python API's settings (any model: nothing about a preset's shape or a corpus)."""
+    lay = cfg.layout
+    if lay.microbatches < 1:
+        raise ConfigError(f"microbatches: must be at least 1, got {lay.microbatches}")
+    if lay.zero not in (0, 1, 2, 3):
+        raise ConfigError(f"zero: must be 0, 1, 2 or 3, got {lay.zero}")
+    if lay.schedule not in ("gpipe", "1f1b", "interleaved"):
+        raise ConfigError(f"schedule: must be gpipe, 1f1b or interleaved, got {lay.schedule!r}")
+    if cfg.train.steps < 1:
+        raise ConfigError(f"steps: must be at least 1, got {cfg.train.steps}")
+    _validate_optimizer(cfg)
+    _validate_precision_and_device(cfg, cfg.layout.world_size)
+    _validate_checkpoint(cfg)
+    _validate_trackers(cfg)
+
+
+def _validate_trackers(cfg: RunConfig) -> None:
+    from paratrain.metrics import check_report_to
+
+    try:
+        check_report_to(cfg.train.report_to)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _validate_model_and_layout(cfg: RunConfig) -> None:
+    """The model preset, and a layout it can be split into: tp divides its sizes, pp its layers."""
     if cfg.model.name not in PRESETS:
         raise ConfigError(f"--model: unknown model {cfg.model.name!r}; choose one of {', '.join(PRESETS)}")
     preset = PRESETS[cfg.model.name]
@@ -230,6 +274,12 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         raise ConfigError(
             f"--sequence-parallel: --seq-len {tr.seq_len} is not divisible by tp={lay.tp}; use a multiple of {lay.tp}"
         )
+    _validate_pipeline(cfg)
+
+
+def _validate_pipeline(cfg: RunConfig) -> None:
+    """Enough layers for the stages, enough micro-batches to fill them, and the interleaved chunks."""
+    preset, lay, tr = PRESETS[cfg.model.name], cfg.layout, cfg.train
     if lay.pp > 1:
         v = lay.virtual_stages if lay.schedule == "interleaved" else 1
         if preset.n_layer < lay.pp * v:
@@ -254,6 +304,11 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
                           "add those or leave it out")
     if tr.timeline is not None and lay.pp == 1:
         raise ConfigError("--timeline: draws the pipeline schedule and needs --pp 2 or more")
+
+
+def _validate_steps_and_batch(cfg: RunConfig) -> None:
+    """Steps, profiled steps, the global batch's split over dp x micro-batches, sequence length, seed."""
+    preset, lay, tr = PRESETS[cfg.model.name], cfg.layout, cfg.train
     if tr.steps < 1:
         raise ConfigError(f"--steps: must be at least 1, got {tr.steps}")
     if tr.profile_steps < 1:
@@ -273,6 +328,11 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         )
     if not 0 <= tr.seed < 2**32:
         raise ConfigError(f"--seed: must be between 0 and {2**32 - 1}, got {tr.seed}")
+
+
+def _validate_optimizer(cfg: RunConfig) -> None:
+    """Learning rate and its schedule, AdamW, clipping, evaluation, dropout, buckets, watchdog, restarts."""
+    tr = cfg.train
     if not 0 < tr.lr < math.inf:
         raise ConfigError(f"--lr: must be a positive finite number, got {tr.lr}")
     if not 0 <= tr.min_lr_ratio <= 1:
@@ -297,6 +357,11 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
                           f"got {tr.collective_timeout}")
     if tr.max_restarts < 0:
         raise ConfigError(f"--max-restarts: must be at least 0, got {tr.max_restarts}")
+
+
+def _validate_precision_and_device(cfg: RunConfig, world_size: int | None) -> None:
+    """Precision, gradient compression, the device (and enough GPUs here), the failure aid."""
+    lay, tr = cfg.layout, cfg.train
     if tr.precision not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"--precision: must be fp32, bf16 or fp16, got {tr.precision!r}")
     from paratrain.comm.compress import parse_compress
@@ -326,6 +391,10 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
             raise ConfigError(
                 f"--simulate-failure: expected RANK:STEP with RANK < {lay.world_size}, got {tr.simulate_failure!r}"
             )
+
+
+def _validate_data(cfg: RunConfig) -> None:
+    """The corpus exists and holds enough tokens; the validation share."""
     if cfg.data.path != "stdlib" and not os.path.exists(cfg.data.path):
         raise ConfigError(f"--data: no such file or folder {cfg.data.path!r}; give a text file, a folder, or 'stdlib'")
     if not 0 < cfg.data.val_fraction < 0.5:
@@ -334,11 +403,14 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         from paratrain.data import check_corpus
 
         try:
-            check_corpus(cfg.data.path, tr.seq_len)
+            check_corpus(cfg.data.path, cfg.train.seq_len)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-    _validate_sync(cfg)
-    if tr.device == "cpu" and world_size is None:  # local workers: each needs the planner's worker baseline
+
+
+def _validate_local_memory(cfg: RunConfig, world_size: int | None) -> None:
+    """Local cpu workers: each needs the planner's worker baseline."""
+    if cfg.train.device == "cpu" and world_size is None:
         from paratrain.planner.hardware import cpu_local
 
         hw = cpu_local()
@@ -348,7 +420,11 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
                 f"{cfg.world_size * hw.reserve_bytes / 2**30:.0f} GiB ({hw.reserve_bytes / 2**20:.0f} MiB each "
                 f"before the model) but this machine has "
                 f"{hw.memory_bytes / 2**30:.0f} GiB; use fewer --dp/--tp/--pp, or torchrun across machines")
-    ck = cfg.checkpoint
+
+
+def _validate_checkpoint(cfg: RunConfig) -> None:
+    """Checkpoint cadence and folder, and what parameter servers can save."""
+    ck, tr = cfg.checkpoint, cfg.train
     if ck.every < 0:
         raise ConfigError(f"--checkpoint-every: must be at least 0, got {ck.every}")
     if ck.keep < 1:
@@ -360,10 +436,14 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
                           "with staleness they share no step to save at")
     if ck.async_save and tr.sync == "ps":
         raise ConfigError("--async-checkpoint: parameter servers save synchronously; leave it out with --sync ps")
+
+
+def _validate_world_size(cfg: RunConfig, world_size: int | None) -> None:
+    """Under a launcher: the layout (and servers) add up to the processes it started."""
     if world_size is not None and world_size != cfg.world_size:
-        servers = f" + {tr.servers} servers" if tr.sync == "ps" else ""
+        servers = f" + {cfg.train.servers} servers" if cfg.train.sync == "ps" else ""
         raise ConfigError(
-            f"layout: {lay}{servers} needs world size {cfg.world_size} but the launcher started {world_size} "
+            f"layout: {cfg.layout}{servers} needs world size {cfg.world_size} but the launcher started {world_size} "
             f"processes; set --dp/--tp/--pp{'/--servers' if servers else ''} so that they add up to {world_size}"
         )
 
@@ -421,3 +501,33 @@ def _validate_sync(cfg: RunConfig) -> None:
             ok = False
         if not ok:
             raise ConfigError(f"--simulate-straggler: expected RANK:SECONDS with a worker RANK, got {tr.simulate_straggler!r}")
+
+
+# ------------------------------------------------------------------ the Python API's settings
+# A Trainer setting is a field of LayoutConfig or TrainConfig under its own name, or one of the
+# checkpoint fields under the name of its flag.
+CHECKPOINT_SETTINGS = {"checkpoint_dir": "dir", "checkpoint_every": "every", "keep_checkpoints": "keep",
+                       "resume": "resume", "async_checkpoint": "async_save"}
+API_DEFAULTS = {"lr": 1e-3, "weight_decay": 0.0, "warmup_steps": 0, "min_lr_ratio": 1.0, "eval_every": 0}
+
+
+def api_config(settings: dict[str, Any], base: RunConfig | None = None) -> RunConfig:
+    """A RunConfig from the Python API's keyword settings (unknown names are one-line errors).
+    Without `base`, the API's defaults: a constant learning rate, no weight decay."""
+    cfg = base or RunConfig()
+    if base is None:
+        for key, value in API_DEFAULTS.items():
+            setattr(cfg.train, key, value)
+    sections: dict[str, dict] = {}
+    layout = {f.name for f in dataclasses.fields(LayoutConfig)} - {"dp", "tp", "pp"}
+    train = {f.name for f in dataclasses.fields(TrainConfig)}
+    for key, value in settings.items():
+        if key in CHECKPOINT_SETTINGS:
+            sections.setdefault("checkpoint", {})[CHECKPOINT_SETTINGS[key]] = value
+        elif key in layout or key in train:
+            sections.setdefault("layout" if key in layout else "train", {})[key] = value
+        else:
+            known = sorted(layout | train | set(CHECKPOINT_SETTINGS))
+            raise ConfigError(f"Trainer: unknown setting {key!r}; known: {', '.join(known)}")
+    merge(cfg, sections, source="Trainer")
+    return cfg

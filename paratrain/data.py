@@ -155,6 +155,10 @@ class TokenLoader:
         self.step += 1
         return b
 
+    def validation(self) -> "_Split":
+        """The held-out split as a data source (the same windows in every layout)."""
+        return _Split(self, "val")
+
     def state_dict(self) -> dict:
         return {"step": self.step, "seed": self.seed}
 
@@ -166,3 +170,123 @@ class TokenLoader:
 
 def split_microbatches(batch: Batch, n: int) -> list[Batch]:
     return [Batch(i, t) for i, t in zip(batch.inputs.chunk(n), batch.targets.chunk(n))]
+
+
+# ------------------------------------------------------------------ any model's batches
+def split_batch(x, n: int) -> list:
+    """`x` (a tensor, or tuples, lists and dicts of them) as `n` micro-batches along dim 0;
+    anything that is not a tensor is given to every micro-batch as it is."""
+    if torch.is_tensor(x):
+        if x.dim() == 0 or x.shape[0] % n:
+            raise ValueError(f"a batch of {x.shape[0] if x.dim() else 'no'} rows does not split into {n} micro-batches")
+        return list(x.chunk(n))
+    if isinstance(x, dict):
+        parts = {k: split_batch(v, n) for k, v in x.items()}
+        return [{k: parts[k][i] for k in x} for i in range(n)]
+    if isinstance(x, (tuple, list)):
+        parts = [split_batch(v, n) for v in x]
+        return [type(x)(p[i] for p in parts) for i in range(n)]
+    return [x] * n
+
+
+def to_device(x, device: torch.device):
+    """`x` with every tensor in it moved to `device`."""
+    if torch.is_tensor(x):
+        return x.to(device, non_blocking=True)
+    if isinstance(x, dict):
+        return {k: to_device(v, device) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(to_device(v, device) for v in x)
+    return x
+
+
+def first_tensor(x) -> torch.Tensor | None:
+    if torch.is_tensor(x):
+        return x
+    for v in x.values() if isinstance(x, dict) else x if isinstance(x, (tuple, list)) else ():
+        if (t := first_tensor(v)) is not None:
+            return t
+    return None
+
+
+def call_model(model: torch.nn.Module, inputs):
+    """A dict of inputs as keyword arguments (Hugging Face models), a tuple as positional ones."""
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, tuple):
+        return model(*inputs)
+    return model(inputs)
+
+
+def as_pair(batch) -> tuple:
+    """(inputs, targets) of a Batch, a pair, or inputs alone (targets None: the model's
+    output carries its loss, as a Hugging Face model given `labels` does)."""
+    if isinstance(batch, Batch):
+        return batch.inputs, batch.targets
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    return batch, None
+
+
+class DatasetLoader:
+    """A map-style `Dataset` as global batches that depend only on (seed, step): step k takes
+    `global_batch` consecutive indices of the epoch's permutation (seeded by (seed, epoch);
+    the last incomplete batch of an epoch is dropped), each data-parallel rank its contiguous
+    slice, collated with `collate_fn` (torch's default). Ranks of one replica (tp, pp) ask for
+    the same slice and get the same batch. State: the next step, as for `TokenLoader`."""
+
+    def __init__(self, dataset, global_batch: int, seed: int = 0, shuffle: bool = True, collate_fn=None):
+        from torch.utils.data import default_collate
+
+        self.dataset, self.global_batch, self.seed, self.shuffle = dataset, global_batch, seed, shuffle
+        self.collate = collate_fn or default_collate
+        self.num_batches = len(dataset) // global_batch  # per epoch
+        if self.num_batches == 0:
+            raise ValueError(f"data: a dataset of {len(dataset)} items holds no global batch of {global_batch}")
+        self.step = 1
+        self._order: tuple[int, np.ndarray] | None = None
+
+    def _indices(self, step: int) -> np.ndarray:
+        epoch, k = divmod(step - 1, self.num_batches)
+        if self._order is None or self._order[0] != epoch:
+            n = len(self.dataset)
+            order = np.random.default_rng([self.seed, 2, epoch]).permutation(n) if self.shuffle else np.arange(n)
+            self._order = (epoch, order)
+        return self._order[1][k * self.global_batch : (k + 1) * self.global_batch]
+
+    def local_batch(self, step: int, dp_rank: int, dp: int):
+        if self.global_batch % dp:
+            raise ValueError(f"data: a global batch of {self.global_batch} does not split over dp={dp}")
+        n = self.global_batch // dp
+        idx = self._indices(step)[dp_rank * n : (dp_rank + 1) * n]
+        return self.collate([self.dataset[int(i)] for i in idx])
+
+    def next(self, dp_rank: int, dp: int):
+        b = self.local_batch(self.step, dp_rank, dp)
+        self.step += 1
+        return b
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["seed"] != self.seed:
+            raise ValueError(f"loader state was saved with seed {state['seed']}, this run uses {self.seed}")
+        self.step = int(state["step"])
+
+
+class _Split:
+    """One split of a TokenLoader, as a data source of its own (evaluation)."""
+
+    def __init__(self, loader: "TokenLoader", split: str):
+        self.loader, self.split = loader, split
+
+    def local_batch(self, step: int, dp_rank: int, dp: int) -> Batch:
+        return self.loader.local_batch(step, dp_rank, dp, split=self.split)
+
+
+def token_batches(tokens, seq_len: int, global_batch: int, seed: int = 0, val_fraction: float = 0.05) -> "TokenLoader":
+    """A token source (a 1-D array or tensor of token ids, e.g. a tokenized corpus) as windows of
+    `seq_len` tokens and their next-token targets, the batch of step k a function of (seed, k)."""
+    arr = tokens.numpy() if torch.is_tensor(tokens) else np.asarray(tokens)
+    return TokenLoader(arr.reshape(-1), seq_len, global_batch, seed, val_fraction)

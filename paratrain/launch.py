@@ -9,9 +9,6 @@ on CUDA. Each local worker gets an equal share of the cores, so workers do not o
 
 from __future__ import annotations
 
-import atexit
-import datetime
-import gc
 import logging
 import os
 import re
@@ -21,28 +18,14 @@ import torch
 import torch.distributed as dist
 
 from paratrain.config import RunConfig
-
-
-def cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def threads_per_worker(local_world_size: int) -> int:
-    return max(1, cpu_count() // max(1, local_world_size))
-
-
-def under_torchrun() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+from paratrain.group import (cpu_count, init_process_group, leave_at_exit, leave_process_group,  # noqa: F401
+                             threads_per_worker, under_torchrun)
+from paratrain.mesh import Mesh
+from paratrain.train import Trainer
 
 
 def run_worker(cfg_dict: dict) -> dict:
     """The body of one rank: process group, mesh, trainer. Returns rank 0's results."""
-    from paratrain.mesh import Mesh
-    from paratrain.train import Trainer
-
     cfg = RunConfig.from_dict(cfg_dict)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
@@ -64,53 +47,12 @@ def run_worker(cfg_dict: dict) -> dict:
             result = run_ps(cfg, device)
         else:
             mesh = Mesh.build(cfg.layout.dp, cfg.layout.tp, cfg.layout.pp, device_type=device.type)
-            result = Trainer(cfg, mesh, device).fit()
+            result = Trainer.from_config(cfg, mesh, device).fit()
     except BaseException:
         dist.destroy_process_group()  # no gc.collect here: on failure it left a semaphore leak warning
         raise
     leave_process_group()  # under torchrun the process lives on to its interpreter's teardown
     return result
-
-
-def leave_process_group() -> None:
-    """Collect garbage, then destroy the default group (if any).
-
-    Reference cycles left by a training step (autograd graphs around collectives) can hold gloo
-    state; collected at interpreter exit, after the group is gone, they abort the process
-    ("terminate called without an active exception", exit status -6) in one run of four to six
-    under torch 2.13, with torch's own DistributedDataParallel too. Collected first, they do not.
-    """
-    gc.collect()
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def leave_at_exit() -> None:
-    """For processes that join a group themselves (the Python API): leave it at exit, cleanly."""
-    atexit.register(leave_process_group)
-
-
-def init_process_group(backend: str, timeout: datetime.timedelta = datetime.timedelta(minutes=10)) -> None:
-    """Join the default group from the launcher's environment (torchrun or our elastic launch).
-
-    Under the elastic agent every restart reuses the agent's TCPStore, where the previous
-    attempt's keys (such as the gloo peers' addresses) are still present: a restarted worker
-    could read a dead peer's address and fail to connect. Each attempt therefore gets its own
-    key prefix.
-    """
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        dist.init_process_group(backend, timeout=timeout)
-        return
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                          timeout=timeout)
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    dist.init_process_group(
-        backend,
-        store=dist.PrefixStore(f"paratrain/attempt_{attempt}", store),
-        rank=int(os.environ["RANK"]),
-        world_size=int(os.environ["WORLD_SIZE"]),
-        timeout=timeout,
-    )
 
 
 class WorkerFailed(RuntimeError):

@@ -60,6 +60,8 @@ class Mesh:
     device_type: str
     comm: CommStats = field(default_factory=CommStats)  # what this rank's collectives sent
     embedding_group: dist.ProcessGroup | None = None  # first + last pipeline stage, if pp > 1
+    world_group: dist.ProcessGroup | None = None  # all ranks of the mesh (None: the default group)
+    groups: dict[str, dist.ProcessGroup] | None = None  # given groups instead of the device mesh's
 
     @classmethod
     def build(cls, dp: int = 1, tp: int = 1, pp: int = 1, device_type: str = "cpu") -> "Mesh":
@@ -81,6 +83,13 @@ class Mesh:
                     mesh.embedding_group = group
         return mesh
 
+    @classmethod
+    def of_one(cls, group: dist.ProcessGroup, device_type: str = "cpu") -> "Mesh":
+        """A mesh of this process alone inside a larger world (a parameter-server worker): every
+        axis of size one on `group`, a group holding only this rank."""
+        return cls({"pp": 1, "dp": 1, "tp": 1}, 0, None, device_type, world_group=group,
+                   groups={axis: group for axis in AXES})
+
     @property
     def world_size(self) -> int:
         return self.shape["pp"] * self.shape["dp"] * self.shape["tp"]
@@ -97,7 +106,7 @@ class Mesh:
         return next(g for g in axis_groups(self.shape, axis) if self.rank in g)
 
     def group(self, axis: str) -> dist.ProcessGroup:
-        return self.device_mesh.get_group(axis)
+        return self.groups[axis] if self.groups else self.device_mesh.get_group(axis)
 
     def __str__(self) -> str:
         c = coords_of(self.rank, self.shape)

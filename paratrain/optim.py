@@ -1,6 +1,6 @@
-"""The optimizer step's arithmetic shared by the Trainer and the Python API: the learning-rate
-schedule (linear warm-up, cosine decay), clipping on the global gradient norm across every
-parallel dimension, and dynamic loss scaling for fp16.
+"""The optimizer step of every engine: the learning-rate schedule (linear warm-up, cosine
+decay), clipping on the global gradient norm across every parallel dimension, dynamic loss
+scaling for fp16, the update itself (`apply_update`) and the optimizer it steps.
 """
 
 from __future__ import annotations
@@ -11,6 +11,9 @@ import torch
 
 from paratrain.comm import all_reduce
 from paratrain.mesh import Mesh
+from paratrain.parallel.roles import role_of
+from paratrain.parallel.tensor import sync_sequence_parallel_grads
+from paratrain.parallel.zero import ZeroDataParallel
 
 
 def lr_at(step: int, base_lr: float, warmup: int, total: int, min_ratio: float) -> float:
@@ -26,7 +29,7 @@ def clip_grad_norm(parts: list[tuple[torch.Tensor, torch.nn.Parameter]], mesh: M
     """Clip on the norm of the whole model's gradient and return that norm (a 0-d tensor on the
     device: reading it waits for the device, so callers read it once the step is launched).
 
-    `parts` are (gradient, parameter carrying the flags). Gradients are dp-reduced already: dp
+    `parts` are (gradient, parameter carrying the role). Gradients are dp-reduced already: dp
     replicas hold the same gradients, or, under ZeRO (`dp_sharded`), disjoint shards whose squares
     add up over dp. tp-sharded parameters contribute their squares summed over the tp group,
     replicated ones once, and the stages' sums add up over the pp group; the last stage's copy of
@@ -39,9 +42,9 @@ def clip_grad_norm(parts: list[tuple[torch.Tensor, torch.nn.Parameter]], mesh: M
     def sum_sq(gs) -> torch.Tensor:
         return torch.stack([g.detach().float().pow(2).sum() for g in gs]).sum() if gs else torch.zeros((), device=device)
 
-    counted = [(g, p) for g, p in parts if not getattr(p, "pp_duplicate", False)]
-    sums = torch.stack([sum_sq([g for g, p in counted if getattr(p, "tp_sharded", False)]),
-                        sum_sq([g for g, p in counted if not getattr(p, "tp_sharded", False)])])
+    counted = [(g, role_of(p)) for g, p in parts if not role_of(p).pp_duplicate]
+    sums = torch.stack([sum_sq([g for g, r in counted if r.tp_sharded]),
+                        sum_sq([g for g, r in counted if not r.tp_sharded])])
     if dp_sharded and mesh.size("dp") > 1:
         all_reduce(sums, mesh.group("dp"), mesh.comm)
     sharded, replicated = sums[0], sums[1]
@@ -85,3 +88,78 @@ class LossScaler:
             self.good += 1
             if self.good % self.window == 0:
                 self.scale *= 2
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "good": self.good}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale, self.good = float(state["scale"]), int(state["good"])
+
+
+def apply_update(engine, optimizer: torch.optim.Optimizer, scaler: LossScaler, mesh: Mesh, grad_clip: float,
+                 tied: list[torch.nn.Parameter]) -> tuple[torch.Tensor | float, bool]:
+    """The one update step of every engine, after backward: finish the dp gradient sync, sum the
+    gradients that tensor or pipeline parallelism left partial (sequence-parallel norms over tp,
+    a tied embedding over its first and last stage), unscale (fp16), clip on the global norm,
+    step, and publish the new parameters to compute. Returns (gradient norm, skipped): an fp16
+    overflow skips the step, the norm is then nan."""
+    engine.finish_grad_sync()
+    zero = isinstance(engine, ZeroDataParallel)
+    if tied and mesh.embedding_group is not None:
+        if zero:
+            engine.all_reduce_grads("pp_tied", mesh.embedding_group)
+        else:
+            for p in tied:
+                all_reduce(p.grad, mesh.embedding_group, mesh.comm)
+    if not zero:
+        sync_sequence_parallel_grads(engine, mesh)
+        norm = clip_grad_norm([(p.grad, p) for p in engine.parameters() if p.grad is not None], mesh, grad_clip)
+        optimizer.step()
+        return norm, False
+    if mesh.size("tp") > 1:
+        engine.all_reduce_grads("sequence_parallel", mesh.group("tp"))
+    skipped = engine.unscale_grads(scaler.scale)
+    scaler.update(skipped)
+    if skipped:  # fp16 overflow: no update, a smaller scale next step
+        return float("nan"), True
+    norm = clip_grad_norm(engine.grad_parts(), mesh, grad_clip, engine.stage > 0)
+    optimizer.step()
+    engine.publish()
+    return norm, False
+
+
+def build_optimizer(params: list[dict], optimizer, lr: float, betas: tuple[float, float]) -> torch.optim.Optimizer:
+    """The optimizer over `params` (groups of the parameters, or of ZeRO's fp32 master shards):
+    paratrain's AdamW with the groups' weight decay (matrices decay, vectors do not); or the
+    user's, as a class or factory called with one group of everything and keeping its own
+    hyper-parameters; or an instance, rebuilt the same over these parameters. Each group's
+    `initial_lr` is what the schedule scales."""
+    if optimizer is None:
+        opt = adamw(params, lr=lr, betas=betas)
+    elif isinstance(optimizer, torch.optim.Optimizer):
+        opt = rebuild_optimizer(optimizer, [p for g in params for p in g["params"]])
+    elif callable(optimizer):
+        opt = optimizer([{"params": [p for g in params for p in g["params"]]}])
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise TypeError(f"Trainer: optimizer= returned {type(opt).__name__}, not a torch.optim.Optimizer")
+    else:
+        raise TypeError(f"Trainer: optimizer= takes an optimizer class, a factory or an instance, "
+                        f"got {type(optimizer).__name__}")
+    for g in opt.param_groups:
+        g.setdefault("initial_lr", g["lr"])
+    return opt
+
+
+def rebuild_optimizer(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """The user's optimizer instance over the parameters the strategies train (sharded, or ZeRO's
+    masters): the same class and hyper-parameters. Kept as it is when it already holds exactly
+    those parameters (no tensor parallelism, no ZeRO)."""
+    mine = [p for g in opt.param_groups for p in g["params"]]
+    if {id(p) for p in mine} == {id(p) for p in params} and not opt.state:
+        return opt
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    if any(s != settings[0] for s in settings[1:]):
+        raise ValueError("Trainer: the optimizer's parameter groups differ in their settings, and the strategies "
+                         "replace its parameters; pass a factory instead, e.g. optimizer=lambda groups: "
+                         f"torch.optim.{type(opt).__name__}(groups, ...)")
+    return type(opt)([{"params": params, **settings[0]}])

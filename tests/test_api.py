@@ -21,8 +21,9 @@ def _train(zero: int, steps: int = 4):
     import paratrain
 
     mesh = paratrain.init()
-    trainer = paratrain.Trainer(hf_gpt2.build(), mesh, hf_gpt2.loss_fn, zero=zero, lr=1e-3)
-    return trainer.fit(hf_gpt2.batches(mesh), steps, log_every=0)
+    trainer = paratrain.Trainer(hf_gpt2.build(), mesh, hf_gpt2.loss_fn, data=hf_gpt2.data(), zero=zero, lr=1e-3,
+                                progress=False)
+    return [trainer.run_step(k).loss for k in range(1, steps + 1)]
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +54,9 @@ def _pipeline(pp: int, dp: int = 1, kw: dict | None = None, steps: int = 4):
     import paratrain
 
     mesh = paratrain.init(dp=dp, pp=pp)
-    trainer = paratrain.Trainer(ex.build(), mesh, ex.loss_fn, lr=3e-3, **(kw or {}))
-    stages = [(r.start, r.stop) for r in trainer.model.pipeline.stages] if pp > 1 else None
-    return trainer.fit(ex.batches(mesh), steps, log_every=0), stages
+    trainer = paratrain.Trainer(ex.build(), mesh, ex.loss_fn, data=ex.data(), lr=3e-3, progress=False, **(kw or {}))
+    stages = [[int(b) for b in s] for s in trainer.pipeline.stage_blocks] if pp > 1 else None
+    return [trainer.run_step(k).loss for k in range(1, steps + 1)], stages
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +74,8 @@ def test_own_sequential_model_under_pipeline_matches_one_process(pp_reference, p
     out = spawn(_pipeline, pp * dp, pp, dp, kw)
     for losses, _ in out:  # every rank returns the global mean loss
         torch.testing.assert_close(torch.tensor(losses), torch.tensor(pp_reference), rtol=1e-5, atol=0)
-    stages = out[0][1]
-    assert stages[0][0] == 0 and stages[-1][1] == 9 and all(a[1] == b[0] for a, b in zip(stages, stages[1:]))
+    stages = out[0][1]  # the layers of each stage: contiguous, all of them, in order
+    assert [i for s in stages for i in s] == list(range(9)) and all(s for s in stages)
     if "pp_split" in kw:
         assert [s[0] for s in stages[1:]] == kw["pp_split"]
 
@@ -88,7 +89,7 @@ def _pipeline_errors():
     errors = []
     lin = nn.Linear(4, 4)
     for model, kw in ((nn.Transformer(d_model=8, nhead=2, num_encoder_layers=1, num_decoder_layers=1), {}),
-                      (nn.Sequential(lin, nn.ReLU(), lin), {}),
+                      (nn.Sequential(lin, nn.ReLU(), lin, nn.ReLU()), {"schedule": "interleaved", "microbatches": 2}),
                       (nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), {"pp_split": [5]}),
                       (nn.Sequential(nn.Linear(4, 4)), {})):
         try:
@@ -102,7 +103,7 @@ def _pipeline_errors():
 def test_pipeline_refuses_what_it_cannot_cut():
     errors = spawn(_pipeline_errors, 2)[0]
     assert "nn.Sequential, or layers=" in errors[0]
-    assert "shares a parameter" in errors[1]
+    assert "stage 2 shares a parameter with stage 0; only the first and the last" in errors[1]
     assert "pp_split must name 1 increasing" in errors[2]
     assert "cannot fill 2 pipeline stages" in errors[3]
 

@@ -235,8 +235,8 @@ def _train_all() -> dict:
         tr.steps, tr.global_batch, tr.seq_len, tr.seed, tr.lr, tr.warmup_steps = 10, 16, 32, 5, 3e-3, 2
         tr.progress, tr.eval_batches, tr.compress = False, 1, compress
         validate(cfg)
-        trainer = Trainer(cfg, mesh)  # the steps of fit(), without its evaluation and sample
-        out[name] = [trainer.step(k).as_metrics() for k in range(1, tr.steps + 1)]  # the metrics-file records
+        trainer = Trainer.from_config(cfg, mesh)  # the steps of fit(), without its evaluation and sample
+        out[name] = [trainer.run_step(k).as_metrics() for k in range(1, tr.steps + 1)]  # the metrics-file records
     return out
 
 
@@ -338,6 +338,7 @@ def _tp_replicas() -> dict:
     """dp=2 x tp=2: train a few steps per mode; return this rank's replicated parameters."""
     from paratrain.config import RunConfig, validate
     from paratrain.mesh import Mesh
+    from paratrain.parallel.roles import role_of
     from paratrain.train import Trainer
 
     mesh = Mesh.build(dp=2, tp=2)
@@ -350,11 +351,11 @@ def _tp_replicas() -> dict:
         tr.steps, tr.global_batch, tr.seq_len, tr.seed, tr.progress, tr.eval_batches = 2, 8, 32, 5, False, 1
         tr.compress, tr.compress_warmup = compress, 0
         validate(cfg)
-        trainer = Trainer(cfg, mesh)
+        trainer = Trainer.from_config(cfg, mesh)
         for step in range(1, tr.steps + 1):
-            trainer.step(step)
+            trainer.run_step(step)
         out[(zero, compress)] = {n: p.detach().clone() for n, p in trainer.model.module.named_parameters()
-                                 if not getattr(p, "tp_sharded", False)}
+                                 if not role_of(p).tp_sharded}
     return out
 
 

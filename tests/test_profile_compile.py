@@ -32,7 +32,7 @@ def _eager_then_compiled(layout: dict, folder: str) -> None:
         tr.compile, tr.metrics = compile_, f"{folder}/{name}.jsonl"
         validate(cfg)
         mesh = mesh or Mesh.build(cfg.layout.dp, cfg.layout.tp, cfg.layout.pp)
-        Trainer(cfg, mesh).fit()
+        Trainer.from_config(cfg, mesh).fit()
 
 
 @pytest.mark.parametrize("layout", [

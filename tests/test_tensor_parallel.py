@@ -16,6 +16,7 @@ from helpers import spawn
 from paratrain.config import RunConfig, validate
 from paratrain.launch import launch
 from paratrain.mesh import Mesh
+from paratrain.parallel.roles import set_role
 from paratrain.models.gpt import GPT, GPTConfig
 from paratrain.parallel.tensor import (
     GPT_PLAN,
@@ -206,8 +207,8 @@ def _train_twice_with_dropout():
         tr = cfg.train
         tr.steps, tr.global_batch, tr.seq_len, tr.seed, tr.progress, tr.lr, tr.warmup_steps = 3, 8, 32, 5, False, 3e-3, 2
         validate(cfg)
-        trainer = Trainer(cfg, mesh)  # the steps of fit(), without its evaluation and sample
-        runs.append([trainer.step(k).loss for k in range(1, tr.steps + 1)])
+        trainer = Trainer.from_config(cfg, mesh)  # the steps of fit(), without its evaluation and sample
+        runs.append([trainer.run_step(k).loss for k in range(1, tr.steps + 1)])
     return runs
 
 
@@ -251,7 +252,7 @@ def _sequence_parallel_grad_sync():
     mesh = Mesh.build(tp=dist.get_world_size())
     holder = nn.Module()
     holder.p = nn.Parameter(torch.zeros(3))
-    holder.p.sequence_parallel = True
+    set_role(holder.p, sequence_parallel=True)
     holder.p.grad = torch.full((3,), float(mesh.coord("tp") + 1))
     sync_sequence_parallel_grads(holder, mesh)
     return holder.p.grad

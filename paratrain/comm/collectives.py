@@ -6,7 +6,9 @@ gloo and NCCL use, for a payload of S bytes over n ranks: all-reduce 2(n-1)/n S,
 (n-1)/n S of its input, all-gather (n-1) S of its input, broadcast (n-1)/n S. The trainer sums
 them over ranks for the metrics' `comm_bytes`. So an all-reduce and the reduce-scatter plus
 all-gather that replace it under sequence parallelism count the same, as they should. A
-point-to-point send counts its payload.
+point-to-point send (`send`, `isend`) counts its payload; a receive counts nothing (its bytes are
+the sender's) but is fingerprinted, so a rank waiting for a peer, or for any peer, shows in a
+hang report as `recv from 3` or `recv from any`.
 """
 
 from __future__ import annotations
@@ -41,8 +43,10 @@ class CommStats:
     calls: Counter = field(default_factory=Counter)
     flight: FlightRecorder = field(default_factory=FlightRecorder)  # fingerprints (hang diagnostics)
 
-    def record(self, op: str, tensor: torch.Tensor, group: dist.ProcessGroup | None) -> Fingerprint:
-        fp = self.flight.record(op, tensor, group)
+    def record(self, op: str, tensor: torch.Tensor, group: dist.ProcessGroup | None,
+               label: str | None = None) -> Fingerprint:
+        """Count `op` and its bytes; the fingerprint names it `label` (e.g. `send to 3`) or `op`."""
+        fp = self.flight.record(label or op, tensor, group)
         n = dist.get_world_size(group)
         if n == 1:
             return fp  # a group of one sends nothing
@@ -110,23 +114,28 @@ def reduce_scatter(tensor: torch.Tensor, group: dist.ProcessGroup, stats: CommSt
 
 
 @opaque
-def isend(tensor: torch.Tensor, dst: int, group: dist.ProcessGroup, stats: CommStats, tag: int = 0):
+def send(tensor: torch.Tensor, dst: int, group: dist.ProcessGroup | None, stats: CommStats, tag: int = 0) -> None:
+    """Blocking send to global rank `dst`."""
+    fp = stats.record("send", tensor, group, f"send to {dst}")
+    _issue(stats, fp, lambda: dist.send(tensor, dst=dst, group=group, tag=tag), False)
+
+
+@opaque
+def isend(tensor: torch.Tensor, dst: int, group: dist.ProcessGroup | None, stats: CommStats, tag: int = 0):
     """Non-blocking send to global rank `dst`; returns the work handle."""
-    fp = stats.record("send", tensor, group)
+    fp = stats.record("send", tensor, group, f"send to {dst}")
     return _issue(stats, fp, lambda: dist.isend(tensor, dst=dst, group=group, tag=tag), True)
 
 
 @opaque
-def recv(tensor: torch.Tensor, src: int, group: dist.ProcessGroup, tag: int = 0,
-         stats: CommStats | None = None) -> torch.Tensor:
-    """Blocking receive from global rank `src` into `tensor` (its bytes count on the sender's
-    side; with `stats` the wait is fingerprinted)."""
+def recv(tensor: torch.Tensor, src: int | None, group: dist.ProcessGroup | None, tag: int = 0,
+         stats: CommStats | None = None) -> int:
+    """Blocking receive into `tensor` from global rank `src`, or from any rank of `group` with
+    `src=None`; returns the sender's global rank. With `stats` the wait is fingerprinted."""
     if stats is None:
-        dist.recv(tensor, src=src, group=group, tag=tag)
-        return tensor
-    fp = stats.flight.record(f"recv from {src}", tensor, group)
-    _issue(stats, fp, lambda: dist.recv(tensor, src=src, group=group, tag=tag), False)
-    return tensor
+        return dist.recv(tensor, src=src, group=group, tag=tag)
+    fp = stats.flight.record(f"recv from {'any' if src is None else src}", tensor, group)
+    return _issue(stats, fp, lambda: dist.recv(tensor, src=src, group=group, tag=tag), False)
 
 
 @opaque

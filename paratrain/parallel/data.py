@@ -27,6 +27,8 @@ import torch.nn as nn
 
 from paratrain.comm import Compressor, all_reduce, broadcast
 from paratrain.mesh import Mesh
+from paratrain.parallel.batchnorm import broadcast_buffers
+from paratrain.parallel.roles import role_of
 
 
 @dataclass
@@ -67,9 +69,11 @@ def sync_module_states(module: nn.Module, mesh: Mesh) -> None:
 
 class DataParallel(SyncSwitch, nn.Module):
     def __init__(self, module: nn.Module, mesh: Mesh, bucket_mb: float = 25.0, average: bool = False,
-                 compressor: Compressor | None = None):
+                 compressor: Compressor | None = None, broadcast_buffers: bool = True):
         super().__init__()
         self.module = module
+        self.broadcast_buffers = broadcast_buffers
+        self.require_forward_param_sync = True  # DDP's name: sync buffers before the next forward
         self.compressor = compressor
         self.mesh = mesh
         self.group = mesh.group("dp")
@@ -110,7 +114,13 @@ class DataParallel(SyncSwitch, nn.Module):
                 self._slot_of[p] = (len(self.buckets) - 1, i)
 
     def forward(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
+        """Run the module; first, as DDP, broadcast dp rank 0's buffers if `broadcast_buffers` and the
+        previous forward (if any) ran with grad enabled outside `no_sync()`."""
+        if self.broadcast_buffers and self.require_forward_param_sync:
+            broadcast_buffers(self.module, self.mesh)
+        out = self.module(*args, **kwargs)
+        self.require_forward_param_sync = torch.is_grad_enabled() and self.require_sync
+        return out
 
     def _on_grad_ready(self, p: nn.Parameter) -> None:
         if not self.require_sync:
@@ -149,7 +159,7 @@ class DataParallel(SyncSwitch, nn.Module):
                 # tp-sharded and replicated gradients apart: a replicated parameter's compressed
                 # sum must not depend on this tp rank's shards, or its replicas would drift apart
                 for sharded in (True, False):
-                    views = [v for p, v in zip(b.params, b.views) if getattr(p, "tp_sharded", False) == sharded]
+                    views = [v for p, v in zip(b.params, b.views) if role_of(p).tp_sharded == sharded]
                     if views:
                         self.compressor.reduce((i, sharded), views, self.group, self.mesh.comm)
             else:

@@ -3,9 +3,10 @@
 `--sync ps --servers S` runs dp = W worker ranks (0 .. W-1) and S server ranks (W .. W+S-1).
 The flat parameter vector is cut into S contiguous shards; server s holds shard s in fp32 with
 its AdamW state. A worker's step: pull every shard, run forward and backward on its slice of the
-global batch, push each shard of the gradient to its server. Messages are torch.distributed
-point-to-point sends with tags (a 5-number header, then a tensor); a server receives headers
-from any worker and answers in the order its rules allow:
+global batch, push each shard of the gradient to its server. Messages are point-to-point sends
+with tags (a 5-number header, then a tensor) through paratrain.comm, so they are counted and the
+hang watchdog sees every wait; a server receives headers from any worker and answers in the
+order its rules allow:
 
 - `--staleness 0` (synchronous): a server sums the W gradients of clock c, clips on the global
   norm (one all-reduce over the servers) and takes one AdamW step; a pull for clock c is answered
@@ -21,6 +22,14 @@ push, how many updates landed between its pull and its push (version staleness);
 them at the end with the per-step losses and the final parameters, evaluates, and reports.
 When all workers have said DONE the servers send their final shards and return; if a worker
 fails, the launcher stops the whole group, servers included.
+
+The metrics' `comm_bytes` is counted, not modelled: every rank's CommStats counts what it sends
+for the steps (headers, gradients, pull replies, parameters, the servers' norm all-reduce; not
+the refused pull, DONE and the final collection), one all-reduce at the end sums them over
+ranks, and each step gets the sum over the steps. A synchronous step sends the same every time,
+so that is its exact figure; with staleness it is the mean (W pulls and pushes per step in all).
+Every rank is watched (--collective-timeout) once all are ready: no wait lasts longer than one
+worker's step unless a rank is stuck, and then the ranks waiting on it are named.
 """
 
 from __future__ import annotations
@@ -36,8 +45,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from paratrain.checkpoint import (Entry, agree_on_latest, begin_save, boxes_state, flat_range_boxes, planners,
-                                  quiet, read_manifest, run_info, shifted_pieces, write_and_publish)
+from paratrain.checkpoint import (Entry, agree_on_latest, begin_save, boxes_state, flat_range_boxes, gpt_aliases,
+                                  model_identity, planners, quiet, read_manifest, run_info, shifted_pieces,
+                                  write_and_publish)
+from paratrain.comm import CommStats, all_reduce, isend, recv, send
+from paratrain.comm.flight import Watchdog
 from paratrain.config import RunConfig, format_layout
 from paratrain.data import TokenLoader, load_corpus, split_microbatches
 from paratrain.models.gpt import build_model, count_params
@@ -111,6 +123,8 @@ class Server:
         self.gaps: list[int] = []  # per granted pull: clock lead over the slowest worker
         self.staleness: list[int] = []  # per push: updates between its pull and its application
         self.sends: list = []
+        self.comm = CommStats()  # the steps' messages: pull replies, parameters, the norm all-reduce
+        self.closing = CommStats(flight=self.comm.flight)  # refusals, final shard and records: no step's
         self.ckpt = ServerCheckpoints(self) if cfg.checkpoint.dir else None
 
     # ---- rules
@@ -143,9 +157,10 @@ class Server:
 
     def _reply(self, worker: int, granted: bool) -> None:
         self.sends = [w for w in self.sends if not w.is_completed()]
-        self.sends.append(dist.isend(torch.tensor([float(granted), float(self.version)]), worker, tag=TAG_REPLY))
+        reply = torch.tensor([float(granted), float(self.version)])
+        self.sends.append(isend(reply, worker, None, self.comm if granted else self.closing, TAG_REPLY))
         if granted:
-            self.sends.append(dist.isend(self.shard.clone(), worker, tag=TAG_PARAMS))
+            self.sends.append(isend(self.shard.clone(), worker, None, self.comm, TAG_PARAMS))
 
     # ---- updates
     def _step(self, grad: torch.Tensor, sq: float, loss: float) -> None:
@@ -153,7 +168,7 @@ class Server:
         if self.K == 0:  # the norm of the summed gradient, over all servers' shards
             total = torch.tensor([float(grad.pow(2).sum())], dtype=torch.float64)
             if self.S > 1:
-                dist.all_reduce(total, group=self.group)
+                all_reduce(total, self.group, self.comm)
             sq = float(total)
         norm = math.sqrt(sq)
         coef = min(1.0, tr.grad_clip / (norm + 1e-6)) if tr.grad_clip > 0 else 1.0
@@ -179,7 +194,7 @@ class Server:
 
     def _push(self, worker: int, header: torch.Tensor) -> None:
         grad = torch.empty_like(self.shard)
-        dist.recv(grad, worker, tag=TAG_GRAD)
+        recv(grad, worker, None, TAG_GRAD, self.comm)
         _, clock, pulled, loss, sq = header.tolist()
         self.clock[worker] += 1
         self.staleness.append(self.version - int(pulled))
@@ -200,7 +215,8 @@ class Server:
     def run(self) -> None:
         header = torch.empty(HEADER, dtype=torch.float64)
         while not all(self.done):
-            worker = dist.recv(header, None, tag=TAG_HEADER)
+            self.comm.flight.step = self.version + 1 if self.K == 0 else self.version // self.W + 1
+            worker = recv(header, None, None, TAG_HEADER, self.comm)
             op = float(header[0])
             if op == PULL:
                 self.pending.append((worker, int(header[1])))
@@ -211,12 +227,13 @@ class Server:
             self._serve()
         for work in self.sends:
             work.wait()
-        dist.send(self.shard, 0, tag=TAG_FINAL)
+        send(self.shard, 0, None, self.closing, TAG_FINAL)
         if self.index == 0:
             for values in (self.log, [[g] for g in self.gaps], [[s] for s in self.staleness]):
                 t = torch.tensor(values, dtype=torch.float64).reshape(-1, len(values[0]) if values else 1)
-                dist.send(torch.tensor([float(t.shape[0]), float(t.shape[1])], dtype=torch.float64), 0, tag=TAG_LOG)
-                dist.send(t.contiguous(), 0, tag=TAG_LOG)
+                shape = torch.tensor([float(t.shape[0]), float(t.shape[1])], dtype=torch.float64)
+                send(shape, 0, None, self.closing, TAG_LOG)
+                send(t.contiguous(), 0, None, self.closing, TAG_LOG)
 
 
 class ServerCheckpoints:
@@ -252,8 +269,8 @@ class ServerCheckpoints:
         ck, group = self.cfg.checkpoint, self.server.group
         tmp = begin_save(ck.dir, step, group, self.first)
         state = {**boxes_state(self.entries(), saving=True), "meta": self.meta(step)}
-        write_and_publish(state, tmp, group, self.first, ck.dir, step, run_info(self.cfg, step, ps_layout(self.cfg)),
-                          ck.keep)
+        info = run_info(model_identity(self.cfg), self.cfg.to_dict(), step, ps_layout(self.cfg), gpt_aliases(self.cfg))
+        write_and_publish(state, tmp, group, self.first, ck.dir, step, info, ck.keep)
         dist.barrier(group)  # published before any server goes on
 
     def load(self, folder: str) -> None:
@@ -282,7 +299,8 @@ class Worker:
         straggler = tr.simulate_straggler
         who, _, delay = (straggler or "-1:0").partition(":")
         self.delay = float(delay) if int(who) == rank else 0.0
-        self.bytes = 0  # what this worker sent (gradients and headers)
+        self.comm = CommStats()  # what this worker sends (headers, gradients) and waits for
+        self.step_bytes = 0  # the part of it sent for steps: all but the refused pull and DONE
         self.start = 0  # the step a resumed run starts after
         fail = tr.simulate_failure
         first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
@@ -291,21 +309,21 @@ class Worker:
 
     def _send_header(self, server: int, values: list[float]) -> None:
         t = torch.tensor(values + [0.0] * (HEADER - len(values)), dtype=torch.float64)
-        dist.send(t, self.W + server, tag=TAG_HEADER)
-        self.bytes += t.numel() * 8
+        send(t, self.W + server, None, self.comm, TAG_HEADER)
 
     def _pull(self, clock: int) -> int | None:
         """All shards into the model; the version server 0 answered with, or None to stop."""
         flat = torch.empty(self.bounds[-1][1])
         version = 0
+        self.comm.flight.step = clock + 1
         for s, (lo, hi) in enumerate(self.bounds):
             self._send_header(s, [PULL, clock])
             reply = torch.empty(2)
-            dist.recv(reply, self.W + s, tag=TAG_REPLY)
+            recv(reply, self.W + s, None, TAG_REPLY, self.comm)
             if not reply[0]:
                 return None
             version = int(reply[1]) if s == 0 else version
-            dist.recv(flat[lo:hi], self.W + s, tag=TAG_PARAMS)
+            recv(flat[lo:hi], self.W + s, None, TAG_PARAMS, self.comm)
         set_flat_params(self.model, flat)
         return version
 
@@ -338,8 +356,8 @@ class Worker:
             sq = float(grad.pow(2).sum())
             for s, (lo, hi) in enumerate(self.bounds):
                 self._send_header(s, [PUSH, clock, version, loss_part, sq])
-                dist.send(grad[lo:hi].contiguous(), self.W + s, tag=TAG_GRAD)
-                self.bytes += (hi - lo) * 4
+                send(grad[lo:hi].contiguous(), self.W + s, None, self.comm, TAG_GRAD)
+            self.step_bytes = self.comm.bytes  # all this worker sent so far went to granted clocks
             clock += 1
             bar.update(1)
         bar.close()
@@ -351,13 +369,13 @@ class Worker:
         """Worker 0, after DONE: the final parameters and server 0's records."""
         flat = torch.empty(self.bounds[-1][1])
         for s, (lo, hi) in enumerate(self.bounds):
-            dist.recv(flat[lo:hi], self.W + s, tag=TAG_FINAL)
+            recv(flat[lo:hi], self.W + s, None, TAG_FINAL, self.comm)
         records = []
         for _ in range(3):
             shape = torch.empty(2, dtype=torch.float64)
-            dist.recv(shape, self.W, tag=TAG_LOG)
+            recv(shape, self.W, None, TAG_LOG, self.comm)
             t = torch.empty(int(shape[0]), int(shape[1]), dtype=torch.float64)
-            dist.recv(t, self.W, tag=TAG_LOG)
+            recv(t, self.W, None, TAG_LOG, self.comm)
             records.append(t)
         return flat, records
 
@@ -384,7 +402,9 @@ def run_ps(cfg: RunConfig, device: torch.device) -> dict:
         server = Server(cfg, rank - W, W, S, server_group, model)
         if folder:
             server.resume(folder, start)
+        watchdog = watch(cfg, server.comm)
         server.run()
+        total_step_bytes(server.comm.bytes, server.closing, watchdog)
         return {}
     worker = Worker(cfg, rank, W, S, model.to(device), device)
     worker.start = start
@@ -394,15 +414,34 @@ def run_ps(cfg: RunConfig, device: torch.device) -> dict:
         print(f"paratrain: training {cfg.model.name} ({count_params(model) / 1e6:.2f}M parameters) with {W} "
               f"workers and {S} parameter server(s), staleness {cfg.train.staleness}, "
               f"{cfg.train.global_batch} x {cfg.train.seq_len} tokens per step", flush=True)
+    watchdog = watch(cfg, worker.comm)
     t0 = time.time()
     clocks = worker.run()
     done = time.time()
     if rank != 0:
+        total_step_bytes(worker.step_bytes, worker.comm, watchdog)
         return {}
     flat, (log, gaps, staleness) = worker.collect()
+    step_bytes = total_step_bytes(worker.step_bytes, worker.comm, watchdog)
     set_flat_params(model, flat)
     val = worker.evaluate()
-    return report(cfg, worker, log, gaps, staleness, val, t0, done, clocks)
+    return report(cfg, worker, log, gaps, staleness, val, t0, done, clocks, step_bytes)
+
+
+def watch(cfg: RunConfig, stats: CommStats) -> Watchdog | None:
+    """Once every rank is ready (servers loaded, workers' data prepared), the hang watchdog."""
+    dist.barrier()  # not watched: a worker may take long to prepare its data while servers wait
+    timeout = cfg.train.collective_timeout
+    return Watchdog(stats.flight, timeout) if timeout > 0 else None
+
+
+def total_step_bytes(mine: int, stats: CommStats, watchdog: Watchdog | None) -> int:
+    """The bytes every rank sent for the steps, summed (all ranks, at the end); then unwatched."""
+    t = torch.tensor([mine], dtype=torch.int64)
+    all_reduce(t, None, stats)
+    if watchdog:
+        watchdog.stop()
+    return int(t)
 
 
 def resume_point(cfg: RunConfig) -> tuple[str | None, int]:
@@ -411,15 +450,16 @@ def resume_point(cfg: RunConfig) -> tuple[str | None, int]:
     first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
     if not cfg.checkpoint.dir or (first_attempt and not cfg.checkpoint.resume):
         return None, 0
-    folder = agree_on_latest(cfg.checkpoint.dir, cfg)
+    folder = agree_on_latest(cfg.checkpoint.dir, model_identity(cfg))
     if folder is None:
         return None, 0  # nothing saved yet: start over
     return folder, int(read_manifest(folder)["step"])
 
 
 def report(cfg: RunConfig, worker: Worker, log, gaps, staleness, val: float, t0: float, done: float,
-           clocks: int) -> dict:
-    from paratrain.train import peak_memory_bytes
+           clocks: int, step_bytes: int) -> dict:
+    """Worker 0's summary and metrics file; `step_bytes`: what all ranks counted for the steps."""
+    from paratrain.fit import peak_memory_bytes
 
     tr = cfg.train
     W, S, n = cfg.layout.dp, tr.servers, count_params(worker.model)
@@ -427,9 +467,8 @@ def report(cfg: RunConfig, worker: Worker, log, gaps, staleness, val: float, t0:
     losses = [float(x) for x in log[:, 1]]
     times = [float(t) for t in log[:, 2]]
     step_times = [b - a for a, b in zip([t0] + times, times)]
-    # per step: W pushed gradients and W pulled parameter vectors, fp32, plus headers
     peak = peak_memory_bytes(worker.device)  # worker 0's
-    comm = W * (2 * n * 4 + 2 * S * HEADER * 8 + S * 2 * 4)
+    comm = round(step_bytes / len(log)) if len(log) else 0  # counted; per step, see the module docstring
     steps = [{"step": int(s), "loss": float(loss), "tokens": worker.tokens_per_step, "step_time_s": dt,
               "tokens_per_s": worker.tokens_per_step / dt, "peak_mem_bytes": peak, "comm_bytes": comm,
               "grad_norm": float(g), "lr": float(lr)}

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from paratrain.comm import CommStats, all_gather, all_reduce, reduce_scatter
 from paratrain.mesh import Mesh
+from paratrain.parallel.roles import role_of, set_role
 
 
 @dataclass(frozen=True)
@@ -176,8 +177,7 @@ def _shard(t: torch.Tensor, tp: TPGroup, dim: int) -> nn.Parameter:
     if t.shape[dim] % tp.size:
         raise ValueError(f"dimension {dim} of size {t.shape[dim]} is not divisible by tp={tp.size}")
     p = nn.Parameter(t.detach().chunk(tp.size, dim=dim)[tp.rank].clone())
-    p.tp_sharded = True  # its gradient norm is summed over the tp group
-    p.tp_dim = dim  # where the shards go in the whole tensor (checkpoints)
+    set_role(p, tp_dim=dim)  # its norm sums over tp; a checkpoint puts the shards in place
     return p
 
 
@@ -212,7 +212,7 @@ class RowParallelLinear(nn.Module):
         self.bias = None
         if linear.bias is not None:  # replicated, added once after the reduction
             self.bias = nn.Parameter(linear.bias.detach().clone())
-            self.bias.sequence_parallel = sequence_parallel  # sees only a slice of the tokens under SP
+            set_role(self.bias, sequence_parallel=sequence_parallel)  # sees a slice of the tokens under SP
 
     def forward(self, x):
         y = F.linear(x, self.weight)
@@ -413,7 +413,7 @@ def _convert(m: nn.Module, style: str, tp: TPGroup, sp: bool, in_region: bool,
         m.forward = functools.partial(_run_forked, m.forward, rng)
     elif style == "norm" and sp:
         for p in m.parameters():
-            p.sequence_parallel = True
+            set_role(p, sequence_parallel=True)
     elif style == "sequence_start" and sp:
         m.register_forward_pre_hook(lambda mod, args: (scatter_to_sequence(args[0], tp), *args[1:]))
     elif style == "sequence_dropout" and sp:
@@ -446,7 +446,7 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 def sync_sequence_parallel_grads(model: nn.Module, mesh: Mesh) -> None:
     """Under SP, replicated parameters (norms, row biases) saw only a slice of the sequence on
     each tp rank: sum their gradients over the tp group (one flat all-reduce)."""
-    grads = [p.grad for p in model.parameters() if getattr(p, "sequence_parallel", False) and p.grad is not None]
+    grads = [p.grad for p in model.parameters() if role_of(p).sequence_parallel and p.grad is not None]
     if not grads or mesh.size("tp") == 1:
         return
     flat = torch.cat([g.flatten() for g in grads])

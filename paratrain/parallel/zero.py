@@ -2,7 +2,7 @@
 
 The model's parameters are grouped into *units*: each transformer block, and the rest of a top
 module (embedding, final norm, head). Inside a unit, parameters that share weight decay and
-parallel flags form one `FlatGroup`: a flat buffer padded to a multiple of dp, of which dp rank
+parallel role form one `FlatGroup`: a flat buffer padded to a multiple of dp, of which dp rank
 r owns elements [r S, (r + 1) S). Per stage:
 
 - stage 0: nothing sharded (S is the whole buffer); gradients all-reduced. Used for mixed
@@ -33,15 +33,17 @@ from __future__ import annotations
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
 
 from paratrain.comm import Compressor, all_gather_flat, all_reduce, reduce_scatter_flat
 from paratrain.mesh import Mesh
+from paratrain.parallel.batchnorm import broadcast_buffers
 from paratrain.parallel.data import SyncSwitch, sync_module_states
+from paratrain.parallel.roles import ParamRole, role_of, set_role
 
-FLAGS = ("tp_sharded", "sequence_parallel", "pp_duplicate", "pp_tied")
 
 
 @dataclass
@@ -56,13 +58,14 @@ class Slot:
 
 
 class FlatGroup:
-    def __init__(self, params: list[nn.Parameter], refs: dict[int, list], flags: dict, decay: bool,
+    def __init__(self, params: list[nn.Parameter], refs: dict[int, list], role: ParamRole, decay: bool,
                  stage: int, dtype: torch.dtype, dp: int, dp_rank: int, names: dict[int, str]):
-        self.flags, self.decay, self.stage, self.dtype = flags, decay, stage, dtype
+        """`role`: what the group's parameters share (each slot keeps its own tp_dim)."""
+        self.role, self.decay, self.stage, self.dtype = role, decay, stage, dtype
         self.slots, n = [], 0
         for p in params:
             self.slots.append(Slot(refs[id(p)], p.shape, n, p.numel(), names.get(id(p), ""),
-                                   getattr(p, "tp_dim", None)))
+                                   role_of(p).tp_dim))
             n += p.numel()
         self.numel = n
         shards = dp if stage > 0 else 1
@@ -89,8 +92,7 @@ class FlatGroup:
         aliased = dtype == torch.float32 and stage < 3
         self.master = nn.Parameter(owned if aliased else owned.clone())
         self.master_is_copy = not aliased
-        for k, v in flags.items():
-            setattr(self.master, k, v)
+        set_role(self.master, **vars(role))
         # stage 3: the shard that is gathered (in `dtype`; the master itself in fp32)
         self.shard = None
         if stage == 3:
@@ -212,11 +214,17 @@ class ZeroDataParallel(SyncSwitch, nn.Module):
 
     def __init__(self, module: nn.Module, mesh: Mesh, stage: int, dtype: torch.dtype = torch.float32,
                  tops: list[nn.Module] | None = None, activation_checkpointing: bool = False,
-                 compressor: Compressor | None = None, names: dict[int, str] | None = None):
+                 compressor: Compressor | None = None, names: dict[int, str] | None = None,
+                 find_blocks: Callable[[nn.Module], list[nn.Module]] | None = None,
+                 broadcast_buffers: bool = True):
         """`tops`: the modules whose forward is a whole model or pipeline chunk (each has a
         `blocks` container); default `[module]`. `compressor`: compress the gradient reduction.
-        `names`: id(parameter) -> global name, kept with each slot for checkpoints."""
+        `names`: id(parameter) -> global name, kept with each slot for checkpoints.
+        `find_blocks(top)`: a top module's repeated layers, the units (default `blocks_of`).
+        `broadcast_buffers`: dp rank 0's buffers before each forward, as DDP (see `forward`)."""
         super().__init__()
+        self.broadcast_buffers = broadcast_buffers
+        self.require_forward_param_sync = True  # DDP's name: sync buffers before the next forward
         self.module, self.mesh, self.stage, self.dtype = module, mesh, stage, dtype
         self.names = names or {}
         self.compressor = compressor
@@ -237,7 +245,7 @@ class ZeroDataParallel(SyncSwitch, nn.Module):
                 p.data = p.data.to(dtype)
         seen: set[int] = set()
         for t, top in enumerate(tops):
-            blocks = blocks_of(top)
+            blocks = (find_blocks or blocks_of)(top)
             in_blocks = {id(p) for b in blocks for p in b.parameters()}
             rest = [p for p in top.parameters() if id(p) not in in_blocks]
             root = self._make_unit(top, rest, refs, seen, f"top{t}")
@@ -270,11 +278,12 @@ class ZeroDataParallel(SyncSwitch, nn.Module):
             if id(p) in seen or not p.requires_grad:
                 continue
             seen.add(id(p))
-            flags = tuple(bool(getattr(p, f, False)) for f in FLAGS)
-            buckets.setdefault((p.dim() >= 2, flags), []).append(p)
-        groups = [FlatGroup(ps, refs, dict(zip(FLAGS, flags)), decay, self.stage, self.dtype, self.dp, self.dp_rank,
-                            self.names)
-                  for (decay, flags), ps in buckets.items()]
+            r = role_of(p)  # grouped by what the reductions and the norm need; tp_dim stays per slot
+            key = (p.dim() >= 2, r.tp_sharded, r.sequence_parallel, r.pp_tied, r.pp_duplicate)
+            buckets.setdefault(key, []).append(p)
+        groups = [FlatGroup(ps, refs, ParamRole(0 if sharded else None, sp, tied, dup), decay, self.stage, self.dtype,
+                            self.dp, self.dp_rank, self.names)
+                  for (decay, sharded, sp, tied, dup), ps in buckets.items()]
         unit = Unit(self, module, groups, name)
         if groups:
             self.units.append(unit)
@@ -327,7 +336,13 @@ class ZeroDataParallel(SyncSwitch, nn.Module):
 
     # ------------------------------------------------------------ gradients
     def forward(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
+        """Run the module; first, as DDP, broadcast dp rank 0's buffers if `broadcast_buffers` and the
+        previous forward (if any) ran with grad enabled outside `no_sync()`."""
+        if self.broadcast_buffers and self.require_forward_param_sync:
+            broadcast_buffers(self.module, self.mesh)
+        out = self.module(*args, **kwargs)
+        self.require_forward_param_sync = torch.is_grad_enabled() and self.require_sync
+        return out
 
     def _on_grad_ready(self, p: nn.Parameter) -> None:
         g, i = self._slot_of[id(p)]
@@ -402,7 +417,7 @@ class ZeroDataParallel(SyncSwitch, nn.Module):
     def all_reduce_grads(self, flag: str, group) -> None:
         """Sum the owned gradient shards of groups with `flag` over `group` (the tied embedding
         over the first and last pipeline stage; sequence-parallel norms over tp)."""
-        shards = [g.grad_shard for g in self.groups if g.flags.get(flag)]
+        shards = [g.grad_shard for g in self.groups if getattr(g.role, flag)]
         if shards and group is not None:
             flat = torch.cat([s.float() for s in shards])
             all_reduce(flat, group, self.mesh.comm)
@@ -441,7 +456,7 @@ class ZeroDataParallel(SyncSwitch, nn.Module):
         return bool(bad > 0)
 
     def grad_parts(self) -> list[tuple[torch.Tensor, nn.Parameter]]:
-        """(fp32 gradient, parameter carrying the flags) of every owned shard, for the norm."""
+        """(fp32 gradient, parameter carrying the role) of every owned shard, for the norm."""
         return [(g.master.grad, g.master) for g in self.groups]
 
     @torch.no_grad()

@@ -161,10 +161,10 @@ def _gloo_worker(rank: int, world: int, init_file: str, out: str) -> None:
 
     torch.set_num_threads(max(1, local_cores() // world))  # as launch.threads_per_worker
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    # what every paratrain worker holds before it builds a model
+    # what every paratrain worker holds before it builds a model (importing any paratrain module runs the
+    # package's __init__, which loads the Trainer and the strategies)
     from paratrain.data import load_corpus
     from paratrain.mesh import Mesh
-    import paratrain.train  # noqa: F401
 
     Mesh.build(world, 1, 1, device_type="cpu")
     torch.optim.AdamW([torch.nn.Parameter(torch.zeros(4))])

@@ -62,21 +62,26 @@ both (NCCL), ring only on gloo.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass, field
 
-from paratrain.comm.collectives import RING_FACTOR
 from paratrain.config import LayoutConfig, format_layout
-from paratrain.mesh import axis_groups
 from paratrain.models.gpt import GPTConfig
-from paratrain.parallel.pipeline.partition import split_gpt
-from paratrain.parallel.pipeline.schedule import bubble_fraction, build_schedule, peak_in_flight
-from paratrain.planner.hardware import Hardware, Link
+# The pricing of collectives and the pipeline's structure have modules of their own; their names stay
+# importable from here.
+from paratrain.planner.collectives import (  # noqa: F401
+    all_reduce_time,
+    collective_time,
+    crosses_node,
+    p2p_time,
+    ring_time,
+    tree_all_reduce_time,
+)
+from paratrain.planner.hardware import Hardware
+from paratrain.planner.pipeline import TABLE_LIMIT, RankStages, schedule_info, stage_plan  # noqa: F401
 
 ELEMENT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 BUCKET_BYTES = 25 * 2**20  # DataParallel's default gradient bucket
-TABLE_LIMIT = 20_000  # schedule actions up to which the real table is replayed (see schedule_info)
 
 # Eager ops a rank dispatches (counted from models/gpt.py and autograd's nodes, approximate)
 OPS_BLOCK_FWD, OPS_BLOCK_BWD = 25, 50
@@ -197,105 +202,6 @@ def checkpointed_bytes_per_layer(seq: int, micro: int, hidden: int, tp: int, seq
     return seq * micro * hidden * elem / (tp if sequence_parallel else 1)
 
 
-# --------------------------------------------------------------------- collectives
-STEPS = {"all_reduce": lambda n: 2 * (n - 1), "reduce_scatter": lambda n: n - 1, "all_gather": lambda n: n - 1}
-
-
-def ring_time(op: str, input_bytes: float, n: int, link: Link) -> float:
-    """Ring collective over n ranks: steps x alpha + bytes each rank sends / beta, with
-    collectives.py's byte factors (input: the tensor of all_reduce, the full input of
-    reduce_scatter, the shard of all_gather). All-reduce: 2(n-1) alpha + 2(n-1)/n S / beta."""
-    if n <= 1 or input_bytes <= 0:
-        return 0.0
-    return STEPS[op](n) * link.alpha + RING_FACTOR[op](n) * input_bytes / link.beta
-
-
-def tree_all_reduce_time(nbytes: float, n: int, link: Link) -> float:
-    """Pipelined binary tree (reduce up, broadcast down): 2 log2(n) alpha + 2 S / beta."""
-    if n <= 1 or nbytes <= 0:
-        return 0.0
-    return 2 * math.ceil(math.log2(n)) * link.alpha + 2 * nbytes / link.beta
-
-
-def all_reduce_time(nbytes: float, n: int, link: Link, algorithms: tuple[str, ...] = ("ring",)) -> float:
-    """The cheaper of the backend's algorithms (NCCL chooses by size; gloo here: ring)."""
-    times = [ring_time("all_reduce", nbytes, n, link)]
-    if "tree" in algorithms:
-        times.append(tree_all_reduce_time(nbytes, n, link))
-    return min(times)
-
-
-def collective_time(op: str, full_bytes: float, n: int, link: Link, calls: int = 1,
-                    algorithms: tuple[str, ...] = ("ring",)) -> float:
-    """`calls` collectives `op` over n ranks moving `full_bytes` in all (the full tensor: the
-    input of all-reduce and reduce-scatter, the output of all-gather): each call pays its alpha."""
-    if n <= 1 or full_bytes <= 0 or calls < 1:
-        return 0.0
-    per = full_bytes / calls
-    if op == "all_reduce":
-        return calls * all_reduce_time(per, n, link, algorithms)
-    return calls * ring_time(op, per if op == "reduce_scatter" else per / n, n, link)
-
-
-def p2p_time(nbytes: float, link: Link) -> float:
-    return link.alpha + nbytes / link.beta if nbytes > 0 else 0.0
-
-
-@functools.lru_cache(maxsize=None)
-def crosses_node(dp: int, tp: int, pp: int, axis: str, gpus_per_node: int) -> bool:
-    """Does any group along `axis` span two nodes (nodes hold consecutive ranks)?"""
-    shape = {"pp": pp, "dp": dp, "tp": tp}
-    if shape[axis] == 1 or dp * tp * pp <= gpus_per_node:
-        return False
-    return any(len({r // gpus_per_node for r in g}) > 1 for g in axis_groups(shape, axis))
-
-
-# --------------------------------------------------------------------- pipeline structure
-@dataclass(frozen=True)
-class RankStages:
-    blocks: int          # blocks held over all chunks
-    max_chunk: int       # blocks of the largest chunk
-    first: bool          # holds the embedding (stage 0)
-    last: bool           # holds the head (last stage)
-
-
-@functools.lru_cache(maxsize=None)
-def stage_plan(cfg: GPTConfig, seq_len: int, pp: int, v: int) -> tuple[RankStages, ...]:
-    """Per pipeline rank, what partition.split_gpt gives it (the split the trainer uses)."""
-    if pp * v == 1:
-        return (RankStages(cfg.n_layer, cfg.n_layer, True, True),)
-    splits = split_gpt(cfg, seq_len, pp * v)
-    n = len(splits)
-    out = []
-    for r in range(pp):
-        chunks = [splits[c * pp + r] for c in range(v)]
-        out.append(RankStages(sum(len(c) for c in chunks), max(len(c) for c in chunks), r == 0, r == (n - 1) % pp))
-    return tuple(out)
-
-
-@functools.lru_cache(maxsize=None)
-def schedule_info(schedule: str, p: int, m: int, v: int) -> tuple[float, tuple[int, ...], int]:
-    """(bubble fraction, peak in-flight (micro-batch, chunk) activations per rank, peak in-flight
-    micro-batches of the head chunk on the last rank), from the schedule's real table replayed
-    with backward = 2 x forward (the bubble of these schedules does not depend on the ratio; with
-    equal stages it is (p-1)/(v m + p-1)). Tables of more than TABLE_LIMIT actions use the closed
-    forms they agree with (tests check): bubble (p-1)/(v m + p-1); in flight: GPipe m, 1F1B
-    min(p-r, m), interleaved min(2(p-r-1) + (v-1)p + 1, v m); the head's: GPipe m, else 1."""
-    if p == 1:
-        return 0.0, (1,), 1
-    if 2 * p * m * v <= TABLE_LIMIT:
-        table = build_schedule(schedule, p, m, v)
-        bubble = bubble_fraction(table, p)
-        head = peak_in_flight([a for a in table[p - 1] if a.chunk == v - 1])
-        return bubble, tuple(peak_in_flight(actions) for actions in table), head
-    bubble = (p - 1) / (v * m + p - 1)
-    if schedule == "gpipe":
-        return bubble, (m,) * p, m
-    if schedule == "1f1b":
-        return bubble, tuple(min(p - r, m) for r in range(p)), 1
-    return bubble, tuple(min(2 * (p - r - 1) + (v - 1) * p + 1, v * m) for r in range(p)), 1
-
-
 # --------------------------------------------------------------------- the estimate
 @dataclass
 class Estimate:
@@ -350,52 +256,74 @@ def _host_and_device(hw: Hardware, device_s: float, ops: float) -> float:
     return max(device_s, host) if hw.async_dispatch else device_s + host
 
 
-def estimate(cfg: GPTConfig, seq_len: int, global_batch: int, c: Candidate, hw: Hardware,
-             gpus_per_node: int | None = None) -> Estimate:
-    """Predicted step time and peak memory per device of `c` (assumed valid: see search.py)."""
-    G = gpus_per_node or hw.gpus_per_node
-    world, t, p, d, m, v = c.world, c.tp, c.pp, c.dp, c.microbatches, c.v
-    e = ELEMENT_BYTES[c.precision]
-    h, V, s = cfg.d_model, cfg.vocab_size, seq_len
-    b = global_batch // (d * m)
-    M = b * s  # tokens per micro-batch
-    ac, sp = c.activation_checkpointing, c.sequence_parallel and t > 1
-    est = Estimate(candidate=c, micro_batch=b)
+@dataclass(frozen=True)
+class _Step:
+    """What the parts of one estimate share: the model, the layout, the micro-batch, the hardware."""
+    cfg: GPTConfig
+    c: Candidate
+    hw: Hardware
+    s: int                  # sequence length
+    b: int                  # micro-batch size (sequences)
+    e: int                  # bytes per element of the compute dtype
+    cross: dict[str, bool]  # per mesh axis: does one of its groups span two nodes?
 
-    # ---- compute per micro-batch: one block, and the head (forward share; backward is the rest)
-    ew = functools.partial(hw.elementwise_time, world=world, elem_bytes=e)
+    @property
+    def tokens(self) -> int:
+        """M, the tokens of one micro-batch."""
+        return self.b * self.s
+
+    @property
+    def sp(self) -> bool:
+        return self.c.sequence_parallel and self.c.tp > 1
+
+    def coll(self, op: str, full_bytes: float, n: int, axis: str, calls: int = 1) -> float:
+        """`calls` collectives on the link that a group along `axis` crosses."""
+        return collective_time(op, full_bytes, n, self.hw.link(self.cross[axis], op), calls, self.hw.algorithms)
+
+    def ew(self, op: str, n: float) -> float:
+        return self.hw.elementwise_time(op, n, world=self.c.world, elem_bytes=self.e)
+
+
+def _compute_times(st: _Step) -> tuple[float, float, float, float]:
+    """Seconds of one block and of the head on one micro-batch: (block forward, block backward,
+    head forward, head backward); backward is two thirds of the work, plus the recomputed forward."""
+    hw, world, t, e, M, sp = st.hw, st.c.world, st.c.tp, st.e, st.tokens, st.sp
+    h, V, s = st.cfg.d_model, st.cfg.vocab_size, st.s
     bw = hw.elementwise_bw(world)
     gemms = (2 * M * h * h / t,) * 4 + (2 * M * h * 4 * h / t,) * 2  # q, k, v, proj; fc, proj
-    attn = 4 * b * s * s * h / t  # scores and weighted values, forward
+    attn = 4 * st.b * s * s * h / t  # scores and weighted values, forward
     block = (sum(3 * f / hw.gemm_rate(f, world) for f in gemms)  # forward, d input, d weight
              + 3 * attn / hw.attention_rate(attn, world)
-             + ew("gelu", M * 4 * h / t) + ew("layer_norm", 2 * M * h / (t if sp else 1))
+             + st.ew("gelu", M * 4 * h / t) + st.ew("layer_norm", 2 * M * h / (t if sp else 1))
              + 3 * e * M * h * 6 / (t if sp else 1) / bw)  # the two residual adds
     block_f, block_b = block / 3, 2 * block / 3
-    if ac:
+    if st.c.activation_checkpointing:
         block_b += block_f
     head_gemm = 2 * M * h * V / t
-    head = (3 * head_gemm / hw.gemm_rate(head_gemm, world) + ew("softmax", M * V / t)
-            + (2 * (e + 4) * M * V / t / bw if e != 4 else 0.0) + ew("layer_norm", M * h / (t if sp else 1)))
-    head_f, head_b = head / 3, 2 * head / 3
+    head = (3 * head_gemm / hw.gemm_rate(head_gemm, world) + st.ew("softmax", M * V / t)
+            + (2 * (e + 4) * M * V / t / bw if e != 4 else 0.0) + st.ew("layer_norm", M * h / (t if sp else 1)))
+    return block_f, block_b, head / 3, 2 * head / 3
 
-    # ---- communication: each collective on the link its group crosses
-    cross = {axis: crosses_node(d, t, p, axis, G) for axis in ("tp", "dp", "pp")}
 
-    def coll(op: str, full_bytes: float, n: int, axis: str, calls: int = 1) -> float:
-        return collective_time(op, full_bytes, n, hw.link(cross[axis], op), calls, hw.algorithms)
-
-    act = e * M * h
+def _tp_times(st: _Step) -> tuple[float, float]:
+    """Tensor-parallel exchanges on one micro-batch: one of the activations (an all-reduce, or with
+    sequence parallelism a reduce-scatter and an all-gather), and the vocab-parallel loss's max and sums."""
+    t, M = st.c.tp, st.tokens
     if t == 1:
-        tp_pair = tp_small = 0.0
-    else:  # one all-reduce, or with sequence parallelism a reduce-scatter and an all-gather
-        tp_pair = (coll("reduce_scatter", act, t, "tp") + coll("all_gather", act, t, "tp")) if sp \
-            else coll("all_reduce", act, t, "tp")
-        tp_small = coll("all_reduce", 12 * M, t, "tp", calls=2)  # the vocab-parallel loss's max and sums
-    p2p = p2p_time(e * b * (s // t if sp else s) * h, hw.p2p_link(cross["pp"])) if p > 1 else 0.0
-    slow = hw.local_slowdown(world)
+        return 0.0, 0.0
+    act = st.e * M * st.cfg.d_model
+    tp_pair = (st.coll("reduce_scatter", act, t, "tp") + st.coll("all_gather", act, t, "tp")) if st.sp \
+        else st.coll("all_reduce", act, t, "tp")
+    return tp_pair, st.coll("all_reduce", 12 * M, t, "tp", calls=2)
 
-    stages = stage_plan(cfg, s, p, v)
+
+def _rank_times(st: _Step, stages: tuple[RankStages, ...]) -> list[tuple[RankStages, float, float, float, float]]:
+    """Per pipeline rank and micro-batch: (stages, compute forward, compute backward, tp forward,
+    tp backward), compute with its host dispatch."""
+    block_f, block_b, head_f, head_b = _compute_times(st)
+    tp_pair, tp_small = _tp_times(st)
+    hw, ac = st.hw, st.c.activation_checkpointing
+    slow = hw.local_slowdown(st.c.world)
     per_rank = []
     for r in stages:
         ops_f = r.blocks * OPS_BLOCK_FWD + (OPS_HEAD_FWD if r.last else 0)
@@ -405,80 +333,105 @@ def estimate(cfg: GPTConfig, seq_len: int, global_batch: int, c: Candidate, hw: 
         comm_f = r.blocks * 2 * tp_pair + (tp_pair if r.first else 0.0) + (tp_small if r.last else 0.0)
         comm_b = r.blocks * (4 if ac else 2) * tp_pair + (tp_pair if r.last else 0.0)
         per_rank.append((r, tf, tb, comm_f, comm_b))
+    return per_rank
 
-    def groups(r: RankStages) -> int:
-        """ZeRO's flat groups on a rank: per unit (a block, or the rest) one per (weight decay,
-        parallel flags) combination: 2 without tp, 3 with (sharded and replicated biases), 4 with SP."""
-        return (r.blocks + 1) * (2 + (t > 1) + sp)
 
-    # ---- ZeRO traffic inside the micro-batch loop (stages 2 and 3), per rank and micro-batch
-    def zero_inner(r: RankStages, tf: float, tb: float) -> tuple[float, float]:
-        if d == 1 or c.zero < 2:
-            return 0.0, 0.0
-        n, k = rank_params(cfg, r.blocks, r.first, r.last, t, p), groups(r)
-        rs = coll("reduce_scatter", 4 * n, d, "dp", k)  # reductions run in fp32
-        ag = coll("all_gather", e * n, d, "dp", k) if c.zero == 3 else 0.0
+def _zero_groups(st: _Step, r: RankStages) -> int:
+    """ZeRO's flat groups on a rank: per unit (a block, or the rest) one per (weight decay,
+    parallel flags) combination: 2 without tp, 3 with (sharded and replicated biases), 4 with SP."""
+    return (r.blocks + 1) * (2 + (st.c.tp > 1) + st.sp)
 
-        def exposed(comm: float, window: float) -> float:  # the first unit's collective cannot hide
-            return comm if not hw.overlap else max(comm / (r.blocks + 1), comm - window)
-        return exposed(ag, tf), exposed(rs + ag, tb)
 
-    busiest = max(per_rank, key=lambda x: x[1] + x[2] + x[3] + x[4] + sum(zero_inner(x[0], x[1], x[2])))
+def _zero_inner(st: _Step, r: RankStages, tf: float, tb: float) -> tuple[float, float]:
+    """ZeRO traffic inside the micro-batch loop (stages 2 and 3) on one rank and micro-batch, forward
+    and backward: what compute does not hide."""
+    c, d = st.c, st.c.dp
+    if d == 1 or c.zero < 2:
+        return 0.0, 0.0
+    n, k = rank_params(st.cfg, r.blocks, r.first, r.last, c.tp, c.pp), _zero_groups(st, r)
+    rs = st.coll("reduce_scatter", 4 * n, d, "dp", k)  # reductions run in fp32
+    ag = st.coll("all_gather", st.e * n, d, "dp", k) if c.zero == 3 else 0.0
+
+    def exposed(comm: float, window: float) -> float:  # the first unit's collective cannot hide
+        return comm if not st.hw.overlap else max(comm / (r.blocks + 1), comm - window)
+    return exposed(ag, tf), exposed(rs + ag, tb)
+
+
+def _pipeline_time(st: _Step, per_rank: list, est: Estimate) -> tuple[float, float]:
+    """The micro-batch loop of the busiest rank, bubble included: (its seconds, the ZeRO traffic in
+    it); fills the compute, tp, pp and bubble parts of `est`."""
+    c, p, m, v = st.c, st.c.pp, st.c.microbatches, st.c.v
+    p2p = p2p_time(st.e * st.b * (st.s // c.tp if st.sp else st.s) * st.cfg.d_model,
+                   st.hw.p2p_link(st.cross["pp"])) if p > 1 else 0.0
+    busiest = max(per_rank, key=lambda x: x[1] + x[2] + x[3] + x[4] + sum(_zero_inner(st, x[0], x[1], x[2])))
     r0, tf, tb, comm_f, comm_b = busiest
-    zf, zb = zero_inner(r0, tf, tb)
+    zf, zb = _zero_inner(st, r0, tf, tb)
     act_f = (tf + comm_f + zf) / v + p2p
     act_b = (tb + comm_b + zb) / v + p2p
-    bubble, in_flight, head_in_flight = schedule_info(c.schedule, p, m, v)
+    bubble, _, _ = schedule_info(c.schedule, p, m, v)
     busy = m * v * (act_f + act_b)
     pipe = busy / (1 - bubble) if p > 1 else busy
     est.compute_s = m * (tf + tb)
     est.tp_comm_s = m * (comm_f + comm_b)
     est.pp_comm_s = 2 * m * v * p2p
     est.bubble_s, est.bubble_fraction = pipe - busy, bubble
-    zero_inner_s = m * (zf + zb)
+    return pipe, m * (zf + zb)
 
-    # ---- after the micro-batches: gradient reduction, optimizer, parameter all-gather (per rank)
-    def tail(r: RankStages, tb_rank: float) -> tuple[float, float]:
-        n, k = rank_params(cfg, r.blocks, r.first, r.last, t, p), groups(r)
-        grad = 4 * n
-        dp_s = 0.0
-        if d > 1:
-            if c.zero == 0 and c.precision == "fp32":  # DataParallel: buckets overlap the last backward
-                comm = coll("all_reduce", grad, d, "dp", math.ceil(grad / BUCKET_BYTES))
-                window = tb_rank / v
-                dp_s = comm if not hw.overlap else max(comm * min(1.0, BUCKET_BYTES / grad), comm - window)
-            elif c.zero == 0:
-                dp_s = coll("all_reduce", grad, d, "dp", k)
-            elif c.zero == 1:
-                dp_s = coll("reduce_scatter", grad, d, "dp", k)
-            if c.zero in (1, 2):
-                dp_s += coll("all_gather", e * n, d, "dp", k)
-        if p > 1 and cfg.tie_embeddings and (r.first or r.last):  # the tied embedding's two copies
-            dp_s += collective_time("all_reduce", 4 * V * h / t, 2, hw.link(cross["pp"]), 1, hw.algorithms)
-        if sp:  # the norms' and row biases' gradients, summed over tp
-            dp_s += coll("all_reduce", 4 * 6 * h * r.blocks, t, "tp")
-        owned = n / d if c.zero >= 1 else n
-        zero_engine = c.zero > 0 or c.precision != "fp32"
-        tensors = 3 * (r.blocks + 1) if zero_engine else 16 * r.blocks + 4
-        # clipping reads the gradients, zeroing writes them; the ZeRO engine copies gradients into
-        # flat fp32 buffers and the masters out again
-        copies = owned * 4 + n * e + (8 * owned + (4 + e) * n if zero_engine else 0)
-        # torch's AdamW runs one tensor at a time on CPU, and over all tensors at once (foreach) on a GPU
-        adamw_ops = OPS_ADAMW_PER_TENSOR * (2 if hw.async_dispatch else tensors)
-        ops = adamw_ops + tensors * (OPS_CLIP_PER_TENSOR + 1)
-        other = slow * _host_and_device(hw, ew("adamw", owned) + copies / bw, ops)
-        # the gradient norm: partial sums all-reduced over dp (ZeRO shards), tp and pp
-        for axis, n_ in (("dp", d if c.zero else 1), ("tp", t), ("pp", p)):
-            other += coll("all_reduce", 8, n_, axis)
-        return dp_s, other
 
-    tails = [tail(r, tb_r) for r, _, tb_r, _, _ in per_rank]
-    dp_s, other = max(tails, key=lambda x: x[0] + x[1])
-    est.dp_comm_s = zero_inner_s + dp_s
-    est.other_s = other
-    est.step_time_s = pipe + dp_s + other
+def _gradient_sync_time(st: _Step, r: RankStages, tb_rank: float) -> float:
+    """After the micro-batches, on one rank: the data-parallel reduction and ZeRO's all-gather not
+    hidden behind backward, the tied embedding's two copies, and sequence-parallel gradients."""
+    cfg, c = st.cfg, st.c
+    t, p, d, e = c.tp, c.pp, c.dp, st.e
+    n, k = rank_params(cfg, r.blocks, r.first, r.last, t, p), _zero_groups(st, r)
+    grad = 4 * n
+    dp_s = 0.0
+    if d > 1:
+        if c.zero == 0 and c.precision == "fp32":  # DataParallel: buckets overlap the last backward
+            comm = st.coll("all_reduce", grad, d, "dp", math.ceil(grad / BUCKET_BYTES))
+            window = tb_rank / c.v
+            dp_s = comm if not st.hw.overlap else max(comm * min(1.0, BUCKET_BYTES / grad), comm - window)
+        elif c.zero == 0:
+            dp_s = st.coll("all_reduce", grad, d, "dp", k)
+        elif c.zero == 1:
+            dp_s = st.coll("reduce_scatter", grad, d, "dp", k)
+        if c.zero in (1, 2):
+            dp_s += st.coll("all_gather", e * n, d, "dp", k)
+    if p > 1 and cfg.tie_embeddings and (r.first or r.last):  # the tied embedding's two copies
+        dp_s += st.coll("all_reduce", 4 * cfg.vocab_size * cfg.d_model / t, 2, "pp")
+    if st.sp:  # the norms' and row biases' gradients, summed over tp
+        dp_s += st.coll("all_reduce", 4 * 6 * cfg.d_model * r.blocks, t, "tp")
+    return dp_s
 
-    # ---- memory per rank: the largest over pipeline ranks
+
+def _optimizer_time(st: _Step, r: RankStages) -> float:
+    """After the micro-batches, on one rank: AdamW on the parameters it owns, gradient clipping
+    (with the norm's all-reduces) and zeroing the gradients."""
+    hw, c, e = st.hw, st.c, st.e
+    n = rank_params(st.cfg, r.blocks, r.first, r.last, c.tp, c.pp)
+    owned = n / c.dp if c.zero >= 1 else n
+    zero_engine = c.zero > 0 or c.precision != "fp32"
+    tensors = 3 * (r.blocks + 1) if zero_engine else 16 * r.blocks + 4
+    # clipping reads the gradients, zeroing writes them; the ZeRO engine copies gradients into
+    # flat fp32 buffers and the masters out again
+    copies = owned * 4 + n * e + (8 * owned + (4 + e) * n if zero_engine else 0)
+    # torch's AdamW runs one tensor at a time on CPU, and over all tensors at once (foreach) on a GPU
+    adamw_ops = OPS_ADAMW_PER_TENSOR * (2 if hw.async_dispatch else tensors)
+    ops = adamw_ops + tensors * (OPS_CLIP_PER_TENSOR + 1)
+    slow, bw = hw.local_slowdown(c.world), hw.elementwise_bw(c.world)
+    other = slow * _host_and_device(hw, st.ew("adamw", owned) + copies / bw, ops)
+    # the gradient norm: partial sums all-reduced over dp (ZeRO shards), tp and pp
+    for axis, n_ in (("dp", c.dp if c.zero else 1), ("tp", c.tp), ("pp", c.pp)):
+        other += st.coll("all_reduce", 8, n_, axis)
+    return other
+
+
+def _peak_memory(st: _Step, stages: tuple[RankStages, ...]) -> tuple[float, dict[str, float]]:
+    """(bytes, breakdown) of the pipeline rank that needs the most memory (see the module docstring)."""
+    cfg, c, e, M, sp = st.cfg, st.c, st.e, st.tokens, st.sp
+    t, p, d, ac = c.tp, c.pp, c.dp, c.activation_checkpointing
+    s, b, h, V = st.s, st.b, cfg.d_model, cfg.vocab_size
+    _, in_flight, head_in_flight = schedule_info(c.schedule, p, c.microbatches, c.v)
     per_layer = activation_bytes_per_layer(s, b, h, t, sp, e)
     kept = checkpointed_bytes_per_layer(s, b, h, t, sp, e) if ac else per_layer
     boundary = 2 * e * b * (s // t if sp else s) * h if p > 1 else 0.0
@@ -487,8 +440,7 @@ def estimate(cfg: GPTConfig, seq_len: int, global_batch: int, c: Candidate, hw: 
     for rank, r in enumerate(stages):
         n = rank_params(cfg, r.blocks, r.first, r.last, t, p)
         states = model_state_bytes(n, c.zero, d, c.precision)
-        chunk_blocks = r.max_chunk
-        acts = in_flight[rank] * (chunk_blocks * kept + boundary)
+        acts = in_flight[rank] * (r.max_chunk * kept + boundary)
         working = per_layer * (2 if ac else 1)  # one layer's gradients (and its recomputation)
         if r.last:
             working = max(working, (8 + e) * M * V / t)  # the loss's gradient and the logits
@@ -498,18 +450,39 @@ def estimate(cfg: GPTConfig, seq_len: int, global_batch: int, c: Candidate, hw: 
             buffers += 2 * e * unit + 4 * unit * (1 + 1 / d)
         elif (c.zero > 0 or c.precision != "fp32") and d > 1:
             buffers += 4 * unit + (e * unit if c.zero == 2 else 0.0)
-        mem = {**states, "activations": acts + working, "buffers": buffers, "reserve": hw.reserve_bytes}
+        mem = {**states, "activations": acts + working, "buffers": buffers, "reserve": st.hw.reserve_bytes}
         total = sum(mem.values())
         if best is None or total > best[0]:
             best = (total, mem)
-    est.peak_mem_bytes, est.memory = best
-    est.capacity_bytes = hw.capacity(world)
+    return best
+
+
+def estimate(cfg: GPTConfig, seq_len: int, global_batch: int, c: Candidate, hw: Hardware,
+             gpus_per_node: int | None = None) -> Estimate:
+    """Predicted step time and peak memory per device of `c` (assumed valid: see search.py)."""
+    G = gpus_per_node or hw.gpus_per_node
+    e = ELEMENT_BYTES[c.precision]
+    b = global_batch // (c.dp * c.microbatches)
+    cross = {axis: crosses_node(c.dp, c.tp, c.pp, axis, G) for axis in ("tp", "dp", "pp")}
+    st = _Step(cfg, c, hw, seq_len, b, e, cross)
+    est = Estimate(candidate=c, micro_batch=b)
+    stages = stage_plan(cfg, seq_len, c.pp, c.v)
+    per_rank = _rank_times(st, stages)
+    pipe, zero_inner_s = _pipeline_time(st, per_rank, est)
+    tails = [(_gradient_sync_time(st, r, tb_r), _optimizer_time(st, r)) for r, _, tb_r, _, _ in per_rank]
+    dp_s, other = max(tails, key=lambda x: x[0] + x[1])
+    est.dp_comm_s = zero_inner_s + dp_s
+    est.other_s = other
+    est.step_time_s = pipe + dp_s + other
+
+    est.peak_mem_bytes, est.memory = _peak_memory(st, stages)
+    est.capacity_bytes = hw.capacity(c.world)
     est.fits = est.peak_mem_bytes <= est.capacity_bytes
     if not est.fits:
         est.reason = (f"out of memory: needs {est.peak_mem_bytes / 2**30:.1f} GiB per device, "
                       f"has {est.capacity_bytes / 2**30:.1f} GiB")
 
-    est.flops_per_step = flops_per_token(cfg, s) * global_batch * s
-    est.tflops_per_gpu = est.flops_per_step / est.step_time_s / world / 1e12
-    est.mfu = est.flops_per_step / (est.step_time_s * world * hw.peak_flops)
+    est.flops_per_step = flops_per_token(cfg, seq_len) * global_batch * seq_len
+    est.tflops_per_gpu = est.flops_per_step / est.step_time_s / c.world / 1e12
+    est.mfu = est.flops_per_step / (est.step_time_s * c.world * hw.peak_flops)
     return est

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field, replace
 
 from paratrain.config import ConfigError, LayoutConfig, RunConfig
 from paratrain.models.gpt import PRESETS, GPTConfig
-from paratrain.planner.cost import Candidate, Estimate, crosses_node, estimate, pad_vocab, param_count
+from paratrain.planner.collectives import crosses_node
+from paratrain.planner.cost import Candidate, Estimate, estimate, pad_vocab, param_count
 from paratrain.planner.hardware import NAMES, Hardware, get_hardware
 
 GiB = 2**30

@@ -92,18 +92,41 @@ class PipelineStage(nn.Module):
 
 class SequentialStage(nn.Module):
     """A contiguous run of a sequential model's layers: `forward` applies them in order. The
-    layers keep their indices as names (`5.weight`, as in an `nn.Sequential`), so parameter names
-    do not depend on the split; `blocks` makes each layer a ZeRO-3 unit."""
+    layers keep their names in the sequence (`5`, as in an `nn.Sequential`); `blocks` makes each
+    layer a ZeRO-3 unit."""
 
-    def __init__(self, layers: list[nn.Module], indices: range, first: bool, last: bool):
+    def __init__(self, layers: list[nn.Module], indices: range, first: bool, last: bool,
+                 names: list[str] | None = None):
         super().__init__()
         self.first, self.last = first, last
-        self.blocks = nn.ModuleDict({str(i): layers[i] for i in indices})
+        self.blocks = nn.ModuleDict({names[i] if names else str(i): layers[i] for i in indices})
 
     def forward(self, x):
         for layer in self.blocks.values():
             x = layer(x)
         return x
+
+
+def sequential_stages(model: nn.Module, n: int, layers: list[nn.Module] | None,
+                      split: list[int] | list[str] | None) -> list[nn.Module]:
+    """A sequence of layers cut into n contiguous stages; each layer keeps its index as name."""
+    if layers is None:
+        if not isinstance(model, nn.Sequential):
+            raise ValueError("parallelize: pipeline parallelism needs the model as a sequence of layers: "
+                             "pass an nn.Sequential, or layers=[...] (each layer takes the previous one's output)")
+        names, layers = list(model._modules), list(model)  # (named_children would skip a repeated layer)
+    else:
+        names = [str(i) for i in range(len(layers))]
+    if split is None:  # balanced by parameter count (a layer without parameters costs little)
+        ranges = balanced_partition([1 + sum(x.numel() for x in layer.parameters()) for layer in layers], n)
+    else:
+        starts = [names.index(str(x)) if str(x) in names else -1 for x in split]
+        if len(starts) != n - 1 or starts != sorted(set(starts)) or not all(0 < a < len(layers) for a in starts):
+            raise ValueError(f"parallelize: pp_split must name {n - 1} increasing layers where stages 2..{n} begin "
+                             f"(indices 1..{len(layers) - 1} or names {names[1:5]}...), got {split!r}")
+        bounds = [0, *starts, len(layers)]
+        ranges = [range(a, b) for a, b in zip(bounds, bounds[1:])]
+    return [SequentialStage(layers, r, s == 0, s == n - 1, names) for s, r in enumerate(ranges)]
 
 
 def build_stages(model: GPT, splits: list[range], pp_rank: int, pp: int) -> list[PipelineStage]:

@@ -1,0 +1,151 @@
+"""The Checkpointer: saves and loads one run's state, whatever engine and model it trains.
+
+It is given what it saves (the engine, the optimizer, global names, and objects with
+`state_dict()` / `load_state_dict()` such as the data position and the fp16 loss scaler) and
+what a checkpoint must match (`identity`); it knows nothing of the Trainer. With `async_save`,
+each rank copies what it writes to host memory (the only time training waits) and a background
+thread runs DCP's save on a process group of its own while training continues; the folder is
+published once every rank's write is complete.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from paratrain.checkpoint.boxes import Entry, Piece, boxes_state, planners, quiet
+from paratrain.checkpoint.entries import MOMENTS, checkpoint_entries, derived_aliases
+from paratrain.checkpoint.store import CheckpointError, begin_save, read_manifest, run_info, write_and_publish
+
+
+def agreed_aliases(local: dict[str, str], group) -> dict[str, str]:
+    """Every rank's aliases (a pipeline stage sees only its own tied names), on every rank."""
+    everyone: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, local, group=group)
+    return {k: v for d in everyone for k, v in d.items()}
+
+
+def renamed(entries: list[Entry], aliases: dict[str, str]) -> list[Entry]:
+    """Entries under the names a checkpoint keeps: a tensor this run calls by one of the
+    checkpoint's aliases is read from the name the checkpoint kept it under."""
+    out = []
+    for e in entries:
+        prefix, _, name = e.key.partition("/")
+        if prefix == "optim":
+            moment, _, name = name.partition("/")
+            prefix = f"optim/{moment}"
+        key = f"{prefix}/{aliases[name]}" if name in aliases else e.key
+        out.append(Entry(key, e.shape, e.pieces, e.owner))
+    return out
+
+
+class Checkpointer:
+    """Layout-agnostic checkpoints of one run under `root` (see the package docstring).
+
+    `engine`: the DataParallel or ZeroDataParallel wrapper; `names`: id(parameter) -> global
+    name (the vanilla model's); `buffer_names`: id(buffer) -> global name (default: where the
+    buffer sits); `state`: objects saved in the meta under their key; `identity`: what a
+    checkpoint must match; `aliases`: {tied name: kept name} (default: found in the modules);
+    `on_load()`: called after a load (ZeRO's engine has published the loaded masters by then)."""
+
+    def __init__(self, root: str, engine, optimizer: torch.optim.Optimizer, mesh, names: dict[int, str] | None, *,
+                 state: dict[str, object] | None = None, identity: dict, layout: str, config: dict | None = None,
+                 keep: int = 3, async_save: bool = False, aliases: dict[str, str] | None = None,
+                 buffer_names: dict[int, str] | None = None, on_load: Callable[[], None] | None = None):
+        self.root, self.engine, self.optimizer, self.mesh = root, engine, optimizer, mesh
+        self.names, self.buffer_names, self.state = names, buffer_names, dict(state or {})
+        self.identity, self.layout, self.config = identity, layout, config
+        self.keep, self.async_save, self.on_load = keep, async_save, on_load
+        self.rank = dist.get_rank()
+        self.group = dist.new_group(backend="gloo")  # checkpoint traffic apart from training's
+        local = derived_aliases(engine, names) if aliases is None else dict(aliases)
+        self.aliases = agreed_aliases(local, self.group)
+        self.pending = None  # (future, step, t0, blocked_s) of an asynchronous save
+        self.events: list[dict] = []  # per save: step, blocked_s, total_s
+        self.writer = None
+
+    def _entries(self) -> list[Entry]:
+        return checkpoint_entries(self.engine, self.optimizer, self.mesh, self.names, self.buffer_names)
+
+    def _meta(self) -> dict:
+        steps = [float(s["step"]) for s in self.optimizer.state.values() if "step" in s]
+        return {"optim_step": max(steps, default=0.0), **{k: obj.state_dict() for k, obj in self.state.items()}}
+
+    def save(self, step: int) -> None:
+        t0 = time.perf_counter()
+        self.wait()  # one save at a time
+        tmp = begin_save(self.root, step, self.group, self.rank == 0)
+        entries = self._entries()
+        if self.async_save:  # stage: copy what this rank writes to host memory, then write behind
+            entries = [Entry(e.key, e.shape, [Piece(p.offset, p.tensor.detach().to("cpu", copy=True))
+                                              for p in e.pieces], True) for e in entries if e.owner]
+        state = boxes_state(entries, saving=True)
+        state["meta"] = self._meta()
+        state[f"rng/{self.rank}"] = torch.get_rng_state()
+        info = run_info(self.identity, self.config, step, self.layout, self.aliases)
+
+        def write() -> float:
+            """Write and publish; returns when the save ended."""
+            write_and_publish(state, tmp, self.group, self.rank == 0, self.root, step, info, self.keep)
+            return time.perf_counter()
+
+        if self.async_save:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.writer = self.writer or ThreadPoolExecutor(1, thread_name_prefix="paratrain-ckpt")
+            self.pending = (self.writer.submit(write), step, t0, time.perf_counter() - t0)
+            return
+        end = write()
+        dist.barrier(self.group)  # rank 0 has published
+        self.events.append({"step": step, "blocked_s": time.perf_counter() - t0, "total_s": end - t0})
+
+    def poll(self) -> None:
+        """Raise a failed asynchronous save's error early (local: no collective)."""
+        if self.pending is not None and self.pending[0].done():
+            self.pending[0].result()
+
+    def wait(self) -> None:
+        """Wait for the asynchronous save in flight (before the next one, and at the end)."""
+        if self.pending is None:
+            return
+        future, step, t0, blocked = self.pending
+        self.pending = None
+        w0 = time.perf_counter()
+        end = future.result()
+        dist.barrier(self.group)  # every rank's write, and rank 0's publication, are done
+        self.events.append({"step": step, "blocked_s": blocked + time.perf_counter() - w0, "total_s": end - t0})
+
+    def load(self, folder: str) -> int:
+        """Load `folder` into this layout; returns the step it was saved at."""
+        import torch.distributed.checkpoint as dcp
+
+        manifest = read_manifest(folder)
+        state = boxes_state(renamed(self._entries(), manifest.get("aliases", {})), saving=False)
+        state["meta"] = self._meta()
+        same_layout = manifest["layout"] == self.layout and manifest["world_size"] == dist.get_world_size()
+        if same_layout:
+            state[f"rng/{self.rank}"] = torch.get_rng_state()
+        with quiet():
+            dcp.load(state, checkpoint_id=folder, process_group=self.group, planner=planners()[1])
+        self._restore(state["meta"], folder)
+        if same_layout:
+            torch.set_rng_state(state[f"rng/{self.rank}"])
+        if hasattr(self.engine, "publish"):  # ZeRO: the loaded master shards into what compute uses
+            self.engine.publish()
+        if self.on_load is not None:
+            self.on_load()
+        return manifest["step"]
+
+    def _restore(self, meta: dict, folder: str) -> None:
+        """The meta's objects into `state`, and the optimizer's step count into every moment's state."""
+        missing = [k for k in self.state if k not in meta]
+        if missing:
+            raise CheckpointError(f"{folder} holds no {missing[0]!r} state (it has {sorted(meta)})")
+        for k, obj in self.state.items():
+            obj.load_state_dict(meta[k])
+        for s in self.optimizer.state.values():
+            if all(m in s for m in MOMENTS) and torch.is_tensor(s.get("step")):
+                s["step"] = torch.full_like(s["step"], float(meta["optim_step"]))

@@ -1,0 +1,179 @@
+"""A whole run of the Trainer: the steps, and the components around them.
+
+`run(trainer)` trains from where the trainer stands to the configured steps. One rank writes the
+metrics file of DESIGN.md and the trackers (metrics.py) and shows a progress bar; every rank
+takes part in evaluation, checkpoints (checkpoint.py), the profiler (profile.py) and the
+watchdog; at the end the pipeline timeline, the validation loss, a sample where the model can
+give one, and the summary of throughput, FLOP/s and memory.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from paratrain.config import format_layout
+from paratrain.mesh import coords_of
+from paratrain.metrics import MetricsLog, check_report_to
+from paratrain.parallel.pipeline.timeline import write_run_timeline
+from paratrain.planner import gpu_peak_flops
+from paratrain.profile import StepProfiler
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Measured peak: allocator high-water mark on CUDA, the process's peak resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+@dataclass
+class StepStats:
+    step: int
+    loss: float
+    tokens: int
+    step_time_s: float
+    peak_mem_bytes: int
+    comm_bytes: int
+    grad_norm: float
+    lr: float
+    idle_per_rank: list[float] | None = None  # pipeline: measured idle fraction of each rank
+    loss_scale: float | None = None  # fp16
+    skipped: bool = False  # fp16: the step overflowed and was skipped
+
+    def as_metrics(self) -> dict:
+        extra = {"pipeline_idle": sum(self.idle_per_rank) / len(self.idle_per_rank)} if self.idle_per_rank else {}
+        if self.loss_scale is not None:
+            extra.update(loss_scale=self.loss_scale, skipped=self.skipped)
+        return {"step": self.step, "loss": self.loss, "tokens": self.tokens, "step_time_s": self.step_time_s,
+                "tokens_per_s": self.tokens / self.step_time_s, "peak_mem_bytes": self.peak_mem_bytes,
+                "comm_bytes": self.comm_bytes, "grad_norm": self.grad_norm, "lr": self.lr, **extra}
+
+
+
+def run(t) -> dict:
+    """Train `t` (a Trainer) to cfg.train.steps; returns {"losses", "val_losses", **summary}."""
+    tr, lead = t.cfg.train, t.rank == 0
+    log = MetricsLog(tr.metrics, check_report_to(tr.report_to), tr.log_dir, config=t.cfg.to_dict(), enabled=lead)
+    try:
+        log.start({"event": "start", "layout": format_layout(t.cfg.layout), "world_size": t.mesh.world_size,
+                   "params": t.n_params, "config": t.cfg.to_dict()})
+        if lead:
+            print(start_line(t), flush=True)
+        steps, val_losses = train_loop(t, log)
+        if t.ckpt:
+            t.ckpt.wait()
+        if t.watchdog:
+            t.watchdog.stop()
+        if t.pipeline and tr.timeline:
+            lay = t.cfg.layout
+            write_run_timeline(t.pipeline.executor, t.mesh, tr.timeline,
+                               f"{format_layout(lay)} {lay.schedule}, {lay.microbatches} micro-batches (step {tr.steps})")
+        val = t.evaluate()
+        val_losses.append((tr.steps, val))
+        summary = end_summary(t, steps, val)
+        log.end(summary)
+    finally:
+        log.close()
+    if lead:
+        print_summary(t, summary)
+    return {"losses": [s.loss for s in steps], "val_losses": val_losses, **summary}
+
+
+def start_line(t) -> str:
+    tr = t.cfg.train
+    source = f" on {t.cfg.data.path} ({t.corpus_bytes / 1e6:.1f} MB)" if hasattr(t, "corpus_bytes") else ""
+    shape = f"{tr.global_batch} x {tr.seq_len} tokens per step" if hasattr(t, "corpus_bytes") else "global batches"
+    line = (f"paratrain: training {t.spec.name} ({t.n_params / 1e6:.2f}M parameters){source} with "
+            f"{format_layout(t.cfg.layout)}, {shape}, device {t.device.type}")
+    if t.pipeline:
+        line += f"\nparatrain: pipeline stages (blocks): {t.pipeline.describe()}"
+    return line
+
+
+def train_loop(t, log: MetricsLog) -> tuple[list, list]:
+    """The steps from the trainer's position to the last, each followed by its record, and by
+    evaluation and a checkpoint when they are due."""
+    tr, ck = t.cfg.train, t.cfg.checkpoint
+    start = t.position.step
+    bar = tqdm(total=tr.steps, initial=start - 1, disable=not (t.rank == 0 and tr.progress), desc="train",
+               unit="step", dynamic_ncols=True, file=sys.stderr)
+    profiler = StepProfiler(tr.profile, max(start, tr.steps - tr.profile_steps + 1), tr.steps, t.rank, t.device)
+    steps, val_losses = [], []
+    for k in range(start, tr.steps + 1):
+        with profiler.around(k):
+            s = t.run_step(k)
+        steps.append(s)
+        log.step(s.as_metrics())
+        bar.set_postfix(loss=f"{s.loss:.3f}", tok_s=f"{s.tokens / s.step_time_s:,.0f}")
+        bar.update(1)
+        if tr.eval_every and k % tr.eval_every == 0 and k != tr.steps and t.eval_data is not None:
+            val_losses.append((k, t.evaluate()))
+            log.event({"event": "eval", "step": k, "val_loss": val_losses[-1][1]})
+        if t.ckpt:
+            t.ckpt.poll()
+            if ck.every and k % ck.every == 0:
+                t.ckpt.save(k)
+                log.event({"event": "checkpoint", "step": k, "async": ck.async_save,
+                           **({"blocked_s": t.ckpt.events[-1]["blocked_s"]} if not t.ckpt.pending else {})})
+    bar.close()
+    return steps, val_losses
+
+
+def end_summary(t, steps: list, val: float | None) -> dict:
+    tr = t.cfg.train
+    times = [s.step_time_s for s in steps]
+    steady = times[1:] or times  # the first step pays for warm-up; leave it out if we can
+    tokens = [s.tokens for s in steps][1:] or [s.tokens for s in steps]
+    throughput = sum(tokens) / sum(steady) if steady else 0.0
+    # model FLOP/s per device, and on a known GPU in bf16/fp16 their share of its peak (MFU)
+    fpt = t.spec.flops_per_token
+    tflops = throughput * fpt / t.mesh.world_size / 1e12 if fpt else None
+    peak = gpu_peak_flops(torch.cuda.get_device_name(t.device)) if t.device.type == "cuda" else None
+    mfu = tflops * 1e12 / peak if (tflops and peak and t.dtype != torch.float32) else None
+    if not steps:  # resumed from a checkpoint of the last step: nothing left to train
+        steps = [StepStats(tr.steps, float("nan"), 0, 1.0, 0, 0, 0.0, 0.0)]
+        t.peak_per_rank = [peak_memory_bytes(t.device)] * t.mesh.world_size
+    memory = t.memory_report()
+    pipe = pipeline_report(t, steps[1:] or steps) if t.pipeline else {}
+    return {"event": "end", "steps": tr.steps, "final_loss": steps[-1].loss, "first_loss": steps[0].loss,
+            "first_step": steps[0].step, "val_loss": val, "tokens_per_s": throughput, "tflops_per_device": tflops,
+            "mfu": mfu, "peak_mem_bytes_per_rank": t.peak_per_rank, "param_bytes_per_rank": [m["params"] for m in memory],
+            "memory_per_rank": memory, "checkpoints": t.ckpt.events if t.ckpt else [], "resumed_from": t.resumed_from,
+            "layout": format_layout(t.cfg.layout), "sample": t.sample(), **pipe}
+
+
+def pipeline_report(t, steps: list) -> dict:
+    """Measured idle fraction per pipeline stage (mean over the given steps and over the
+    dp x tp ranks of that stage) beside the schedule's theoretical bubble."""
+    stage_of_rank = [coords_of(r, t.mesh.shape)["pp"] for r in range(t.mesh.world_size)]
+    per_stage = []
+    for stage in range(t.mesh.size("pp")):
+        ranks = [r for r, s in enumerate(stage_of_rank) if s == stage]
+        per_stage.append(sum(st.idle_per_rank[r] for st in steps for r in ranks) / (len(steps) * len(ranks)))
+    return {"pipeline_idle_per_stage": per_stage, "pipeline_bubble_theory": t.pipeline.bubble_theory}
+
+
+def print_summary(t, summary: dict) -> None:
+    mib = lambda b: f"{b / 2**20:,.1f}"  # noqa: E731
+    mem = ", ".join(f"rank {r} {b / 2**20:,.0f} MiB" for r, b in enumerate(summary["peak_mem_bytes_per_rank"]))
+    states = "; ".join(f"rank {r} {mib(m['params'])} + {mib(m['grads'])} + {mib(m['optimizer'])}"
+                       for r, m in enumerate(summary["memory_per_rank"]))
+    val = summary["val_loss"]
+    print(f"paratrain: done. loss {summary['first_loss']:.3f} (step {summary['first_step']}) -> "
+          f"{summary['final_loss']:.3f} (step {summary['steps']})"
+          + (f", validation loss {val:.3f}" if val is not None else ""), flush=True)
+    tflops, mfu = summary["tflops_per_device"], summary["mfu"]
+    flops = f" ({tflops:.3g} TFLOP/s per device" + (f", MFU {mfu:.1%}" if mfu is not None else "") + ")" if tflops else ""
+    unit = "tokens/s" if hasattr(t, "corpus_bytes") or t.spec.flops_per_token else "items/s"
+    print(f"  throughput {summary['tokens_per_s']:,.0f} {unit} over steps 2-{summary['steps']}{flops}; peak memory: {mem}")
+    print(f"  model states (MiB, parameters + gradients + optimizer): {states}")
+    if "pipeline_idle_per_stage" in summary:
+        idle = ", ".join(f"stage {i} {f:.1%}" for i, f in enumerate(summary["pipeline_idle_per_stage"]))
+        print(f"  pipeline idle (measured): {idle}; schedule bubble (theory) {summary['pipeline_bubble_theory']:.1%}")
+    if summary["sample"]:
+        print(f"  sample: {summary['sample']!r}", flush=True)

@@ -1,0 +1,171 @@
+"""The one Trainer through the Python API, against one process on the same seed and batches:
+paratrain's GPT as a spec under sequence parallelism, a Hugging Face Llama (built from its
+config in the test) under dp x tp with ZeRO-1/2/3, dict inputs and gradient accumulation, a
+sequential model under tp x pp and dp x pp, evaluation of a pipeline, the data helper, and the
+user's own optimizer with its own hyper-parameters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from helpers import spawn
+
+STEPS = 3
+
+
+# ---------------------------------------------------------------- paratrain's GPT as a spec
+def _gpt(tp: int, settings: dict) -> list[float]:
+    import paratrain
+    from paratrain.data import load_corpus, token_batches
+    from paratrain.models.spec import gpt_spec
+
+    mesh = paratrain.init(tp=tp)
+    data = token_batches(load_corpus(max_bytes=1 << 20), seq_len=32, global_batch=8, seed=5)
+    trainer = paratrain.Trainer(gpt_spec("tiny", 5, 32), mesh, data=data, lr=3e-3, warmup_steps=2, steps=STEPS,
+                                progress=False, **settings)
+    return [trainer.run_step(k).loss for k in range(1, STEPS + 1)]
+
+
+def test_api_sequence_parallel_matches_one_process():
+    """The API's step is the CLI's: the sequence-parallel norms' gradients are summed over tp."""
+    reference = spawn(_gpt, 1, 1, {})[0]
+    for losses in spawn(_gpt, 2, 2, {"sequence_parallel": True}):
+        torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference), rtol=1e-5, atol=0)
+
+
+# ---------------------------------------------------------------- a Hugging Face Llama
+LLAMA_PLAN = {"model.embed_tokens": "vocab", "model.layers.*.self_attn.[qkv]_proj": "colwise",
+              "model.layers.*.self_attn.o_proj": "rowwise", "model.layers.*.mlp.gate_proj": "colwise",
+              "model.layers.*.mlp.up_proj": "colwise", "model.layers.*.mlp.down_proj": "rowwise"}
+LLAMA_RUNS = [dict(zero=1, microbatches=2), dict(zero=2), dict(zero=3, microbatches=2)]
+
+
+def _llama(tp: int) -> list[list[float]]:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import paratrain
+    from paratrain.data import DatasetLoader
+
+    mesh = paratrain.init(tp=tp)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 128, (64, 17), generator=g)
+    dataset = [({"input_ids": row[:-1]}, row[1:]) for row in ids]  # inputs as Hugging Face takes them
+
+    def loss_fn(out, targets):
+        return F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten())
+
+    out = []
+    for kw in LLAMA_RUNS:
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             max_position_embeddings=32))
+        trainer = paratrain.Trainer(model, mesh, loss_fn, data=DatasetLoader(dataset, 8, seed=1),
+                                    tp_plan=LLAMA_PLAN if tp > 1 else None, lr=2e-3, progress=False, **kw)
+        out.append([trainer.run_step(k).loss for k in range(1, STEPS + 1)])
+    return out
+
+
+def test_hugging_face_llama_under_dp_tp_zero_and_accumulation_matches_one_process():
+    reference = spawn(_llama, 1, 1)[0]
+    for ranks in spawn(_llama, 4, 2):  # dp=2 x tp=2
+        for losses, ref, kw in zip(ranks, reference, LLAMA_RUNS):
+            torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref), rtol=1e-5, atol=0, msg=str(kw))
+    assert reference[0][-1] < reference[0][0]
+
+
+# ---------------------------------------------------------------- a sequential model under pp
+class Block(nn.Module):
+    def __init__(self, d: int = 32):
+        super().__init__()
+        self.norm, self.up, self.down = nn.LayerNorm(d), nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        return x + self.down(F.gelu(self.up(self.norm(x))))
+
+
+def sequential(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Embedding(64, 32), *[Block() for _ in range(4)], nn.LayerNorm(32), nn.Linear(32, 64))
+
+
+def token_loss(logits, targets):
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def _sequential(dp: int, tp: int, pp: int, kw: dict) -> tuple[list[float], float]:
+    import paratrain
+    from paratrain.data import DatasetLoader
+
+    mesh = paratrain.init(dp=dp, tp=tp, pp=pp)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randint(0, 64, (48, 8), generator=g)
+    data = DatasetLoader(list(zip(x, (x + 1) % 64)), 8, seed=4)
+    plan = {"*.up": "colwise", "*.down": "rowwise"} if tp > 1 else None
+    trainer = paratrain.Trainer(sequential(), mesh, token_loss, data=data, eval_data=data, tp_plan=plan, lr=3e-3,
+                                eval_batches=2, progress=False, **kw)
+    losses = [trainer.run_step(k).loss for k in range(1, STEPS + 1)]
+    return losses, trainer.evaluate()
+
+
+@pytest.mark.parametrize("dp,tp,pp,kw", [
+    (1, 2, 2, dict(zero=1, microbatches=4)),
+    (2, 1, 2, dict(zero=3, microbatches=2, schedule="gpipe")),
+], ids=["tp2-pp2-zero1-mb4", "dp2-pp2-zero3-gpipe"])
+def test_sequential_model_under_tp_pp_zero_matches_one_process(dp, tp, pp, kw):
+    ref_losses, ref_val = spawn(_sequential, 1, 1, 1, 1, {})[0]
+    for losses, val in spawn(_sequential, dp * tp * pp, dp, tp, pp, kw):
+        torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=0)
+        assert val == pytest.approx(ref_val, rel=1e-5)  # a pipeline evaluates through its schedule
+
+
+# ---------------------------------------------------------------- the user's optimizer, one process
+def _optimizers() -> dict:
+    import functools
+
+    import paratrain
+
+    mesh = paratrain.init()
+    x, y = torch.randn(16, 8), torch.randn(16, 2)
+    out = {}
+    for name, opt in (("factory", functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=0.01)),
+                      ("class", torch.optim.Adagrad)):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 2))
+        twin = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 2))
+        twin.load_state_dict(model.state_dict())
+        trainer = paratrain.Trainer(model, mesh, F.mse_loss, optimizer=opt, grad_clip=0.0)
+        ref = opt(twin.parameters())
+        for _ in range(3):
+            trainer.step(x, y)
+            ref.zero_grad()
+            F.mse_loss(twin(x), y).backward()
+            ref.step()
+        out[name] = (trainer.optimizer.param_groups[0]["weight_decay"],
+                     all(torch.allclose(a, b, rtol=1e-6, atol=1e-7) for a, b in zip(model.parameters(),
+                                                                                    twin.parameters())))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 2))
+    sgd = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.5)
+    trainer = paratrain.Trainer(model, mesh, F.mse_loss, optimizer=sgd, zero=1)  # rebuilt over ZeRO's masters
+    trainer.step(x, y)
+    out["instance"] = (type(trainer.optimizer).__name__, trainer.optimizer.param_groups[0]["momentum"],
+                       trainer.optimizer.param_groups[0]["lr"])
+    keys = [k for k in model.state_dict()]
+    paratrain.Trainer(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2)), mesh, F.mse_loss, zero=3,
+                      blocks=None)
+    m2 = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2))
+    paratrain.Trainer(m2, mesh, F.mse_loss, zero=3, blocks=[m2[0], m2[1]])
+    out["blocks_keys"] = (keys, [k for k, _ in m2.named_modules()])
+    return out
+
+
+def test_users_optimizer_keeps_its_hyper_parameters_one_plain_process():
+    out = spawn(_optimizers, 1)[0]
+    assert out["factory"] == (0.01, True)  # the user's weight decay, and the same steps as plain torch
+    assert out["class"] == (0, True)
+    assert out["instance"] == ("SGD", 0.5, 0.05)
+    assert "blocks" not in out["blocks_keys"][1]  # blocks= adds nothing to the user's model
