@@ -185,3 +185,40 @@ def test_mlflow(tracked, monkeypatch):
     for tag in ("train/loss", "eval/loss", "train/loss_scale"):
         history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, tag))
         assert close_to(history, tag), tag
+
+
+def test_a_short_run_reports_its_loss_curve_to_every_tracker(tmp_path, monkeypatch):
+    """`paratrain train --report-to tensorboard,wandb,mlflow`: each tracker receives the run's
+    losses, the same numbers as its metrics file."""
+    from helpers import run_tiny
+
+    names = [name for name, (module, _) in metrics.TRACKERS.items() if importlib.util.find_spec(module)]
+    if not names:
+        pytest.skip("no tracker installed")
+    log_dir = str(tmp_path / "runs")
+    run_tiny(steps=4, dp=2, metrics=str(tmp_path / "run.jsonl"), report_to=",".join(names), log_dir=log_dir)
+    want = [(r["step"], r["loss"]) for r in strict_lines(str(tmp_path / "run.jsonl")) if "event" not in r]
+    got = {}
+    if "tensorboard" in names:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        (folder,) = glob.glob(os.path.join(log_dir, "tensorboard", "*"))
+        acc = EventAccumulator(folder)
+        acc.Reload()
+        got["tensorboard"] = [(e.step, e.value) for e in acc.Scalars("train/loss")]
+    if "wandb" in names:
+        (path,) = glob.glob(os.path.join(log_dir, "wandb", "offline-run-*", "run-*.wandb"))
+        history = [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+                   for r in wandb_records(path) if r.WhichOneof("record_type") == "history"]
+        got["wandb"] = [(h["_step"], h["train/loss"]) for h in history if "train/loss" in h]
+    if "mlflow" in names:
+        from mlflow.tracking import MlflowClient
+
+        monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+        client = MlflowClient(tracking_uri=metrics.mlflow_uri(log_dir))
+        (run,) = client.search_runs([client.get_experiment_by_name("paratrain").experiment_id])
+        got["mlflow"] = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/loss"))
+    for name, curve in got.items():
+        assert [s for s, _ in curve] == [s for s, _ in want], name
+        assert all(math.isclose(v, w, rel_tol=1e-6) for (_, v), (_, w) in zip(curve, want)), name
+    assert len(want) == 4 and want[-1][1] < want[0][1]

@@ -6,6 +6,9 @@ user's own optimizer with its own hyper-parameters."""
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn as nn
@@ -13,6 +16,7 @@ import torch.nn.functional as F
 
 from helpers import spawn
 
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 STEPS = 3
 
 
@@ -169,3 +173,103 @@ def test_users_optimizer_keeps_its_hyper_parameters_one_plain_process():
     assert out["class"] == (0, True)
     assert out["instance"] == ("SGD", 0.5, 0.05)
     assert "blocks" not in out["blocks_keys"][1]  # blocks= adds nothing to the user's model
+
+
+# ---------------------------------------------------------------- checkpoints of the user's model
+def _resumable(dp: int, tp: int, folder: str, steps: int, kw: dict) -> list[float]:
+    import paratrain
+    from paratrain.data import DatasetLoader
+
+    mesh = paratrain.init(dp=dp, tp=tp)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randint(0, 64, (64, 8), generator=g)
+    plan = {"*.up": "colwise", "*.down": "rowwise"} if tp > 1 else None
+    trainer = paratrain.Trainer(sequential(), mesh, token_loss, data=DatasetLoader(list(zip(x, (x + 1) % 64)), 8, 4),
+                                tp_plan=plan, lr=3e-3, steps=steps, progress=False, checkpoint_dir=folder,
+                                checkpoint_every=3, eval_batches=1, **kw)
+    return trainer.fit()["losses"]  # from where the checkpoint left off
+
+
+def test_users_model_saved_under_zero3_resumes_under_tp_and_one_process_and_exports(tmp_path):
+    from safetensors.torch import load_file
+
+    from paratrain.checkpoint import export
+
+    reference = spawn(_resumable, 1, 1, 1, str(tmp_path / "ref"), 6, {})[0]  # never stopped
+    saved = spawn(_resumable, 2, 2, 1, str(tmp_path / "ck"), 3, {"zero": 3})[0]
+    torch.testing.assert_close(torch.tensor(saved), torch.tensor(reference[:3]), rtol=1e-5, atol=0)
+    for dp, tp in ((1, 2), (1, 1)):
+        folder = tmp_path / f"ck-{dp}-{tp}"
+        shutil.copytree(tmp_path / "ck", folder)
+        resumed = spawn(_resumable, dp * tp, dp, tp, str(folder), 6, {"resume": True})[0]
+        torch.testing.assert_close(torch.tensor(resumed), torch.tensor(reference[3:]), rtol=1e-5, atol=0)
+    export(str(tmp_path / "ck"), str(tmp_path / "model.safetensors"))
+    fresh = sequential(seed=1)
+    fresh.load_state_dict(load_file(str(tmp_path / "model.safetensors")), strict=True)
+
+
+# ---------------------------------------------------------------- BatchNorm: the Trainer is DDP
+def _cnn_against_ddp(steps: int = 4):
+    import functools
+    import sys
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    sys.path.insert(0, str(EXAMPLES))
+    import digits_cnn
+
+    import paratrain
+
+    mesh = paratrain.init()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    train, _ = digits_cnn.digits()
+    data = paratrain.data.DatasetLoader(train, 32, seed=0)
+    sgd = functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9)
+    trainer = paratrain.Trainer(digits_cnn.build(), mesh, F.cross_entropy, data=data, optimizer=sgd, grad_clip=0.0)
+    twin = DDP(digits_cnn.build())
+    opt = sgd(twin.parameters())
+    same = []
+    for k in range(1, steps + 1):
+        x, y = data.local_batch(k, rank, world)  # each rank its own images: buffers differ without the broadcast
+        loss = trainer.step(x, y)
+        opt.zero_grad()
+        ref = F.cross_entropy(twin(x), y)
+        ref.backward()
+        opt.step()
+        ref = ref.detach()
+        dist.all_reduce(ref)
+        mine = dict(trainer.model.module.state_dict())
+        same.append((abs(loss - float(ref) / world) <= 1e-5 * abs(loss),
+                     all(torch.allclose(mine[n].float(), t.float(), rtol=1e-5, atol=1e-6)
+                         for n, t in twin.module.state_dict().items())))
+    return same
+
+
+def test_cnn_with_batchnorm_under_dp2_matches_torch_ddp_step_by_step_buffers_included():
+    pytest.importorskip("sklearn")
+    for rank in spawn(_cnn_against_ddp, 2):
+        assert rank == [(True, True)] * 4
+
+
+def _digits_run(args: list[str], nproc: int) -> float:
+    import subprocess
+    import sys
+
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                     "--nproc-per-node", str(nproc)]
+    r = subprocess.run([*launcher, str(EXAMPLES / "digits_cnn.py"), *args], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return float(r.stdout.split("held-out accuracy ")[1].split("%")[0]) / 100
+
+
+def test_digits_example_trains_a_cnn_in_one_plain_process():
+    """paratrain.init() outside torchrun (a group of one); real data; the gathered model scores."""
+    pytest.importorskip("sklearn")
+    assert _digits_run(["--steps", "40"], 1) > 0.8
+
+
+@pytest.mark.slow
+def test_digits_example_under_torchrun_zero3_sync_batchnorm(tmp_path):
+    pytest.importorskip("sklearn")
+    assert _digits_run(["--steps", "40", "--zero", "3", "--sync-batchnorm", "--checkpoint-dir", str(tmp_path)], 2) > 0.8

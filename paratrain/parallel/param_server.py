@@ -237,7 +237,7 @@ class Server:
 
 
 class ServerCheckpoints:
-    """The servers' part of a checkpoint, in the canonical form of paratrain/checkpoint.py (each
+    """The servers' part of a checkpoint, in the canonical form of paratrain/checkpoint/ (each
     parameter and its two moments under the global name), so that it loads into any layout, and
     a checkpoint of any layout loads into the servers. Saved by the servers alone, at the steps
     of a synchronous run (with staleness the servers share no step); the workers hold nothing
