@@ -112,7 +112,29 @@ class Batch:
     targets: torch.Tensor  # (B, T) int64, inputs shifted by one
 
 
-class TokenLoader:
+class DataPosition:
+    """A data source's place in its batches: the next step, and the seed that fixes every batch.
+    Saving and restoring it is exact (it is what a checkpoint keeps of the data)."""
+
+    def __init__(self, seed: int):
+        self.step, self.seed = 1, seed
+
+    def next(self, dp_rank: int, dp: int):
+        """This rank's slice of the next training batch; advances the position."""
+        b = self.local_batch(self.step, dp_rank, dp)
+        self.step += 1
+        return b
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["seed"] != self.seed:
+            raise ValueError(f"loader state was saved with seed {state['seed']}, this run uses {self.seed}")
+        self.step = int(state["step"])
+
+
+class TokenLoader(DataPosition):
     """Deterministic batches of `global_batch` windows of `seq_len + 1` bytes.
 
     `batch(step)` is the same on every rank and in every layout; `local_batch(step, dp_rank, dp)`
@@ -132,8 +154,7 @@ class TokenLoader:
         self.splits = {"train": corpus[:-n_val], "val": corpus[-n_val:]}
         self.seq_len = seq_len
         self.global_batch = global_batch
-        self.seed = seed
-        self.step = 1  # the next training step to serve; the loader's whole state
+        super().__init__(seed)  # the next training step to serve: the loader's whole state
 
     def batch(self, step: int, split: str = "train") -> Batch:
         data = self.splits[split]
@@ -149,23 +170,9 @@ class TokenLoader:
         sl = slice(dp_rank * n, (dp_rank + 1) * n)
         return Batch(inputs=full.inputs[sl], targets=full.targets[sl])
 
-    def next(self, dp_rank: int, dp: int) -> Batch:
-        """This rank's slice of the next training batch; advances the state."""
-        b = self.local_batch(self.step, dp_rank, dp)
-        self.step += 1
-        return b
-
     def validation(self) -> "_Split":
         """The held-out split as a data source (the same windows in every layout)."""
         return _Split(self, "val")
-
-    def state_dict(self) -> dict:
-        return {"step": self.step, "seed": self.seed}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state["seed"] != self.seed:
-            raise ValueError(f"loader state was saved with seed {state['seed']}, this run uses {self.seed}")
-        self.step = int(state["step"])
 
 
 def split_microbatches(batch: Batch, n: int) -> list[Batch]:
@@ -228,7 +235,7 @@ def as_pair(batch) -> tuple:
     return batch, None
 
 
-class DatasetLoader:
+class DatasetLoader(DataPosition):
     """A map-style `Dataset` as global batches that depend only on (seed, step): step k takes
     `global_batch` consecutive indices of the epoch's permutation (seeded by (seed, epoch);
     the last incomplete batch of an epoch is dropped), each data-parallel rank its contiguous
@@ -238,12 +245,12 @@ class DatasetLoader:
     def __init__(self, dataset, global_batch: int, seed: int = 0, shuffle: bool = True, collate_fn=None):
         from torch.utils.data import default_collate
 
-        self.dataset, self.global_batch, self.seed, self.shuffle = dataset, global_batch, seed, shuffle
+        super().__init__(seed)
+        self.dataset, self.global_batch, self.shuffle = dataset, global_batch, shuffle
         self.collate = collate_fn or default_collate
         self.num_batches = len(dataset) // global_batch  # per epoch
         if self.num_batches == 0:
             raise ValueError(f"data: a dataset of {len(dataset)} items holds no global batch of {global_batch}")
-        self.step = 1
         self._order: tuple[int, np.ndarray] | None = None
 
     def _indices(self, step: int) -> np.ndarray:
@@ -260,19 +267,6 @@ class DatasetLoader:
         n = self.global_batch // dp
         idx = self._indices(step)[dp_rank * n : (dp_rank + 1) * n]
         return self.collate([self.dataset[int(i)] for i in idx])
-
-    def next(self, dp_rank: int, dp: int):
-        b = self.local_batch(self.step, dp_rank, dp)
-        self.step += 1
-        return b
-
-    def state_dict(self) -> dict:
-        return {"step": self.step, "seed": self.seed}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state["seed"] != self.seed:
-            raise ValueError(f"loader state was saved with seed {state['seed']}, this run uses {self.seed}")
-        self.step = int(state["step"])
 
 
 class _Split:

@@ -25,8 +25,8 @@ import torch.nn as nn
 import paratrain.checkpoint as checkpoint
 from paratrain.comm import parse_compress
 from paratrain.comm.flight import Watchdog
-from paratrain.config import RunConfig, api_config, format_layout, validate_settings
-from paratrain.data import (TokenLoader, as_pair, call_model, first_tensor, load_corpus, split_batch,
+from paratrain.config import RunConfig, format_layout, validate_settings
+from paratrain.data import (DataPosition, TokenLoader, as_pair, call_model, first_tensor, load_corpus, split_batch,
                             to_device)
 from paratrain.fit import StepStats, peak_memory_bytes, run
 from paratrain.group import init
@@ -36,21 +36,7 @@ from paratrain.optim import LossScaler, apply_update, build_optimizer, lr_at
 from paratrain.parallel.parallelize import apply_strategies
 from paratrain.parallel.tensor import TPGroup
 from paratrain.parallel.zero import ZeroDataParallel
-
-
-class Position:
-    """The run's place in its data: the next step (what a checkpoint saves of the data)."""
-
-    def __init__(self, seed: int):
-        self.step, self.seed = 1, seed
-
-    def state_dict(self) -> dict:
-        return {"step": self.step, "seed": self.seed}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state["seed"] != self.seed:
-            raise ValueError(f"the checkpoint's batches were drawn with seed {state['seed']}, this run uses {self.seed}")
-        self.step = int(state["step"])
+from paratrain.settings import api_config
 
 
 def items_in(inputs) -> int:
@@ -103,19 +89,22 @@ class Trainer:
         self._components()
 
     @classmethod
-    def from_config(cls, cfg: RunConfig, mesh: Mesh, device: torch.device | None = None) -> "Trainer":
-        """The run `paratrain train` makes: a GPT preset on the configured corpus."""
+    def from_config(cls, cfg: RunConfig, mesh: Mesh, device: torch.device | None = None,
+                    data_rank: tuple[int, int] | None = None) -> "Trainer":
+        """The run `paratrain train` makes: a GPT preset on the configured corpus (`data_rank`: as
+        for the constructor, a parameter-server worker's dp rank and degree)."""
         tr = cfg.train
         spec = gpt_spec(cfg.model.name, tr.seed, tr.seq_len, cfg.model.dropout, cfg.model.tie_embeddings)
         corpus = load_corpus(cfg.data.path)
         loader = TokenLoader(corpus, tr.seq_len, tr.global_batch, tr.seed, cfg.data.val_fraction)
-        trainer = cls(spec, mesh, data=loader, eval_data=loader.validation(), device=device, config=cfg)
+        trainer = cls(spec, mesh, data=loader, eval_data=loader.validation(), device=device, config=cfg,
+                      data_rank=data_rank)
         trainer.corpus_bytes = corpus.size
         return trainer
 
     # ------------------------------------------------------------------ building
     def _build(self, optimizer) -> None:
-        cfg, lay, tr = self.cfg, self.cfg.layout, self.cfg.train
+        lay, tr = self.cfg.layout, self.cfg.train
         torch.manual_seed(tr.seed)  # the default generator agrees on every rank (dropout on replicas)
         model = self.spec.build().to(self.device)
         self.n_params = sum(p.numel() for p in model.parameters())
@@ -148,7 +137,7 @@ class Trainer:
         self.layout_name = f"{format_layout(lay)},schedule={lay.schedule},microbatches={lay.microbatches}"
         # the rank whose loss counts: every dp replica holds a part of the global batch
         self.is_loss_rank = self.mesh.coord("tp") == 0 and self.mesh.coord("pp") == self.mesh.size("pp") - 1
-        self.position = Position(tr.seed)
+        self.position = DataPosition(tr.seed)  # the next step: what a checkpoint keeps of the data
 
     def _components(self) -> None:
         """Fault aids, the hang watchdog and checkpoints (metrics, profiler: fit.py)."""

@@ -1,6 +1,7 @@
 """Parameter servers: synchronous is the same math as one process; staleness stays bounded.
 
-`--staleness 0` must give the per-step losses of dp=1 (rtol 1e-5) with one and two servers.
+`--staleness 0` must give the per-step losses of dp=1 (rtol 1e-5) with one and two servers, and
+with gradient accumulation on the workers (they run the one Trainer).
 With a straggler, stale-synchronous runs never let a worker lead the slowest by more than K
 clocks (asserted from the clocks server 0 recorded at every grant), asynchronous runs let the
 fast worker do more of the work, and a failing worker ends the run with one line, servers and all.
@@ -8,6 +9,8 @@ Synchronous servers checkpoint in the canonical form: a restart after a failure 
 and the checkpoint loads into an all-reduce layout and back.
 """
 
+import glob
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -30,6 +33,28 @@ def test_synchronous_ps_matches_single_process(reference, servers):
     torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(reference["losses"]), rtol=1e-5, atol=0)
     assert result["val_loss"] == pytest.approx(reference["val_loss"], rel=1e-5)
     assert result["ps_max_clock_gap"] == 0 and result["ps_max_version_staleness"] == 0
+
+
+def test_ps_workers_run_the_trainer_and_its_components(reference, tmp_path):
+    """A worker is a dp rank of the one Trainer: its micro-batches (gradient accumulation) and
+    activation checkpointing are the engine's, and the run still matches one process; its
+    records go to the metrics file and the trackers as `paratrain train` writes them."""
+    report_to = "tensorboard" if importlib.util.find_spec("tensorboard") else "none"
+    result = run_tiny(dp=2, sync="ps", servers=1, microbatches=2, activation_checkpointing=True,
+                      metrics=str(tmp_path / "m.jsonl"), report_to=report_to, log_dir=str(tmp_path / "runs"))
+    torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(reference["losses"]), rtol=1e-5, atol=0)
+    assert result["val_loss"] == pytest.approx(reference["val_loss"], rel=1e-5)
+    records = [json.loads(line) for line in open(tmp_path / "m.jsonl")]
+    assert records[0]["event"] == "start" and records[0]["layout"] == "dp=2,tp=1,pp=1,zero=0,ps=1,staleness=0"
+    assert records[0]["config"]["layout"]["dp"] == 2 and records[-1]["val_loss"] == result["val_loss"]
+    assert [r["loss"] for r in records[1:-1]] == result["losses"]
+    if report_to == "tensorboard":
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        (folder,) = glob.glob(str(tmp_path / "runs" / "tensorboard" / "*"))
+        acc = EventAccumulator(folder)
+        acc.Reload()
+        assert [e.value for e in acc.Scalars("train/loss")] == pytest.approx(result["losses"], rel=1e-6)
 
 
 def test_stale_synchronous_bound_holds_with_a_straggler():

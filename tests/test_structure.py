@@ -11,9 +11,7 @@ PACKAGE = ROOT / "paratrain"
 FUNCTION_LINES = 80  # from the `def` line to the last line of the body
 FILE_LINES = 520
 # Over the budget today, with their length now: an entry may shrink or go, never grow, and nothing joins.
-LONG_FUNCTIONS = {
-    "paratrain/train.py:Trainer.fit": 107,
-}
+LONG_FUNCTIONS: dict[str, int] = {}
 LONG_FILES: dict[str, int] = {}
 
 

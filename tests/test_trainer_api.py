@@ -117,7 +117,7 @@ def _sequential(dp: int, tp: int, pp: int, kw: dict) -> tuple[list[float], float
 
 @pytest.mark.parametrize("dp,tp,pp,kw", [
     (1, 2, 2, dict(zero=1, microbatches=4)),
-    (2, 1, 2, dict(zero=3, microbatches=2, schedule="gpipe")),
+    pytest.param(2, 1, 2, dict(zero=3, microbatches=2, schedule="gpipe"), marks=pytest.mark.slow),
 ], ids=["tp2-pp2-zero1-mb4", "dp2-pp2-zero3-gpipe"])
 def test_sequential_model_under_tp_pp_zero_matches_one_process(dp, tp, pp, kw):
     ref_losses, ref_val = spawn(_sequential, 1, 1, 1, 1, {})[0]
@@ -273,3 +273,41 @@ def test_digits_example_trains_a_cnn_in_one_plain_process():
 def test_digits_example_under_torchrun_zero3_sync_batchnorm(tmp_path):
     pytest.importorskip("sklearn")
     assert _digits_run(["--steps", "40", "--zero", "3", "--sync-batchnorm", "--checkpoint-dir", str(tmp_path)], 2) > 0.8
+
+
+RESTART_SCRIPT = '''
+import torch, torch.nn as nn, torch.nn.functional as F, paratrain, sys
+from paratrain.data import DatasetLoader
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 2))
+g = torch.Generator().manual_seed(1)
+x = torch.randn(64, 8, generator=g)
+data = DatasetLoader(list(zip(x, x[:, :2].sin())), 8, seed=2)
+trainer = paratrain.Trainer(model, paratrain.init(), F.mse_loss, data=data, steps=8, checkpoint_dir=sys.argv[1],
+                            checkpoint_every=2, simulate_failure=sys.argv[2] or None, progress=False, metrics=sys.argv[3])
+trainer.fit()
+'''
+
+
+def test_api_script_restarts_under_torchrun_and_resumes_from_its_checkpoint(tmp_path):
+    """A failure at step 5 under `torchrun --max-restarts 1`: the restarted Trainer resumes from
+    step 4's checkpoint and ends with the losses of a run that never failed."""
+    import json
+    import subprocess
+    import sys
+
+    script = tmp_path / "train.py"
+    script.write_text(RESTART_SCRIPT)
+    runs = {}
+    for name, fail in (("clean", ""), ("failed", "1:5")):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "--max-restarts", "1", str(script), str(tmp_path / name), fail, str(tmp_path / f"{name}.jsonl")]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        lines = [json.loads(line) for line in open(tmp_path / f"{name}.jsonl")]
+        runs[name] = {rec["step"]: rec["loss"] for rec in lines if "event" not in rec}
+        runs[name + "_end"] = lines[-1]
+    assert sorted(runs["failed"]) == [5, 6, 7, 8]  # the restart's metrics file: from the checkpoint on
+    assert "step_00000004" in runs["failed_end"]["resumed_from"]
+    for step, loss in runs["failed"].items():
+        assert loss == pytest.approx(runs["clean"][step], rel=1e-5)

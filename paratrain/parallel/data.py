@@ -42,9 +42,19 @@ class Bucket:
 
 
 class SyncSwitch:
-    """`no_sync()`: while inside, gradient hooks accumulate locally instead of communicating."""
+    """What data parallelism and ZeRO share around the module: `no_sync()` (while inside,
+    gradient hooks accumulate locally instead of communicating) and the forward that first, as
+    DDP does, broadcasts dp rank 0's buffers when `broadcast_buffers` is on and the previous
+    forward (if any) ran with grad enabled outside `no_sync()`."""
 
     require_sync = True
+
+    def forward(self, *args, **kwargs):
+        if self.broadcast_buffers and self.require_forward_param_sync:
+            broadcast_buffers(self.module, self.mesh)
+        out = self.module(*args, **kwargs)
+        self.require_forward_param_sync = torch.is_grad_enabled() and self.require_sync
+        return out
 
     @contextmanager
     def no_sync(self):
@@ -112,15 +122,6 @@ class DataParallel(SyncSwitch, nn.Module):
             self.buckets.append(Bucket(ps, buf, offsets, pending=len(ps), views=views))
             for i, p in enumerate(ps):
                 self._slot_of[p] = (len(self.buckets) - 1, i)
-
-    def forward(self, *args, **kwargs):
-        """Run the module; first, as DDP, broadcast dp rank 0's buffers if `broadcast_buffers` and the
-        previous forward (if any) ran with grad enabled outside `no_sync()`."""
-        if self.broadcast_buffers and self.require_forward_param_sync:
-            broadcast_buffers(self.module, self.mesh)
-        out = self.module(*args, **kwargs)
-        self.require_forward_param_sync = torch.is_grad_enabled() and self.require_sync
-        return out
 
     def _on_grad_ready(self, p: nn.Parameter) -> None:
         if not self.require_sync:

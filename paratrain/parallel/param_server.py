@@ -2,11 +2,13 @@
 
 `--sync ps --servers S` runs dp = W worker ranks (0 .. W-1) and S server ranks (W .. W+S-1).
 The flat parameter vector is cut into S contiguous shards; server s holds shard s in fp32 with
-its AdamW state. A worker's step: pull every shard, run forward and backward on its slice of the
-global batch, push each shard of the gradient to its server. Messages are point-to-point sends
-with tags (a 5-number header, then a tensor) through paratrain.comm, so they are counted and the
-hang watchdog sees every wait; a server receives headers from any worker and answers in the
-order its rules allow:
+its AdamW state. A worker runs the one Trainer (train.py) on a mesh of itself alone, as dp rank w
+of W: a step pulls every shard into its model, runs the Trainer's forward and backward of its
+slice of the global batch (micro-batches, loss weighed by 1 / (W x microbatches)) and pushes each
+shard of the gradient to its server; the servers are the update step. Messages are
+point-to-point sends with tags (a 5-number header, then a tensor) through paratrain.comm, so
+they are counted and the hang watchdog sees every wait; a server receives headers from any
+worker and answers in the order its rules allow:
 
 - `--staleness 0` (synchronous): a server sums the W gradients of clock c, clips on the global
   norm (one all-reduce over the servers) and takes one AdamW step; a pull for clock c is answered
@@ -19,7 +21,8 @@ order its rules allow:
 
 Server 0 records, per granted pull, the worker's clock lead over the slowest worker and, per
 push, how many updates landed between its pull and its push (version staleness); worker 0 gets
-them at the end with the per-step losses and the final parameters, evaluates, and reports.
+them at the end with the per-step losses and the final parameters, evaluates (the Trainer's
+evaluation) and reports (the metrics file and trackers, metrics.py). Checkpoints: ps_checkpoint.py.
 When all workers have said DONE the servers send their final shards and return; if a worker
 fails, the launcher stops the whole group, servers included.
 
@@ -34,25 +37,25 @@ worker's step unless a rank is stuck, and then the ranks waiting on it are named
 
 from __future__ import annotations
 
-import json
+import copy
 import math
-import os
 import sys
 import time
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from paratrain.checkpoint import (Entry, agree_on_latest, begin_save, boxes_state, flat_range_boxes, gpt_aliases,
-                                  model_identity, planners, quiet, read_manifest, run_info, shifted_pieces,
-                                  write_and_publish)
 from paratrain.comm import CommStats, all_reduce, isend, recv, send
 from paratrain.comm.flight import Watchdog
 from paratrain.config import RunConfig, format_layout
-from paratrain.data import TokenLoader, load_corpus, split_microbatches
-from paratrain.models.gpt import build_model, count_params
+from paratrain.fit import peak_memory_bytes
+from paratrain.mesh import Mesh
+from paratrain.metrics import MetricsLog, check_report_to
+from paratrain.models.gpt import count_params
+from paratrain.models.spec import gpt_spec
+from paratrain.parallel.ps_checkpoint import ServerCheckpoints, resume_point
+from paratrain.train import Trainer
 
 PULL, PUSH, DONE = 0.0, 1.0, 2.0
 TAG_HEADER, TAG_GRAD, TAG_REPLY, TAG_PARAMS, TAG_FINAL, TAG_LOG = 1, 2, 3, 4, 5, 6
@@ -125,7 +128,7 @@ class Server:
         self.sends: list = []
         self.comm = CommStats()  # the steps' messages: pull replies, parameters, the norm all-reduce
         self.closing = CommStats(flight=self.comm.flight)  # refusals, final shard and records: no step's
-        self.ckpt = ServerCheckpoints(self) if cfg.checkpoint.dir else None
+        self.ckpt = ServerCheckpoints(self, ps_layout(cfg)) if cfg.checkpoint.dir else None
 
     # ---- rules
     def _slowest(self) -> int:
@@ -236,76 +239,23 @@ class Server:
                 send(t.contiguous(), 0, None, self.closing, TAG_LOG)
 
 
-class ServerCheckpoints:
-    """The servers' part of a checkpoint, in the canonical form of paratrain/checkpoint/ (each
-    parameter and its two moments under the global name), so that it loads into any layout, and
-    a checkpoint of any layout loads into the servers. Saved by the servers alone, at the steps
-    of a synchronous run (with staleness the servers share no step); the workers hold nothing
-    that outlives a step, and their batches follow from the step."""
-
-    def __init__(self, server: "Server"):
-        self.server, self.cfg = server, server.cfg
-        self.first = server.index == 0  # creates the folder and publishes it
-
-    def entries(self) -> list:
-        srv, out = self.server, []
-        tensors = {"model": srv.shard, "optim/exp_avg": srv.moments["exp_avg"],
-                   "optim/exp_avg_sq": srv.moments["exp_avg_sq"]}
-        for name, off, shape in srv.slots:
-            a, b = max(off, srv.lo), min(off + math.prod(shape), srv.hi)
-            if a < b:  # this server holds elements [a, b) of the parameter
-                boxes = flat_range_boxes(a - off, b - off, shape)
-                for prefix, data in tensors.items():
-                    pieces = shifted_pieces(boxes, (0,) * len(shape), data, srv.lo - off)
-                    out.append(Entry(f"{prefix}/{name}", shape, pieces, owner=True))
-        return out
-
-    def meta(self, step: int) -> dict:
-        # as the trainer writes it: the loader's next step, the optimizer's step count
-        return {"loader": {"step": step + 1, "seed": self.cfg.train.seed}, "optim_step": float(step),
-                "scaler": {"scale": 1.0, "good": 0}}
-
-    def save(self, step: int) -> None:
-        ck, group = self.cfg.checkpoint, self.server.group
-        tmp = begin_save(ck.dir, step, group, self.first)
-        state = {**boxes_state(self.entries(), saving=True), "meta": self.meta(step)}
-        info = run_info(model_identity(self.cfg), self.cfg.to_dict(), step, ps_layout(self.cfg), gpt_aliases(self.cfg))
-        write_and_publish(state, tmp, group, self.first, ck.dir, step, info, ck.keep)
-        dist.barrier(group)  # published before any server goes on
-
-    def load(self, folder: str) -> None:
-        import torch.distributed.checkpoint as dcp
-
-        state = {**boxes_state(self.entries(), saving=False), "meta": self.meta(0)}
-        with quiet():
-            dcp.load(state, checkpoint_id=folder, process_group=self.server.group, planner=planners()[1])
-        for v in self.server.views:
-            self.server.optimizer.state[v]["step"] = torch.tensor(float(state["meta"]["optim_step"]))
-
-
 def ps_layout(cfg: RunConfig) -> str:
     return f"{format_layout(cfg.layout)},ps={cfg.train.servers},staleness={cfg.train.staleness}"
 
 
 class Worker:
-    def __init__(self, cfg: RunConfig, rank: int, workers: int, servers: int, model: torch.nn.Module,
-                 device: torch.device):
-        self.cfg, self.rank, self.W, self.S, self.device = cfg, rank, workers, servers, device
-        self.model = model
-        self.bounds = shard_bounds(count_params(model), servers)
-        tr = cfg.train
-        self.loader = TokenLoader(load_corpus(cfg.data.path), tr.seq_len, tr.global_batch, tr.seed, cfg.data.val_fraction)
-        self.tokens_per_step = tr.global_batch * tr.seq_len
-        straggler = tr.simulate_straggler
-        who, _, delay = (straggler or "-1:0").partition(":")
-        self.delay = float(delay) if int(who) == rank else 0.0
+    """A worker runs the one Trainer (train.py) on its slice of every global batch: its
+    micro-batches, loss and weighting; pull and push stand where all-reduce and the update step
+    stand in an all-reduce run, since the servers hold the parameters and the optimizer."""
+
+    def __init__(self, cfg: RunConfig, trainer: Trainer, rank: int, workers: int, servers: int, start: int = 0):
+        self.cfg, self.trainer, self.rank, self.W, self.S = cfg, trainer, rank, workers, servers
+        self.model = trainer.model.module  # vanilla: its parameters() are the servers' flat order
+        self.bounds = shard_bounds(trainer.n_params, servers)
+        self.tokens_per_step = cfg.train.global_batch * cfg.train.seq_len
         self.comm = CommStats()  # what this worker sends (headers, gradients) and waits for
         self.step_bytes = 0  # the part of it sent for steps: all but the refused pull and DONE
-        self.start = 0  # the step a resumed run starts after
-        fail = tr.simulate_failure
-        first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
-        who, _, step = (fail or "-1:0").partition(":")
-        self.fail_at = int(step) if fail and first_attempt and int(who) == rank else None
+        self.start = start  # the step a resumed run starts after
 
     def _send_header(self, server: int, values: list[float]) -> None:
         t = torch.tensor(values + [0.0] * (HEADER - len(values)), dtype=torch.float64)
@@ -327,10 +277,16 @@ class Worker:
         set_flat_params(self.model, flat)
         return version
 
-    def loss(self, inputs, targets) -> torch.Tensor:
-        logits = self.model(inputs.to(self.device))
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.to(self.device).flatten(),
-                               reduction="sum") / self.tokens_per_step
+    def _compute(self, clock: int) -> tuple[torch.Tensor, float]:
+        """Step clock + 1 through the Trainer: the flat gradient of this worker's part of the
+        global mean loss, and that part."""
+        t = self.trainer
+        t.simulate_faults(clock + 1)  # --simulate-failure, --simulate-straggler
+        t.model.train()
+        t.model.zero_grad()
+        loss_part = float(t.forward_backward(t.data.local_batch(clock + 1, self.rank, self.W)))
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.model.parameters()]
+        return torch.cat([g.flatten() for g in grads]).cpu(), loss_part
 
     def run(self) -> int:
         """Pull, compute, push until server 0 says stop; returns the number of clocks done."""
@@ -340,19 +296,7 @@ class Worker:
         clock = self.start
         bar.update(clock)
         while (version := self._pull(clock)) is not None:
-            if self.fail_at == clock + 1:
-                raise RuntimeError(f"simulated failure of rank {self.rank} at step {clock + 1} (--simulate-failure)")
-            if self.delay:
-                time.sleep(self.delay)  # --simulate-straggler
-            self.model.train()
-            self.model.zero_grad(set_to_none=False)
-            batch = self.loader.local_batch(clock + 1, self.rank, self.W)
-            loss_part = 0.0
-            for mb in split_microbatches(batch, cfg.layout.microbatches):
-                loss = self.loss(mb.inputs, mb.targets)
-                loss.backward()
-                loss_part += float(loss.detach())
-            grad = torch.cat([p.grad.flatten() for p in self.model.parameters()]).cpu()
+            grad, loss_part = self._compute(clock)
             sq = float(grad.pow(2).sum())
             for s, (lo, hi) in enumerate(self.bounds):
                 self._send_header(s, [PUSH, clock, version, loss_part, sq])
@@ -379,53 +323,89 @@ class Worker:
             records.append(t)
         return flat, records
 
-    @torch.no_grad()
-    def evaluate(self) -> float:
-        self.model.eval()
-        n = self.cfg.train.eval_batches
-        return sum(float(self.loss(*self._val(i))) for i in range(1, n + 1)) / n
-
-    def _val(self, i: int):
-        b = self.loader.batch(i, split="val")
-        return b.inputs, b.targets
+    def evaluate(self, flat: torch.Tensor) -> float:
+        """Worker 0, with the final parameters `flat`: the Trainer's evaluation."""
+        t = self.trainer
+        set_flat_params(self.model, flat)
+        # worker 0 alone evaluates the held-out batches whole, as the dp ranks of an all-reduce
+        # run do together: data rank (0, 1) for this call
+        t.dp_rank, t.dp = 0, 1
+        try:
+            return t.evaluate()
+        finally:
+            t.dp_rank, t.dp = self.rank, self.W
 
 
 def run_ps(cfg: RunConfig, device: torch.device) -> dict:
     """The body of every rank of a parameter-server run; worker 0 returns the results."""
     W, S = cfg.layout.dp, cfg.train.servers
     rank = dist.get_rank()
-    server_group = dist.new_group(list(range(W, W + S)))  # every rank takes part in creating it
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model.name, cfg.train.seed, cfg.model.dropout, cfg.model.tie_embeddings)
+    # every rank takes part in creating every group, in the same order: the servers' group, then
+    # each worker's group of one (its Trainer's mesh)
+    server_group = dist.new_group(list(range(W, W + S)))
+    alone = [dist.new_group([w]) for w in range(W)]
     folder, start = resume_point(cfg)
     if rank >= W:
-        server = Server(cfg, rank - W, W, S, server_group, model)
-        if folder:
-            server.resume(folder, start)
-        watchdog = watch(cfg, server.comm)
-        server.run()
-        total_step_bytes(server.comm.bytes, server.closing, watchdog)
-        return {}
-    worker = Worker(cfg, rank, W, S, model.to(device), device)
-    worker.start = start
-    if folder and rank == 0:
-        print(f"paratrain: resumed from {folder} (step {start}) into {ps_layout(cfg)}", flush=True)
-    if rank == 0:
-        print(f"paratrain: training {cfg.model.name} ({count_params(model) / 1e6:.2f}M parameters) with {W} "
-              f"workers and {S} parameter server(s), staleness {cfg.train.staleness}, "
-              f"{cfg.train.global_batch} x {cfg.train.seq_len} tokens per step", flush=True)
-    watchdog = watch(cfg, worker.comm)
-    t0 = time.time()
-    clocks = worker.run()
-    done = time.time()
-    if rank != 0:
-        total_step_bytes(worker.step_bytes, worker.comm, watchdog)
-        return {}
-    flat, (log, gaps, staleness) = worker.collect()
-    step_bytes = total_step_bytes(worker.step_bytes, worker.comm, watchdog)
-    set_flat_params(model, flat)
-    val = worker.evaluate()
-    return report(cfg, worker, log, gaps, staleness, val, t0, done, clocks, step_bytes)
+        return serve(cfg, rank - W, server_group, folder, start)
+    return work(cfg, worker_trainer(cfg, alone[rank], device), folder, start)
+
+
+def worker_trainer(cfg: RunConfig, alone, device: torch.device) -> Trainer:
+    """This worker's Trainer, built as the CLI builds one, on a mesh of this process alone (so
+    its engine communicates nothing); its data rank (w, W) chooses the batch slice and weighs the
+    loss, so that the W workers' gradients sum to that of the global mean loss, as under
+    all-reduce. It gets a copy of the run's config (it sets the copy's dp, tp, pp from the mesh),
+    without the components the run keeps elsewhere: checkpoints (the servers' state) and the
+    watchdog (`watch`, over the workers' and servers' messages)."""
+    mine = copy.deepcopy(cfg)
+    mine.checkpoint.dir, mine.checkpoint.every, mine.checkpoint.resume = None, 0, False
+    mine.train.collective_timeout = 0
+    mesh = Mesh.of_one(alone, device.type)
+    return Trainer.from_config(mine, mesh, device, data_rank=(dist.get_rank(), cfg.layout.dp))
+
+
+def serve(cfg: RunConfig, index: int, group, folder: str | None, start: int) -> dict:
+    """Server `index`: the model built through the workers' spec, its shard, its loop."""
+    tr = cfg.train
+    model = gpt_spec(cfg.model.name, tr.seed, tr.seq_len, cfg.model.dropout, cfg.model.tie_embeddings).build()
+    server = Server(cfg, index, cfg.layout.dp, tr.servers, group, model)
+    if folder:
+        server.resume(folder, start)
+    watchdog = watch(cfg, server.comm)
+    server.run()
+    total_step_bytes(server.comm.bytes, server.closing, watchdog)
+    return {}
+
+
+def work(cfg: RunConfig, trainer: Trainer, folder: str | None, start: int) -> dict:
+    """A worker's run: its clocks; then worker 0 collects, evaluates and reports (the metrics
+    file and trackers from the start record on, as `paratrain train` writes them)."""
+    W, S, rank, tr = cfg.layout.dp, cfg.train.servers, trainer.rank, cfg.train
+    worker = Worker(cfg, trainer, rank, W, S, start)
+    metrics = MetricsLog(tr.metrics, check_report_to(tr.report_to), tr.log_dir, config=cfg.to_dict(),
+                         enabled=rank == 0)
+    try:
+        metrics.start({"event": "start", "layout": ps_layout(cfg), "world_size": W + S, "params": trainer.n_params,
+                       "config": cfg.to_dict()})
+        if folder and rank == 0:
+            print(f"paratrain: resumed from {folder} (step {start}) into {ps_layout(cfg)}", flush=True)
+        if rank == 0:
+            print(f"paratrain: training {cfg.model.name} ({trainer.n_params / 1e6:.2f}M parameters) with {W} "
+                  f"workers and {S} parameter server(s), staleness {tr.staleness}, "
+                  f"{tr.global_batch} x {tr.seq_len} tokens per step", flush=True)
+        watchdog = watch(cfg, worker.comm)
+        t0 = time.time()
+        clocks = worker.run()
+        done = time.time()
+        if rank != 0:
+            total_step_bytes(worker.step_bytes, worker.comm, watchdog)
+            return {}
+        flat, records = worker.collect()
+        step_bytes = total_step_bytes(worker.step_bytes, worker.comm, watchdog)
+        val = worker.evaluate(flat)
+        return report(cfg, worker, metrics, records, val, (t0, done), clocks, step_bytes)
+    finally:
+        metrics.close()
 
 
 def watch(cfg: RunConfig, stats: CommStats) -> Watchdog | None:
@@ -444,35 +424,22 @@ def total_step_bytes(mine: int, stats: CommStats, watchdog: Watchdog | None) -> 
     return int(t)
 
 
-def resume_point(cfg: RunConfig) -> tuple[str | None, int]:
-    """The checkpoint to resume from (with --resume, or in a restart after a failure) and its
-    step; rank 0 chooses, skipping broken ones with a warning, and tells every rank."""
-    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
-    if not cfg.checkpoint.dir or (first_attempt and not cfg.checkpoint.resume):
-        return None, 0
-    folder = agree_on_latest(cfg.checkpoint.dir, model_identity(cfg))
-    if folder is None:
-        return None, 0  # nothing saved yet: start over
-    return folder, int(read_manifest(folder)["step"])
-
-
-def report(cfg: RunConfig, worker: Worker, log, gaps, staleness, val: float, t0: float, done: float,
-           clocks: int, step_bytes: int) -> dict:
-    """Worker 0's summary and metrics file; `step_bytes`: what all ranks counted for the steps."""
-    from paratrain.fit import peak_memory_bytes
-
-    tr = cfg.train
-    W, S, n = cfg.layout.dp, tr.servers, count_params(worker.model)
-    layout = ps_layout(cfg)
+def report(cfg: RunConfig, worker: Worker, metrics: MetricsLog, records: list[torch.Tensor], val: float,
+           times: tuple[float, float], clocks: int, step_bytes: int) -> dict:
+    """Worker 0's step records and summary, to the metrics log and the console; `records`:
+    server 0's (per step, grants' clock gaps, pushes' staleness); `step_bytes`: what all ranks
+    counted for the steps."""
+    tr, (log, gaps, staleness), (t0, done) = cfg.train, records, times
+    W, S, layout = cfg.layout.dp, tr.servers, ps_layout(cfg)
     losses = [float(x) for x in log[:, 1]]
-    times = [float(t) for t in log[:, 2]]
-    step_times = [b - a for a, b in zip([t0] + times, times)]
-    peak = peak_memory_bytes(worker.device)  # worker 0's
+    stamps = [float(t) for t in log[:, 2]]
+    step_times = [b - a for a, b in zip([t0] + stamps, stamps)]
+    peak = peak_memory_bytes(worker.trainer.device)  # worker 0's
     comm = round(step_bytes / len(log)) if len(log) else 0  # counted; per step, see the module docstring
-    steps = [{"step": int(s), "loss": float(loss), "tokens": worker.tokens_per_step, "step_time_s": dt,
-              "tokens_per_s": worker.tokens_per_step / dt, "peak_mem_bytes": peak, "comm_bytes": comm,
-              "grad_norm": float(g), "lr": float(lr)}
-             for (s, loss, _, g, lr), dt in zip(log.tolist(), step_times)]
+    for (s, loss, _, g, lr), dt in zip(log.tolist(), step_times):
+        metrics.step({"step": int(s), "loss": float(loss), "tokens": worker.tokens_per_step, "step_time_s": dt,
+                      "tokens_per_s": worker.tokens_per_step / dt, "peak_mem_bytes": peak, "comm_bytes": comm,
+                      "grad_norm": float(g), "lr": float(lr)})
     wall = done - t0
     summary = {
         "event": "end", "steps": tr.steps, "final_loss": losses[-1], "first_loss": losses[0], "val_loss": val,
@@ -483,13 +450,7 @@ def report(cfg: RunConfig, worker: Worker, log, gaps, staleness, val: float, t0:
         "ps_max_version_staleness": int(staleness.max()) if staleness.numel() else 0,
         "ps_version_staleness": [int(s) for s in staleness.flatten()],
     }
-    if tr.metrics:
-        with open(tr.metrics, "w") as fh:
-            fh.write(json.dumps({"event": "start", "layout": layout, "world_size": W + S, "params": n,
-                                 "config": cfg.to_dict()}) + "\n")
-            for record in steps:
-                fh.write(json.dumps(record) + "\n")
-            fh.write(json.dumps(summary) + "\n")
+    metrics.end(summary)
     print(f"paratrain: done ({layout}, {W} workers, {S} servers). loss {losses[0]:.3f} (step {int(log[0, 0])}) -> "
           f"{losses[-1]:.3f} (step {int(log[-1, 0])}), validation loss {val:.3f}", flush=True)
     print(f"  throughput {summary['tokens_per_s']:,.0f} tokens/s over {wall:.1f} s; largest clock lead "

@@ -40,7 +40,6 @@ import torch.nn as nn
 
 from paratrain.comm import Compressor, all_gather_flat, all_reduce, reduce_scatter_flat
 from paratrain.mesh import Mesh
-from paratrain.parallel.batchnorm import broadcast_buffers
 from paratrain.parallel.data import SyncSwitch, sync_module_states
 from paratrain.parallel.roles import ParamRole, role_of, set_role
 
@@ -221,7 +220,7 @@ class ZeroDataParallel(SyncSwitch, nn.Module):
         `blocks` container); default `[module]`. `compressor`: compress the gradient reduction.
         `names`: id(parameter) -> global name, kept with each slot for checkpoints.
         `find_blocks(top)`: a top module's repeated layers, the units (default `blocks_of`).
-        `broadcast_buffers`: dp rank 0's buffers before each forward, as DDP (see `forward`)."""
+        `broadcast_buffers`: dp rank 0's buffers before each forward, as DDP (`SyncSwitch.forward`)."""
         super().__init__()
         self.broadcast_buffers = broadcast_buffers
         self.require_forward_param_sync = True  # DDP's name: sync buffers before the next forward
@@ -335,15 +334,6 @@ class ZeroDataParallel(SyncSwitch, nn.Module):
         return bufs[index].as_strided(size, stride, offset)
 
     # ------------------------------------------------------------ gradients
-    def forward(self, *args, **kwargs):
-        """Run the module; first, as DDP, broadcast dp rank 0's buffers if `broadcast_buffers` and the
-        previous forward (if any) ran with grad enabled outside `no_sync()`."""
-        if self.broadcast_buffers and self.require_forward_param_sync:
-            broadcast_buffers(self.module, self.mesh)
-        out = self.module(*args, **kwargs)
-        self.require_forward_param_sync = torch.is_grad_enabled() and self.require_sync
-        return out
-
     def _on_grad_ready(self, p: nn.Parameter) -> None:
         g, i = self._slot_of[id(p)]
         if g.full_grad is not None:
