@@ -71,8 +71,8 @@ def run(t) -> dict:
             t.watchdog.stop()
         if t.pipeline and tr.timeline:
             lay = t.cfg.layout
-            write_run_timeline(t.pipeline.executor, t.mesh, tr.timeline,
-                               f"{format_layout(lay)} {lay.schedule}, {lay.microbatches} micro-batches (step {tr.steps})")
+            title = f"{format_layout(lay)} {lay.schedule}, {lay.microbatches} micro-batches (step {tr.steps})"
+            write_run_timeline(t.pipeline.executor, t.mesh, tr.timeline, title)
         val = t.evaluate()
         val_losses.append((tr.steps, val))
         summary = end_summary(t, steps, val)
@@ -142,7 +142,8 @@ def end_summary(t, steps: list, val: float | None) -> dict:
     pipe = pipeline_report(t, steps[1:] or steps) if t.pipeline else {}
     return {"event": "end", "steps": tr.steps, "final_loss": steps[-1].loss, "first_loss": steps[0].loss,
             "first_step": steps[0].step, "val_loss": val, "tokens_per_s": throughput, "tflops_per_device": tflops,
-            "mfu": mfu, "peak_mem_bytes_per_rank": t.peak_per_rank, "param_bytes_per_rank": [m["params"] for m in memory],
+            "mfu": mfu, "peak_mem_bytes_per_rank": t.peak_per_rank,
+            "param_bytes_per_rank": [m["params"] for m in memory],
             "memory_per_rank": memory, "checkpoints": t.ckpt.events if t.ckpt else [], "resumed_from": t.resumed_from,
             "layout": format_layout(t.cfg.layout), "sample": t.sample(), **pipe}
 
@@ -168,7 +169,9 @@ def print_summary(t, summary: dict) -> None:
           f"{summary['final_loss']:.3f} (step {summary['steps']})"
           + (f", validation loss {val:.3f}" if val is not None else ""), flush=True)
     tflops, mfu = summary["tflops_per_device"], summary["mfu"]
-    flops = f" ({tflops:.3g} TFLOP/s per device" + (f", MFU {mfu:.1%}" if mfu is not None else "") + ")" if tflops else ""
+    flops = ""
+    if tflops:
+        flops = f" ({tflops:.3g} TFLOP/s per device" + (f", MFU {mfu:.1%}" if mfu is not None else "") + ")"
     unit = "tokens/s" if hasattr(t, "corpus_bytes") or t.spec.flops_per_token else "items/s"
     print(f"  throughput {summary['tokens_per_s']:,.0f} {unit} over steps 2-{summary['steps']}{flops}; peak memory: {mem}")
     print(f"  model states (MiB, parameters + gradients + optimizer): {states}")

@@ -1,4 +1,4 @@
-"""Spawn N gloo ranks on CPU for a test and collect what each returns."""
+"""Start N gloo ranks on CPU for a test and collect what each returns."""
 
 from __future__ import annotations
 
@@ -37,7 +37,10 @@ def _entry(fn: Callable, rank: int, world: int, init_file: str, queue, args: tup
 
 def spawn(fn: Callable, world: int, *args: Any, timeout: float = 180) -> list[Any]:
     """Run `fn(*args)` on `world` ranks (process group already initialised); return per-rank results."""
-    ctx = mp.get_context("spawn")
+    # The ranks fork from a server process that has imported torch and paratrain once (a fresh
+    # interpreter per rank would import them again: seconds of CPU each on a small machine).
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "torch.distributed", "paratrain", "helpers"])
     queue = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")

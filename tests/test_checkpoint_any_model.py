@@ -249,6 +249,7 @@ def fresh_logits(root: str) -> torch.Tensor:
         return fresh(torch.arange(8).view(1, 8)).logits
 
 
+@pytest.mark.slow
 def test_hugging_face_gpt2_with_a_tied_head_exports_for_a_fresh_model(tmp_path):
     logits, aliases, fresh = spawn(gpt2_saved_run, 2, str(tmp_path))[0]  # rank 0 exports (no transformers here)
     assert aliases == {"lm_head.weight": "transformer.wte.weight"}

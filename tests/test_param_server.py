@@ -35,6 +35,7 @@ def test_synchronous_ps_matches_single_process(reference, servers):
     assert result["ps_max_clock_gap"] == 0 and result["ps_max_version_staleness"] == 0
 
 
+@pytest.mark.slow
 def test_ps_workers_run_the_trainer_and_its_components(reference, tmp_path):
     """A worker is a dp rank of the one Trainer: its micro-batches (gradient accumulation) and
     activation checkpointing are the engine's, and the run still matches one process; its

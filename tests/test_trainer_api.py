@@ -289,6 +289,7 @@ trainer.fit()
 '''
 
 
+@pytest.mark.slow
 def test_api_script_restarts_under_torchrun_and_resumes_from_its_checkpoint(tmp_path):
     """A failure at step 5 under `torchrun --max-restarts 1`: the restarted Trainer resumes from
     step 4's checkpoint and ends with the losses of a run that never failed."""
