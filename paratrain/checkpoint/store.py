@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from paratrain.checkpoint.boxes import planners, quiet
+from paratrain.models.spec import gpt_identity
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -165,12 +166,9 @@ def write_and_publish(state: dict, tmp: str, group, first: bool, root: str, step
 
 # ------------------------------------------------------------------ paratrain's GPT presets
 def model_identity(cfg) -> dict:
-    """What must match between a checkpoint of a GPT preset and the run that loads it."""
-    from paratrain.models.gpt import PRESETS
-
-    p = PRESETS[cfg.model.name]
-    return {"name": cfg.model.name, "n_layer": p.n_layer, "d_model": p.d_model, "n_head": p.n_head,
-            "vocab_size": p.vocab_size, "tie_embeddings": cfg.model.tie_embeddings}
+    """What must match between a checkpoint of the run's GPT preset and the run that loads it
+    (the identity of its model spec, `models.spec.gpt_identity`)."""
+    return gpt_identity(cfg.model.name, cfg.model.tie_embeddings)
 
 
 def gpt_aliases(cfg) -> dict[str, str]:
