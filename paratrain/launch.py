@@ -10,7 +10,6 @@ on CUDA. Each local worker gets an equal share of the cores, so workers do not o
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
 import re
 import uuid
@@ -98,11 +97,8 @@ def launch(cfg: RunConfig) -> dict:
         rdzv_endpoint="localhost:0",
         max_restarts=cfg.train.max_restarts,
         monitor_interval=0.1,
-        start_method="forkserver",
+        start_method="spawn",
     )
-    # workers fork from a server that has imported torch and paratrain once, instead of each
-    # importing them again (seconds of CPU per worker, and per restart, on a small machine)
-    multiprocessing.set_forkserver_preload(["torch", "paratrain.launch"])
     try:
         results = elastic_launch(config, run_worker)(cfg.to_dict())
     except ChildFailedError as e:

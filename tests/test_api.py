@@ -65,7 +65,7 @@ def pp_reference():
 
 
 @pytest.mark.parametrize("pp,dp,kw", [
-    (2, 1, dict(microbatches=4)),
+    pytest.param(2, 1, dict(microbatches=4), marks=pytest.mark.slow),
     (2, 1, dict(microbatches=4, schedule="interleaved", pp_split=[2, 4, 6])),
     (2, 2, dict(microbatches=2, schedule="gpipe", zero=1)),
     (2, 1, dict(microbatches=2, zero=3, activation_checkpointing=True)),

@@ -79,6 +79,7 @@ def test_linear_gemms_of_gpt2():
     assert shapes == {(M, 768, 768): 48, (M, 768, 3072): 12, (M, 3072, 768): 12, (M, 768, 50304): 1}
 
 
+@pytest.mark.slow
 def test_ceiling_on_cpu():
     r = subprocess.run([sys.executable, str(BENCH / "mfu.py"), "--device", "cpu", "--peak-tflops", "2",
                         "--models", "tiny", "--batch", "4", "--seq-len", "32", "--steps", "4", "--warmup", "1",

@@ -37,7 +37,7 @@ CASES = [(1, 1, 2, s) for s in ("gpipe", "1f1b", "interleaved")] + \
         [(2, 1, 2, "1f1b"), (1, 2, 2, "1f1b")]
 
 
-SLOW = {(1, 1, 2, "1f1b"), (1, 1, 4, "gpipe"), (1, 1, 4, "interleaved")}  # run with -m slow
+SLOW = {(1, 1, 2, "1f1b"), (1, 1, 4, "gpipe"), (1, 1, 4, "1f1b"), (1, 1, 4, "interleaved")}  # run with -m slow
 
 
 @pytest.mark.parametrize("dp,tp,pp,schedule", [pytest.param(*c, marks=pytest.mark.slow) if c in SLOW else c

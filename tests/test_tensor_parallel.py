@@ -113,7 +113,7 @@ def reference():
 @pytest.mark.parametrize(
     "dp,tp,sp", [(1, 2, False), pytest.param(1, 4, False, marks=pytest.mark.slow),
                  pytest.param(2, 2, False, marks=pytest.mark.slow), pytest.param(1, 2, True, marks=pytest.mark.slow),
-                 (1, 4, True), (2, 2, True)],
+                 pytest.param(1, 4, True, marks=pytest.mark.slow), (2, 2, True)],
     ids=["tp2", "tp4", "dp2-tp2", "tp2-sp", "tp4-sp", "dp2-tp2-sp"],
 )
 def test_losses_match_single_process(reference, dp, tp, sp):
