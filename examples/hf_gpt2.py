@@ -42,8 +42,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=50)
     args = p.parse_args()
     mesh = paratrain.init()
-    trainer = paratrain.Trainer(build(), mesh, loss_fn, data=data(), zero=args.zero, precision=args.precision,
-                                lr=1e-3, steps=args.steps)
+    source = data()
+    trainer = paratrain.Trainer(build(), mesh, loss_fn, data=source, eval_data=source.validation(), zero=args.zero,
+                                precision=args.precision, lr=1e-3, steps=args.steps)
     trainer.fit()
 
 

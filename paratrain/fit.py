@@ -172,7 +172,7 @@ def print_summary(t, summary: dict) -> None:
     flops = ""
     if tflops:
         flops = f" ({tflops:.3g} TFLOP/s per device" + (f", MFU {mfu:.1%}" if mfu is not None else "") + ")"
-    unit = "tokens/s" if hasattr(t, "corpus_bytes") or t.spec.flops_per_token else "items/s"
+    unit = getattr(t, "unit", "tokens") + "/s"
     print(f"  throughput {summary['tokens_per_s']:,.0f} {unit} over steps 2-{summary['steps']}{flops}; peak memory: {mem}")
     print(f"  model states (MiB, parameters + gradients + optimizer): {states}")
     if "pipeline_idle_per_stage" in summary:

@@ -39,12 +39,17 @@ from paratrain.parallel.zero import ZeroDataParallel
 from paratrain.settings import api_config
 
 
+def is_tokens(t: torch.Tensor | None) -> bool:
+    """A batch of token ids: an integer tensor of two or more dimensions."""
+    return t is not None and t.dim() >= 2 and not t.is_floating_point()
+
+
 def items_in(inputs) -> int:
-    """Tokens in a batch of token ids (an integer tensor of two or more dimensions), else rows."""
+    """Tokens in a batch of token ids, else rows (images, examples)."""
     t = first_tensor(inputs)
     if t is None:
         return 0
-    return t.numel() if (t.dim() >= 2 and not t.is_floating_point()) else t.shape[0]
+    return t.numel() if is_tokens(t) else t.shape[0]
 
 
 class Trainer:
@@ -274,6 +279,7 @@ class Trainer:
         loss_part, grad_norm, lr = self.train_step(step, batch)
         loss_value = float(loss_part) if self.is_loss_rank else 0.0  # float() waits for the device
         items = items_in(as_pair(batch)[0]) if self.is_loss_rank else 0
+        self.unit = "tokens" if is_tokens(first_tensor(as_pair(batch)[0])) else "items"
         grad_norm = float(grad_norm)  # a device tensor until now, so the step ran without waiting
         dt = time.perf_counter() - t0
         idle = self.pipeline.executor.idle_fraction() if self.pipeline else 0.0
