@@ -17,22 +17,9 @@ your own (parallel/parallelize.py).
 
 from __future__ import annotations
 
-import torch.nn as nn
-
 from paratrain.group import init
+from paratrain.optim import param_groups as optimizer_params  # for a loop of your own
 from paratrain.parallel.parallelize import parallelize
-from paratrain.parallel.zero import ZeroDataParallel
 from paratrain.train import Trainer
 
 __all__ = ["Trainer", "init", "optimizer_params", "parallelize"]
-
-
-def optimizer_params(wrapped: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW parameter groups (matrices decay, vectors do not) for a loop of your own: the fp32
-    master shards under ZeRO / mixed precision, the parameters otherwise."""
-    if isinstance(wrapped, ZeroDataParallel):
-        decay, no_decay = wrapped.master_params(True), wrapped.master_params(False)
-    else:
-        ps = [p for p in wrapped.parameters() if p.requires_grad]
-        decay, no_decay = [p for p in ps if p.dim() >= 2], [p for p in ps if p.dim() < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

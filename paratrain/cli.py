@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from paratrain.config import (ConfigError, RunConfig, load_toml, make_folder, merge, parse_layout, prepare_outputs,
-                              validate)
+from paratrain.config import ConfigError, RunConfig, load_toml, merge, parse_layout, validate
+from paratrain.outputs import make_folder, prepare_outputs
 
 # flag -> (section, setting, type). Every flag defaults to None: "not given", so that the
 # TOML file (--config) can supply a value and a flag overrides it.

@@ -128,6 +128,17 @@ def apply_update(engine, optimizer: torch.optim.Optimizer, scaler: LossScaler, m
     return norm, False
 
 
+def param_groups(engine, weight_decay: float) -> list[dict]:
+    """AdamW's parameter groups (matrices decay, vectors do not): the fp32 master shards under
+    ZeRO and mixed precision, the trainable parameters otherwise."""
+    if isinstance(engine, ZeroDataParallel):
+        decay, no_decay = engine.master_params(True), engine.master_params(False)
+    else:
+        ps = [p for p in engine.parameters() if p.requires_grad]
+        decay, no_decay = [p for p in ps if p.dim() >= 2], [p for p in ps if p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
 def build_optimizer(params: list[dict], optimizer, lr: float, betas: tuple[float, float]) -> torch.optim.Optimizer:
     """The optimizer over `params` (groups of the parameters, or of ZeRO's fp32 master shards):
     paratrain's AdamW with the groups' weight decay (matrices decay, vectors do not); or the

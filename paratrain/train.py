@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-import paratrain.checkpoint as checkpoint
+from paratrain.checkpoint import Checkpointer, agree_on_latest, full_state_dict, guard_sharded_optimizer
 from paratrain.comm import parse_compress
 from paratrain.comm.flight import Watchdog
 from paratrain.config import RunConfig, format_layout, validate_settings
@@ -32,7 +32,7 @@ from paratrain.fit import StepStats, peak_memory_bytes, run
 from paratrain.group import init
 from paratrain.mesh import Mesh
 from paratrain.models.spec import ModelSpec, gpt_spec, module_spec
-from paratrain.optim import LossScaler, apply_update, build_optimizer, lr_at
+from paratrain.optim import LossScaler, apply_update, build_optimizer, lr_at, param_groups
 from paratrain.parallel.parallelize import apply_strategies
 from paratrain.parallel.tensor import TPGroup
 from paratrain.parallel.zero import ZeroDataParallel
@@ -68,8 +68,8 @@ class Trainer:
                  data_rank: tuple[int, int] | None = None, **settings):
         if mesh is None:
             mesh = init()
-        if mesh.size("pp") > 1:  # a pipeline needs at least one micro-batch per stage
-            settings.setdefault("microbatches", (config.layout.microbatches if config else None) or mesh.size("pp"))
+        if mesh.size("pp") > 1 and config is None:  # a pipeline needs at least one micro-batch per stage
+            settings.setdefault("microbatches", mesh.size("pp"))
         if isinstance(settings.get("report_to"), (list, tuple)):
             settings["report_to"] = ",".join(settings["report_to"]) or "none"
         self.cfg = cfg = api_config(settings, config)
@@ -127,16 +127,10 @@ class Trainer:
         self.loss_fn = partial(self.spec.tp_loss, tp=tp) if tp and self.spec.tp_loss else self.spec.loss
         if tr.compile:  # the loss too: the fp32 upcast of the logits fuses into the softmax
             self.loss_fn = torch.compile(self.loss_fn)
-        if self.zero:
-            groups = [{"params": self.model.master_params(True), "weight_decay": tr.weight_decay},
-                      {"params": self.model.master_params(False), "weight_decay": 0.0}]
-        else:
-            ps = [p for p in self.model.parameters() if p.requires_grad]
-            groups = [{"params": [p for p in ps if p.dim() >= 2], "weight_decay": tr.weight_decay},
-                      {"params": [p for p in ps if p.dim() < 2], "weight_decay": 0.0}]
+        groups = param_groups(self.model, tr.weight_decay)
         self.optimizer = build_optimizer(groups, optimizer, tr.lr, (tr.beta1, tr.beta2))
         if self.zero and lay.zero > 0:
-            checkpoint.guard_sharded_optimizer(self.optimizer, self.mesh.coord("dp"), self.mesh.size("dp"), lay.zero)
+            guard_sharded_optimizer(self.optimizer, self.mesh.coord("dp"), self.mesh.size("dp"), lay.zero)
         self.scaler = LossScaler(tr.precision == "fp16")
         self.dtype = self.model.dtype if self.zero else torch.float32
         self.layout_name = f"{format_layout(lay)},schedule={lay.schedule},microbatches={lay.microbatches}"
@@ -159,9 +153,9 @@ class Trainer:
         if self.ckpt and (ck.resume or not first_attempt):
             self.resume()
 
-    def _checkpointer(self, root: str) -> checkpoint.Checkpointer:
+    def _checkpointer(self, root: str) -> Checkpointer:
         ck = self.cfg.checkpoint
-        return checkpoint.Checkpointer(root, self.model, self.optimizer, self.mesh, self.par.names,
+        return Checkpointer(root, self.model, self.optimizer, self.mesh, self.par.names,
                             state={"loader": self.position, "scaler": self.scaler}, identity=self.spec.identity,
                             layout=self.layout_name, config=self.cfg.to_dict(), keep=ck.keep,
                             async_save=ck.async_save, aliases=self.par.aliases, buffer_names=self.par.buffer_names,
@@ -176,7 +170,7 @@ class Trainer:
         """Load the newest good checkpoint under `root` (default: the run's checkpoint_dir), in
         this layout whatever layout saved it; returns its step, or None if there is none yet."""
         ckpt = self.ckpt if root is None else self._checkpointer(root)
-        folder = checkpoint.agree_on_latest(ckpt.root, self.spec.identity)
+        folder = agree_on_latest(ckpt.root, self.spec.identity)
         if folder is None:
             return None  # nothing saved yet: a restart starts over
         step = ckpt.load(folder)
@@ -194,7 +188,7 @@ class Trainer:
     def state_dict(self) -> dict | None:
         """The whole model as its vanilla `state_dict()` would hold it (parameters in fp32,
         buffers, tied names), gathered on global rank 0; None on the other ranks."""
-        return checkpoint.full_state_dict(self.model, self.mesh, self.par.names, buffer_names=self.par.buffer_names,
+        return full_state_dict(self.model, self.mesh, self.par.names, buffer_names=self.par.buffer_names,
                                aliases=self.par.aliases)
 
     # ------------------------------------------------------------------ one step
@@ -278,8 +272,9 @@ class Trainer:
         batch = self.data.local_batch(step, self.dp_rank, self.dp)
         loss_part, grad_norm, lr = self.train_step(step, batch)
         loss_value = float(loss_part) if self.is_loss_rank else 0.0  # float() waits for the device
-        items = items_in(as_pair(batch)[0]) if self.is_loss_rank else 0
-        self.unit = "tokens" if is_tokens(first_tensor(as_pair(batch)[0])) else "items"
+        inputs = as_pair(batch)[0]
+        self.unit = "tokens" if is_tokens(first_tensor(inputs)) else "items"
+        items = items_in(inputs) if self.is_loss_rank else 0
         grad_norm = float(grad_norm)  # a device tensor until now, so the step ran without waiting
         dt = time.perf_counter() - t0
         idle = self.pipeline.executor.idle_fraction() if self.pipeline else 0.0

@@ -165,7 +165,7 @@ def test_unusable_paths_exit_2_before_any_worker(argv, field, tmp_path, capsys):
 
 
 def test_output_folders_are_created_before_the_workers(tmp_path):
-    from paratrain.config import prepare_outputs
+    from paratrain.outputs import prepare_outputs
 
     cfg = cfg_of("--model", "tiny", "--device", "cpu", "--metrics", str(tmp_path / "a" / "b" / "m.jsonl"),
                  "--profile", str(tmp_path / "prof"), "--checkpoint-dir", str(tmp_path / "ck"), "--checkpoint-every", "5")

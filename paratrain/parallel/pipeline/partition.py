@@ -109,7 +109,8 @@ class SequentialStage(nn.Module):
 
 def sequential_stages(model: nn.Module, n: int, layers: list[nn.Module] | None,
                       split: list[int] | list[str] | None) -> list[nn.Module]:
-    """A sequence of layers cut into n contiguous stages; each layer keeps its index as name."""
+    """A sequence of layers cut into n contiguous stages (balanced by parameter count, or at
+    `split`); each layer keeps its name in the sequence (an index for `layers=[...]`)."""
     if layers is None:
         if not isinstance(model, nn.Sequential):
             raise ValueError("parallelize: pipeline parallelism needs the model as a sequence of layers: "
