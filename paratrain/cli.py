@@ -32,6 +32,7 @@ FLAGS: dict[str, tuple[str, str, type, str]] = {
     "--eval-every": ("train", "eval_every", int, "validation every N steps (0: at the end only)"),
     "--metrics": ("train", "metrics", str, "write JSON-lines metrics to this file"),
     "--max-restarts": ("train", "max_restarts", int, "restart the workers up to R times after a failure"),
+    "--max-skipped-steps": ("train", "max_skipped_steps", int, "fp16: stop after N overflowed (skipped) steps in a row (0: never)"),
     "--compress": ("train", "compress", str, "gradient compression: none, fp16, bf16, topk:R, powersgd:R"),
     "--compress-warmup": ("train", "compress_warmup", int, "steps over which compression ramps in (top-k density 1 -> R; PowerSGD uncompressed until then)"),
     "--sync": ("train", "sync", str, "allreduce or ps (parameter server)"),
@@ -202,57 +203,79 @@ def cmd_train(args: argparse.Namespace) -> int:
     import os
 
     from paratrain.launch import WorkerFailed, launch, run_worker, under_torchrun
+    from paratrain.stops import RunStopped
 
     try:
         cfg = config_from_args(args)
         world = int(os.environ["WORLD_SIZE"]) if under_torchrun() else None
         validate(cfg, world_size=world)
-        check_resume(cfg)
         prepare_outputs(cfg)
+        check_checkpoint_dir(cfg)
     except ConfigError as e:
         fail(str(e))
     if under_torchrun():
-        run_worker(cfg.to_dict())
-        return 0
+        result = run_worker(cfg.to_dict())
+        if int(os.environ["RANK"]) == 0:
+            return stopped_status(result)
+        return int((result or {}).get("stopped", {}).get("status", 0))
     try:
-        launch(cfg)
+        result = launch(cfg)
     except WorkerFailed as e:
         for line in e.lines:
             print(f"paratrain: {line}", file=sys.stderr)
-        return 1
-    return 0
+        return e.status  # 3 after a hang, else 1
+    except RunStopped as e:  # this process was signalled: the line from what the folder holds
+        return stopped_status(e.record())
+    return stopped_status(result)
 
 
-def check_resume(cfg: RunConfig) -> None:
-    """With --resume, a usable checkpoint must exist before any worker starts: a missing folder,
-    no intact checkpoint, or another model's checkpoint is one line and exit status 2. Broken
-    newer checkpoints are skipped with a warning (the workers then load the newest good one)."""
+def stopped_status(result: dict | None) -> int:
+    """A run that stopped on purpose (paratrain.stops): its one line on stderr and its exit status."""
+    stopped = (result or {}).get("stopped")
+    if not stopped:
+        return 0
+    print(f"paratrain: {stopped['message']}", file=sys.stderr, flush=True)
+    return int(stopped["status"])
+
+
+def check_checkpoint_dir(cfg: RunConfig) -> None:
+    """Before any worker starts: with --resume a checkpoint this run may continue must exist (a
+    missing folder, no intact checkpoint, another model's or another run's checkpoint, or nothing
+    left to train is one line and exit status 2; broken newer ones are skipped with a warning);
+    a fresh run needs a folder without checkpoints; and the folder is locked for this run (it is
+    released when this process ends; under torchrun, rank 0 takes it)."""
+    import atexit
     import os
 
-    from paratrain.checkpoint import CheckpointError, latest_good, model_identity, read_manifest
+    from paratrain.checkpoint import CheckpointError, latest_good, model_identity, read_manifest, resumable, runs
+    from paratrain.group import under_torchrun
 
     ck = cfg.checkpoint
-    if not ck.resume:
+    if not ck.dir:
         return
-    if not os.path.isdir(ck.dir):
+    if ck.resume and not os.path.isdir(ck.dir):
         raise ConfigError(f"--resume: there is no checkpoint folder {ck.dir!r}; check --checkpoint-dir")
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return  # a restart under torchrun: rank 0 resumes the run's own checkpoints
+    run = runs.run_identity(cfg.to_dict(), model_identity(cfg))
     try:
-        folder, skipped = latest_good(ck.dir, model_identity(cfg))
-    except CheckpointError as e:
-        raise ConfigError(f"--resume: {e}") from None
-    for reason in skipped:
-        print(f"paratrain: warning: skipped checkpoint {reason}", file=sys.stderr)
-    if folder is None:
-        why = f" ({skipped[0]})" if skipped else ""
-        raise ConfigError(f"--resume: no complete checkpoint in {ck.dir!r}{why}")
-    manifest = read_manifest(folder)
-    seed, step = manifest.get("config", {}).get("train", {}).get("seed", cfg.train.seed), manifest["step"]
-    if seed != cfg.train.seed:
-        raise ConfigError(f"--resume: {folder} was trained with --seed {seed} (it fixes the batches); "
-                          f"this run has --seed {cfg.train.seed}")
-    if step >= cfg.train.steps:
-        raise ConfigError(f"--resume: {folder} is at step {step}, so --steps {cfg.train.steps} leaves nothing to "
-                          f"train; give --steps above {step}")
+        if not under_torchrun():  # first: a live run's folder is not read further
+            runs.acquire(ck.dir, os.getpid())
+            atexit.register(runs.release, ck.dir, os.getpid())
+        if ck.resume:
+            folder, manifest = resumable(ck.dir, run)
+            if manifest["step"] >= cfg.train.steps:
+                raise ConfigError(f"--resume: {folder} is at step {manifest['step']}, so --steps {cfg.train.steps} "
+                                  f"leaves nothing to train")
+        elif (folder := latest_good(ck.dir)[0]) is not None:
+            raise ConfigError(f"--checkpoint-dir: {ck.dir!r} already holds checkpoints ({os.path.basename(folder)}, "
+                              f"step {read_manifest(folder)['step']}); add --resume to continue that run, or give "
+                              f"an empty folder")
+    except (CheckpointError, runs.LockHeld, ConfigError) as e:
+        runs.release(ck.dir, os.getpid())
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"--resume: {e}" if ck.resume else f"--checkpoint-dir: {e}") from None
 
 
 def cmd_checkpoint(args: argparse.Namespace) -> int:

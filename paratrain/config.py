@@ -77,7 +77,7 @@ class TrainConfig:
     sync: str = "allreduce"
     servers: int = 0
     staleness: int = 0
-    simulate_failure: str | None = None  # "RANK:STEP" raises there, "RANK:STEP:kill" SIGKILLs; a testing aid
+    simulate_failure: str | None = None  # "RANK:STEP[:HOW]": raise there, or HOW (FAULTS); a testing aid
     simulate_straggler: str | None = None  # "RANK:SECONDS": that worker sleeps every step
     progress: bool = True
     activation_checkpointing: bool = False  # recompute each block's activations in backward
@@ -90,6 +90,7 @@ class TrainConfig:
     log_dir: str = "runs"  # where the trackers write (TensorBoard events, W&B offline runs, MLflow store)
     broadcast_buffers: bool = True  # dp rank 0's buffers (BatchNorm statistics) before every forward, as DDP
     sync_batchnorm: bool = False  # BatchNorm statistics over the whole dp group (SyncBatchNorm)
+    max_skipped_steps: int = 20  # fp16: stop after this many overflowed (skipped) steps in a row (0: never)
 
 
 @dataclass
@@ -130,6 +131,9 @@ class RunConfig:
         return cfg
 
 
+# --simulate-failure RANK:STEP[:HOW]: raise at the step; kill: SIGKILL there; save-kill, save-freeze:
+# SIGKILL or SIGSTOP that rank while it writes the checkpoint of that step
+FAULTS = ("", "kill", "save-kill", "save-freeze")
 SECTIONS = ("model", "layout", "train", "data", "checkpoint")
 
 
@@ -387,7 +391,7 @@ def _validate_precision_and_device(cfg: RunConfig, world_size: int | None) -> No
     if tr.simulate_failure is not None:
         rank, _, step = tr.simulate_failure.partition(":")
         step, _, how = step.partition(":")
-        if not (rank.isdigit() and step.isdigit()) or int(rank) >= lay.world_size or how not in ("", "kill"):
+        if not (rank.isdigit() and step.isdigit()) or int(rank) >= lay.world_size or how not in FAULTS:
             raise ConfigError(
                 f"--simulate-failure: expected RANK:STEP with RANK < {lay.world_size}, got {tr.simulate_failure!r}"
             )

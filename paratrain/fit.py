@@ -9,19 +9,23 @@ give one, and the summary of throughput, FLOP/s and memory.
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
+from tqdm.std import TqdmDefaultWriteLock
 
+from paratrain.checkpoint import PREFIX
 from paratrain.config import format_layout
 from paratrain.mesh import coords_of
 from paratrain.metrics import MetricsLog, check_report_to
 from paratrain.parallel.pipeline.timeline import write_run_timeline
 from paratrain.planner import gpu_peak_flops
 from paratrain.profile import StepProfiler
+from paratrain.stops import Preempted, RunStopped, StopSignals, installed_stop_signals, signal_name
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -58,15 +62,16 @@ class StepStats:
 def run(t) -> dict:
     """Train `t` (a Trainer) to cfg.train.steps; returns {"losses", "val_losses", **summary}."""
     tr, lead = t.cfg.train, t.rank == 0
+    bars_without_semaphore()
     log = MetricsLog(tr.metrics, check_report_to(tr.report_to), tr.log_dir, config=t.cfg.to_dict(), enabled=lead)
     try:
         log.start({"event": "start", "layout": format_layout(t.cfg.layout), "world_size": t.mesh.world_size,
-                   "params": t.n_params, "config": t.cfg.to_dict()})
+                   "params": t.n_params, "config": t.cfg.to_dict()}, resumed=continues(t))
         if lead:
             print(start_line(t), flush=True)
         steps, val_losses = train_loop(t, log)
         if t.ckpt:
-            t.ckpt.wait()
+            t.ckpt.close()  # the save in flight, then the folder's lock
         if t.watchdog:
             t.watchdog.stop()
         if t.pipeline and tr.timeline:
@@ -75,13 +80,32 @@ def run(t) -> dict:
             write_run_timeline(t.pipeline.executor, t.mesh, tr.timeline, title)
         val = t.evaluate()
         val_losses.append((tr.steps, val))
-        summary = end_summary(t, steps, val)
+        summary = log.whole_run(end_summary(t, steps, val))  # first loss, restarts: over every attempt
         log.end(summary)
     finally:
         log.close()
     if lead:
         print_summary(t, summary)
     return {"losses": [s.loss for s in steps], "val_losses": val_losses, **summary}
+
+
+def continues(t) -> dict | None:
+    """How this attempt continues an earlier one, for the metrics file: a restart of the workers
+    (TORCHELASTIC_RESTART_COUNT > 0) or a resumed run, from the step the trainer resumed at; None
+    for a fresh run."""
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
+    if attempt == 0 and t.resumed_from is None:
+        return None
+    return {"event": "restart" if attempt else "resume", "attempt": attempt,
+            "resumed_from_step": t.position.step - 1}
+
+
+def bars_without_semaphore() -> None:
+    """tqdm's default lock holds a multiprocessing semaphore in every process that draws a bar; a
+    worker killed, or ended by the hang watchdog, leaves it to the launcher's resource tracker,
+    which warns of it. One rank draws the bar: a thread lock is enough."""
+    if not hasattr(TqdmDefaultWriteLock, "mp_lock"):
+        TqdmDefaultWriteLock.mp_lock = None
 
 
 def start_line(t) -> str:
@@ -97,31 +121,69 @@ def start_line(t) -> str:
 
 def train_loop(t, log: MetricsLog) -> tuple[list, list]:
     """The steps from the trainer's position to the last, each followed by its record, and by
-    evaluation and a checkpoint when they are due."""
-    tr, ck = t.cfg.train, t.cfg.checkpoint
+    evaluation and a checkpoint when they are due. A stop (paratrain.stops: a non-finite step,
+    or SIGTERM / SIGINT, after which every rank finishes its step and saves it) is raised on
+    every rank alike, after the save in flight and a `stopped` record."""
+    tr = t.cfg.train
     start = t.position.step
     bar = tqdm(total=tr.steps, initial=start - 1, disable=not (t.rank == 0 and tr.progress), desc="train",
                unit="step", dynamic_ncols=True, file=sys.stderr)
     profiler = StepProfiler(tr.profile, max(start, tr.steps - tr.profile_steps + 1), tr.steps, t.rank, t.device)
     steps, val_losses = [], []
-    for k in range(start, tr.steps + 1):
-        with profiler.around(k):
-            s = t.run_step(k)
-        steps.append(s)
-        log.step(s.as_metrics())
-        bar.set_postfix(loss=f"{s.loss:.3f}", tok_s=f"{s.tokens / s.step_time_s:,.0f}")
-        bar.update(1)
-        if tr.eval_every and k % tr.eval_every == 0 and k != tr.steps and t.eval_data is not None:
-            val_losses.append((k, t.evaluate()))
-            log.event({"event": "eval", "step": k, "val_loss": val_losses[-1][1]})
+    installed = installed_stop_signals()  # the worker's (launch.run_worker), or ours for this loop
+    signals = installed or StopSignals().install()
+    try:
+        for k in range(start, tr.steps + 1):
+            with profiler.around(k):
+                s = t.run_step(k)
+            steps.append(s)
+            after_step(t, log, s, val_losses)
+            bar.set_postfix(loss=f"{s.loss:.3f}", tok_s=f"{s.tokens / s.step_time_s:,.0f}")
+            bar.update(1)
+            if t.agreed_signal and k < tr.steps:  # on the last step the run ends as it would
+                preempt(t, k, t.agreed_signal)
+    except RunStopped as e:
         if t.ckpt:
-            t.ckpt.poll()
-            if ck.every and k % ck.every == 0:
-                t.ckpt.save(k)
-                log.event({"event": "checkpoint", "step": k, "async": ck.async_save,
-                           **({"blocked_s": t.ckpt.events[-1]["blocked_s"]} if not t.ckpt.pending else {})})
-    bar.close()
+            t.ckpt.close()  # the save in flight (of a good step) completes
+        if t.watchdog:
+            t.watchdog.stop()
+        log.event({"event": "stopped", **e.record()["stopped"]})
+        raise
+    finally:
+        bar.close()
+        if signals and not installed:
+            signals.restore()
     return steps, val_losses
+
+
+def after_step(t, log: MetricsLog, s: StepStats, val_losses: list) -> None:
+    """Step `s`'s record, then its evaluation and checkpoint when due."""
+    tr, ck, k = t.cfg.train, t.cfg.checkpoint, s.step
+    log.step(s.as_metrics())
+    if tr.eval_every and k % tr.eval_every == 0 and k != tr.steps and t.eval_data is not None:
+        val_losses.append((k, t.evaluate()))
+        log.event({"event": "eval", "step": k, "val_loss": val_losses[-1][1]})
+    if t.ckpt:
+        t.ckpt.poll()
+        if ck.every and k % ck.every == 0:
+            t.ckpt.save(k)
+            log.event({"event": "checkpoint", "step": k, "async": ck.async_save,
+                       **({"blocked_s": t.ckpt.events[-1]["blocked_s"]} if not t.ckpt.pending else {})})
+
+
+def preempt(t, step: int, signum: int) -> None:
+    """Every rank, after `step` when a rank got SIGTERM / SIGINT: wait for the save in flight,
+    save `step` unless it was just saved, and raise Preempted (exit status 128 + signal)."""
+    name = signal_name(signum)
+    if not t.ckpt:
+        raise Preempted(f"preempted ({name}) after step {step}; nothing was saved (no --checkpoint-dir)", step, signum)
+    t.ckpt.wait()
+    if not (t.ckpt.events and t.ckpt.events[-1]["step"] == step):
+        t.ckpt.save(step)
+        t.ckpt.wait()
+    folder = os.path.join(t.ckpt.root, f"{PREFIX}{step:08d}")
+    raise Preempted(f"preempted ({name}) after step {step}: saved {folder}; the same command with --resume "
+                    f"continues", step, signum)
 
 
 def end_summary(t, steps: list, val: float | None) -> dict:

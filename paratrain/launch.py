@@ -12,16 +12,26 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
+import sys
 import uuid
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
 
+from paratrain.comm.flight import HANG_EXIT
 from paratrain.config import RunConfig
 from paratrain.group import (cpu_count, init_process_group, leave_at_exit, leave_process_group,  # noqa: F401
                              threads_per_worker, under_torchrun)
 from paratrain.mesh import Mesh
+from paratrain.stops import (Preempted, RunStopped, StopSignals, end_quietly_on_signals, leave_if_unread,
+                             preempted_on_disk)
 from paratrain.train import Trainer
+
+
+SHUTDOWN_S = 120  # how long the launcher waits for signalled workers to save before it SIGKILLs them
 
 
 def run_worker(cfg_dict: dict) -> dict:
@@ -39,6 +49,10 @@ def run_worker(cfg_dict: dict) -> dict:
         backend = "gloo"
     # parameter servers talk over gloo (any-source receives) and live on the CPU; workers
     # may still compute on their GPU
+    if cfg.train.sync == "ps":
+        end_quietly_on_signals()
+    else:
+        StopSignals().install()  # SIGTERM / SIGINT: every rank finishes its step and saves it (fit.py)
     init_process_group("gloo" if cfg.train.sync == "ps" else backend)
     try:
         if cfg.train.sync == "ps":
@@ -48,6 +62,10 @@ def run_worker(cfg_dict: dict) -> dict:
         else:
             mesh = Mesh.build(cfg.layout.dp, cfg.layout.tp, cfg.layout.pp, device_type=device.type)
             result = Trainer.from_config(cfg, mesh, device).fit()
+    except RunStopped as e:  # every rank stops alike: no failure, no restart
+        result = e.record()
+        if isinstance(e, Preempted):
+            leave_if_unread()
     except BaseException:
         dist.destroy_process_group()  # no gc.collect here: on failure it left a semaphore leak warning
         raise
@@ -56,11 +74,20 @@ def run_worker(cfg_dict: dict) -> dict:
 
 
 class WorkerFailed(RuntimeError):
-    """One or more ranks failed; `lines` holds one line per failed rank."""
+    """One or more ranks failed; `lines` holds one line per failed rank (one in all after a hang,
+    whose summary the watchdog printed), `status` the exit status: HANG_EXIT after a hang, else 1."""
 
-    def __init__(self, lines: list[str]):
+    def __init__(self, lines: list[str], status: int = 1):
         super().__init__("\n".join(lines))
-        self.lines = lines
+        self.lines, self.status = lines, status
+
+
+def failed(failures: dict) -> WorkerFailed:
+    """The WorkerFailed of the engine's failures ({global rank: ProcessFailure})."""
+    hung = sorted(rank for rank, f in failures.items() if f.exitcode == HANG_EXIT)
+    if hung:
+        return WorkerFailed([_describe(hung[0], failures[hung[0]])], status=HANG_EXIT)
+    return WorkerFailed([_describe(rank, f) for rank, f in sorted(failures.items())])
 
 
 def _describe(rank: int, failure) -> str:
@@ -72,14 +99,67 @@ def _describe(rank: int, failure) -> str:
         frames = re.findall(r'File "([^"]+)", line (\d+)', stack)
         where = f" (at {os.path.basename(frames[-1][0])}:{frames[-1][1]})" if frames else ""
         return f"rank {rank} failed: {text}{where}"
-    return f"rank {rank} failed with exit code {failure.exitcode}: {msg}"
+    code = failure.exitcode
+    if code == HANG_EXIT:
+        return f"rank {rank} failed with exit code {code}: a collective hung (--collective-timeout)"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"rank {rank} died (exit code {code}, {name})"
+    return f"rank {rank} failed with exit code {code}"
+
+
+@contextmanager
+def restart_lines(cfg: RunConfig) -> Iterator[None]:
+    """While the engine's launcher runs: its agent prints one line on stderr for each worker death
+    it restarts the workers after (the engine's own logging of it is silenced)."""
+    import torch.distributed.launcher.api as launcher
+
+    base = launcher.LocalElasticAgent
+    launcher.LocalElasticAgent = reporting_agent(base, "from the last checkpoint" if cfg.checkpoint.dir
+                                                 else "from step 1 (no --checkpoint-dir)")
+    try:
+        yield
+    finally:
+        launcher.LocalElasticAgent = base
+
+
+def reporting_agent(base: type, resumes: str) -> type:
+    """`base` (the engine's local agent) saying, at each restart, which rank died and how."""
+
+    class ReportingAgent(base):
+        failures: dict = {}
+
+        def _monitor_workers(self, worker_group):
+            result = super()._monitor_workers(worker_group)
+            if result.is_failed():
+                self.failures = result.failures
+            return result
+
+        def _restart_workers(self, worker_group) -> None:
+            total = worker_group.spec.max_restarts
+            restart = total - getattr(self, "_remaining_restarts", total - 1)
+            for i, (rank, failure) in enumerate(sorted(self.failures.items())):
+                more = i + 1 < len(self.failures)
+                then = "" if more else f"; restarting every worker {resumes} (restart {restart} of {total})"
+                print(f"paratrain: {_describe(rank, failure)} at attempt {restart - 1}{then}",
+                      file=sys.stderr, flush=True)
+            self.failures = {}
+            super()._restart_workers(worker_group)
+
+    return ReportingAgent
 
 
 def launch(cfg: RunConfig) -> dict:
     """Run `cfg` on dp*tp*pp (+ servers) local processes and return rank 0's results.
 
-    Raises WorkerFailed (one line per failed rank) if the workers fail after all restarts.
+    Raises WorkerFailed (one line per failed rank) if the workers fail after all restarts, and
+    Preempted if this process gets SIGTERM / SIGINT (the engine then passes the signal on to the
+    workers, which finish their step and save it, and waits for them up to SHUTDOWN_S).
     """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -87,6 +167,9 @@ def launch(cfg: RunConfig) -> dict:
     # The engine logs each restart and failure at length; the user gets our one line per rank.
     for name in ("torch.distributed.elastic", "torch.multiprocessing"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
+    for name in list(logging.root.manager.loggerDict):  # modules that set a level of their own
+        if name.startswith("torch.distributed.elastic."):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     os.environ["OMP_NUM_THREADS"] = str(threads_per_worker(nproc))
     config = LaunchConfig(
         min_nodes=1,
@@ -98,9 +181,15 @@ def launch(cfg: RunConfig) -> dict:
         max_restarts=cfg.train.max_restarts,
         monitor_interval=0.1,
         start_method="spawn",
+        shutdown_timeout=SHUTDOWN_S,
     )
     try:
-        results = elastic_launch(config, run_worker)(cfg.to_dict())
+        with restart_lines(cfg):  # the engine restarts silently: one line per worker death
+            results = elastic_launch(config, run_worker)(cfg.to_dict())
     except ChildFailedError as e:
-        raise WorkerFailed([_describe(rank, f) for rank, f in sorted(e.failures.items())]) from None
+        raise failed(e.failures) from None
+    except SignalException as e:
+        raise preempted_on_disk(cfg, e.sigval) from None
+    except KeyboardInterrupt:  # before the engine handles the signals
+        raise preempted_on_disk(cfg, signal.SIGINT) from None
     return results[0]

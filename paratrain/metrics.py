@@ -200,15 +200,20 @@ class MetricsLog:
         self.trackers: list = []
         self.ended = False
         self.closed = False
+        self.history = RunHistory()
 
     def write(self, record: dict) -> None:
-        """One strict JSON line, flushed."""
-        if not (self.enabled and self.path) or self.closed:
+        """One strict JSON line with its wall-clock `time`, flushed (a fresh run truncates the file)."""
+        if not self.enabled or self.closed:
+            return
+        self.history.add(record)
+        if not self.path:
             return
         if self.file is None:
             os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
             self.file = open(self.path, "w")
-        self.file.write(json.dumps(strict_json(record), allow_nan=False) + "\n")
+        line = {**record, "time": round(time.time(), 3)} if "time" not in record else record
+        self.file.write(json.dumps(strict_json(line), allow_nan=False) + "\n")
         self.file.flush()
 
     def send(self, tags: dict[str, float], step: int) -> None:
@@ -216,11 +221,17 @@ class MetricsLog:
             for tracker in self.trackers:
                 tracker.log(tags, step)
 
-    def start(self, record: dict) -> None:
-        """The first line (`{"event": "start", ...}`), then open the trackers with `config` as hyper-parameters."""
+    def start(self, record: dict, resumed: dict | None = None) -> None:
+        """The first line (`{"event": "start", ...}`), then open the trackers with `config` as hyper-parameters.
+
+        `resumed` (`{"event": "restart" or "resume", "attempt": N, "resumed_from_step": S}`): this
+        attempt continues the file of the run it resumes instead (`carry_on`)."""
         if not self.enabled:
             return
-        self.write(record)
+        if resumed is None:
+            self.write(record)
+        else:
+            self.carry_on(record, resumed)
         for name in self.report_to:
             self.trackers.append(TRACKER_CLASSES[name](self.log_dir, self.run_name, self.config))
 
@@ -251,6 +262,38 @@ class MetricsLog:
         self.ended = True
         self.close()
 
+    def carry_on(self, start: dict, resumed: dict) -> None:
+        """Keep the records up to the resumed step S of the file an earlier attempt wrote (rewritten
+        through a temporary file and os.replace), append from there, and write the `resumed` line
+        with `steps_redone` (the steps after S that had records) and `time_lost_s` (for a restart,
+        the wall time from the last record kept to now: the redone steps, the failure and the
+        restart; for --resume, the wall time of the redone steps)."""
+        step, now = int(resumed["resumed_from_step"]), time.time()
+        kept, dropped = keep_until(self.path, step) if self.path else ([], [])
+        if self.path and (kept or dropped):
+            rewrite(self.path, [line for line, _ in kept])
+            self.file = open(self.path, "a")
+        for _, record in kept:
+            self.history.add(record)
+        if not any(r.get("event") == "start" for _, r in kept):
+            self.write(start)
+        redone = [r for _, r in dropped if is_step(r)]
+        since = max((r["time"] for _, r in kept if is_number(r.get("time"))), default=None)
+        until = now if resumed["event"] == "restart" else max(
+            (r["time"] for r in redone if is_number(r.get("time"))), default=since)
+        lost = until - since if since is not None and until is not None else \
+            sum(r.get("step_time_s") or 0.0 for r in redone)
+        known = bool(self.path)
+        self.write({**resumed, "steps_redone": len({r["step"] for r in redone}) if known else None,
+                    "time_lost_s": round(max(lost, 0.0), 3) if known else None})
+
+    def whole_run(self, summary: dict) -> dict:
+        """`summary` over every attempt of the run on the writing rank: first_loss and first_step
+        of the first step recorded, `restarts`, `resumes`, and their total `time_lost_s`."""
+        if not self.enabled:
+            return summary
+        return {**summary, **self.history.summary()}
+
     def close(self) -> None:
         """Close the file and the trackers (a run closed before `end` is marked failed). Safe to call twice."""
         if self.closed:
@@ -268,3 +311,78 @@ class MetricsLog:
             self.file = None
         if errors:
             raise errors[0]
+
+
+class RunHistory:
+    """What the end record says of a whole run, gathered from the records of every attempt."""
+
+    def __init__(self):
+        self.first: dict | None = None  # the first step record
+        self.restarts = self.resumes = 0
+        self.time_lost = 0.0
+
+    def add(self, record: dict) -> None:
+        event = record.get("event")
+        if self.first is None and is_step(record):
+            self.first = record
+        elif event == "restart":  # a file-less run knows only the attempt it is in
+            self.restarts = max(self.restarts + 1, int(record.get("attempt") or 0))
+        elif event == "resume":
+            self.resumes += 1
+        if event in ("restart", "resume") and is_number(record.get("time_lost_s")):
+            self.time_lost += record["time_lost_s"]
+
+    def summary(self) -> dict:
+        first = {"first_loss": self.first.get("loss"), "first_step": self.first["step"]} if self.first else {}
+        return {**first, "restarts": self.restarts, "resumes": self.resumes, "time_lost_s": round(self.time_lost, 3)}
+
+
+def is_number(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def is_step(record: dict) -> bool:
+    """An optimizer step's record (`{"step": k, "loss": ...}`, no "event")."""
+    return "event" not in record and is_number(record.get("step"))
+
+
+def keep_until(path: str, step: int) -> tuple[list[tuple[str, dict]], list[tuple[str, dict]]]:
+    """The (line, record) pairs of the metrics file `path` to keep when a run resumes after `step`
+    (those of steps up to it, and step-less ones but the end), and those it drops; a torn or
+    unreadable line is dropped, a missing file holds nothing."""
+    kept, dropped = [], []
+    try:
+        with open(path, errors="replace") as f:
+            lines = f.readlines()
+    except OSError:
+        return [], []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(record, dict):
+            continue
+        line = line if line.endswith("\n") else line + "\n"
+        at = record.get("step")
+        keep = record.get("event") != "end" and (not is_number(at) or at <= step)
+        (kept if keep else dropped).append((line, record))
+    return kept, dropped
+
+
+def rewrite(path: str, lines: list[str]) -> None:
+    """Replace the file `path` by `lines` at once (a temporary file beside it, then os.replace), so
+    a crash leaves either the old file or the new one; a path that is no regular file is left."""
+    real = os.path.realpath(path)
+    if not os.path.isfile(real):
+        return
+    tmp = os.path.join(os.path.dirname(real), f".{os.path.basename(real)}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            f.writelines(lines)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, real)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -78,14 +78,17 @@ class LossScaler:
     def __init__(self, enabled: bool, init: float = 2.0**16, window: int = 1000):
         self.scale = init if enabled else 1.0
         self.enabled, self.window, self.good = enabled, window, 0
+        self.skipped_in_row = 0  # overflowed steps since the last good one (not saved)
 
     def update(self, overflow: bool) -> None:
         if not self.enabled:
             return
         if overflow:
             self.scale, self.good = max(self.scale / 2, 1.0), 0
+            self.skipped_in_row += 1
         else:
             self.good += 1
+            self.skipped_in_row = 0
             if self.good % self.window == 0:
                 self.scale *= 2
 
@@ -96,13 +99,29 @@ class LossScaler:
         self.scale, self.good = float(state["scale"]), int(state["good"])
 
 
+class NonFiniteNorm(ArithmeticError):
+    """The global gradient norm is NaN or inf (alike on every rank): the update was not applied."""
+
+    def __init__(self, norm: float):
+        super().__init__(f"non-finite gradient norm ({norm})")
+        self.norm = norm
+
+
+def check_finite(norm: torch.Tensor) -> None:
+    """NonFiniteNorm unless `norm` is finite. Reading it waits for the device, once per step: the
+    price of never stepping on a NaN; the norm is global, so every rank decides alike."""
+    if not bool(torch.isfinite(norm)):
+        raise NonFiniteNorm(float(norm))
+
+
 def apply_update(engine, optimizer: torch.optim.Optimizer, scaler: LossScaler, mesh: Mesh, grad_clip: float,
                  tied: list[torch.nn.Parameter]) -> tuple[torch.Tensor | float, bool]:
     """The one update step of every engine, after backward: finish the dp gradient sync, sum the
     gradients that tensor or pipeline parallelism left partial (sequence-parallel norms over tp,
     a tied embedding over its first and last stage), unscale (fp16), clip on the global norm,
     step, and publish the new parameters to compute. Returns (gradient norm, skipped): an fp16
-    overflow skips the step, the norm is then nan."""
+    overflow skips the step, the norm is then nan. A non-finite norm otherwise raises
+    NonFiniteNorm before the step: the parameters and optimizer state stay the last good ones."""
     engine.finish_grad_sync()
     zero = isinstance(engine, ZeroDataParallel)
     if tied and mesh.embedding_group is not None:
@@ -114,6 +133,7 @@ def apply_update(engine, optimizer: torch.optim.Optimizer, scaler: LossScaler, m
     if not zero:
         sync_sequence_parallel_grads(engine, mesh)
         norm = clip_grad_norm([(p.grad, p) for p in engine.parameters() if p.grad is not None], mesh, grad_clip)
+        check_finite(norm)
         optimizer.step()
         return norm, False
     if mesh.size("tp") > 1:
@@ -123,6 +143,7 @@ def apply_update(engine, optimizer: torch.optim.Optimizer, scaler: LossScaler, m
     if skipped:  # fp16 overflow: no update, a smaller scale next step
         return float("nan"), True
     norm = clip_grad_norm(engine.grad_parts(), mesh, grad_clip, engine.stage > 0)
+    check_finite(norm)
     optimizer.step()
     engine.publish()
     return norm, False

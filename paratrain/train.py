@@ -12,8 +12,10 @@ components the Trainer is given (fit.py runs them around the steps).
 
 from __future__ import annotations
 
+import math
 import os
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from functools import partial
@@ -21,6 +23,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from tqdm import tqdm
 
 from paratrain.checkpoint import Checkpointer, agree_on_latest, full_state_dict, guard_sharded_optimizer
 from paratrain.comm import parse_compress
@@ -32,11 +35,12 @@ from paratrain.fit import StepStats, peak_memory_bytes, run
 from paratrain.group import init
 from paratrain.mesh import Mesh
 from paratrain.models.spec import ModelSpec, gpt_spec, module_spec
-from paratrain.optim import LossScaler, apply_update, build_optimizer, lr_at, param_groups
+from paratrain.optim import LossScaler, NonFiniteNorm, apply_update, build_optimizer, lr_at, param_groups
 from paratrain.parallel.parallelize import apply_strategies
 from paratrain.parallel.tensor import TPGroup
 from paratrain.parallel.zero import ZeroDataParallel
 from paratrain.settings import api_config
+from paratrain.stops import NonFiniteError, non_finite_loss, non_finite_norm, overflowed, requested_signal
 
 
 def is_tokens(t: torch.Tensor | None) -> bool:
@@ -142,24 +146,38 @@ class Trainer:
         """Fault aids, the hang watchdog and checkpoints (metrics, profiler: fit.py)."""
         tr, ck = self.cfg.train, self.cfg.checkpoint
         first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
-        fail = tr.simulate_failure  # RANK:STEP[:kill], a transient fault in the first attempt only
-        self.fail_at = tuple(int(x) for x in fail.split(":")[:2]) if fail and first_attempt else None
-        self.fail_kill = bool(fail) and fail.endswith(":kill")
+        # --simulate-failure RANK:STEP[:HOW] (config.FAULTS), a transient fault in the first attempt only
+        who, at, how = ((tr.simulate_failure or "") + "::").split(":")[:3]
+        fault = (int(who), int(at)) if tr.simulate_failure and first_attempt else None
+        self.fail_at = fault if how in ("", "kill") else None
+        self.fail_kill = how == "kill"
+        save_fault = (fault[1], how) if fault and fault[0] == self.rank and how.startswith("save") else None
         who, _, seconds = (tr.simulate_straggler or "-1:0").partition(":")
         self.straggle = float(seconds) if int(who) == self.rank else 0.0
         self.watchdog = Watchdog(self.mesh.comm.flight, tr.collective_timeout) if tr.collective_timeout > 0 else None
-        self.ckpt = self._checkpointer(ck.dir) if ck.dir else None
         self.resumed_from = None
-        if self.ckpt and (ck.resume or not first_attempt):
-            self.resume()
+        self._ckpts: dict[str, Checkpointer] = {}
+        self.ckpt = self._checkpointer(ck.dir) if ck.dir else None
+        if self.ckpt:
+            self.ckpt.fault = save_fault
+            folder = self.ckpt.open(resume=ck.resume, restart=not first_attempt)
+            if folder is not None:
+                self._load(self.ckpt, folder)
 
     def _checkpointer(self, root: str) -> Checkpointer:
+        """The checkpointer of `root` (one per folder: it holds the folder's lock and run id)."""
+        if root in self._ckpts:
+            return self._ckpts[root]
         ck = self.cfg.checkpoint
-        return Checkpointer(root, self.model, self.optimizer, self.mesh, self.par.names,
+        ckpt = Checkpointer(root, self.model, self.optimizer, self.mesh, self.par.names,
                             state={"loader": self.position, "scaler": self.scaler}, identity=self.spec.identity,
                             layout=self.layout_name, config=self.cfg.to_dict(), keep=ck.keep,
                             async_save=ck.async_save, aliases=self.par.aliases, buffer_names=self.par.buffer_names,
                             on_load=self.after_load)
+        if self.watchdog:
+            self.watchdog.also(ckpt.background)
+        self._ckpts[root] = ckpt
+        return ckpt
 
     def after_load(self) -> None:
         """After a checkpoint was loaded into the masters: refresh what compute uses."""
@@ -167,12 +185,14 @@ class Trainer:
             self.model.publish()
 
     def resume(self, root: str | None = None) -> int | None:
-        """Load the newest good checkpoint under `root` (default: the run's checkpoint_dir), in
-        this layout whatever layout saved it; returns its step, or None if there is none yet."""
+        """Load the newest good checkpoint under `root` (default: the run's checkpoint_dir) of
+        this model, in this layout whatever layout saved it; returns its step, or None if there
+        is none yet."""
         ckpt = self.ckpt if root is None else self._checkpointer(root)
         folder = agree_on_latest(ckpt.root, self.spec.identity)
-        if folder is None:
-            return None  # nothing saved yet: a restart starts over
+        return None if folder is None else self._load(ckpt, folder)
+
+    def _load(self, ckpt: Checkpointer, folder: str) -> int:
         step = ckpt.load(folder)
         self.resumed_from = folder
         if self.rank == 0:
@@ -229,7 +249,8 @@ class Trainer:
     def train_step(self, step: int, batch) -> tuple[torch.Tensor, torch.Tensor | float, float]:
         """Forward, backward and update for `step` on this rank's `batch`. Returns (this rank's
         loss part, grad norm, lr), the first two as device tensors; a skipped fp16 step sets
-        `self.skipped`."""
+        `self.skipped`. A non-finite gradient norm, or too many fp16 steps skipped in a row,
+        raise NonFiniteError on every rank alike (the norm and the overflow are global)."""
         self.simulate_faults(step)
         tr = self.cfg.train
         self.model.train()
@@ -241,16 +262,42 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = group["initial_lr"] * factor
         tied = self.pipeline.tied if self.pipeline else []
-        grad_norm, self.skipped = apply_update(self.model, self.optimizer, self.scaler, self.mesh, tr.grad_clip, tied)
+        scale = self.scaler.scale
+        try:
+            grad_norm, self.skipped = apply_update(self.model, self.optimizer, self.scaler, self.mesh, tr.grad_clip,
+                                                   tied)
+        except NonFiniteNorm as e:  # nothing was applied
+            loss = self._global_loss(loss_part)
+            raise NonFiniteError(non_finite_norm(step, e.norm, loss, tr.grad_clip), step) from None
         self.position.step = step + 1
+        if self.skipped:
+            self._skipped_step(step, scale, loss_part)
         return loss_part, grad_norm, self.optimizer.param_groups[0]["lr"]
+
+    def _skipped_step(self, step: int, scale: float, loss_part: torch.Tensor) -> None:
+        """An fp16 overflow skipped `step`: one line on rank 0; past --max-skipped-steps in a row, the stop."""
+        n, bound = self.scaler.skipped_in_row, self.cfg.train.max_skipped_steps
+        if self.rank == 0:
+            tqdm.write(f"paratrain: warning: step {step}: fp16 gradients overflowed, update skipped (loss scale "
+                       f"{scale:g} -> {self.scaler.scale:g})", file=sys.stderr)
+        if bound > 0 and n >= bound:
+            raise NonFiniteError(overflowed(step, n, self._global_loss(loss_part)), step)
+
+    def _global_loss(self, loss_part: torch.Tensor) -> float:
+        """The global mean loss from every rank's part (a collective: every rank calls it)."""
+        mine = float(loss_part) if self.is_loss_rank else 0.0
+        return float(self._gather([mine])[:, 0].sum())
 
     def step(self, inputs, targets=None) -> float:
         """One optimizer step on this rank's part of the global batch (its dp slice; the tp and
-        pp ranks of a replica pass the same); returns the global mean loss on every rank."""
-        loss_part, _, _ = self.train_step(self.position.step, (inputs, targets))
-        mine = loss_part.float() if self.is_loss_rank else torch.zeros((), device=self.device)
-        return float(self._gather([float(mine)])[:, 0].sum())
+        pp ranks of a replica pass the same); returns the global mean loss on every rank.
+        NonFiniteError if the loss or the gradient norm is NaN or inf."""
+        step = self.position.step
+        loss_part, grad_norm, _ = self.train_step(step, (inputs, targets))
+        loss = self._global_loss(loss_part)
+        if not (math.isfinite(loss) or self.skipped):
+            raise NonFiniteError(non_finite_loss(step, loss, float(grad_norm)), step)
+        return loss
 
     def _gather(self, values: list[float]) -> torch.Tensor:
         """Every rank's `values` as a (world, len) float64 tensor on CPU (one small collective)."""
@@ -278,9 +325,15 @@ class Trainer:
         grad_norm = float(grad_norm)  # a device tensor until now, so the step ran without waiting
         dt = time.perf_counter() - t0
         idle = self.pipeline.executor.idle_fraction() if self.pipeline else 0.0
-        g = self._gather([loss_value, self.mesh.comm.bytes, peak_memory_bytes(self.device), dt, idle, items])
+        # the last column: a stop signal (SIGTERM, SIGINT) any rank received, for all to stop after this step
+        g = self._gather([loss_value, self.mesh.comm.bytes, peak_memory_bytes(self.device), dt, idle, items,
+                          float(requested_signal())])
         self.peak_per_rank = [int(x) for x in g[:, 2]]
-        return StepStats(step=step, loss=float(g[:, 0].sum()), tokens=int(g[:, 5].sum()),
+        self.agreed_signal = int(g[:, 6].max())
+        loss = float(g[:, 0].sum())
+        if not (math.isfinite(loss) or self.skipped):  # an fp16 overflow: skipped, counted above
+            raise NonFiniteError(non_finite_loss(step, loss, grad_norm), step)
+        return StepStats(step=step, loss=loss, tokens=int(g[:, 5].sum()),
                          step_time_s=float(g[:, 3].max()), peak_mem_bytes=max(self.peak_per_rank),
                          comm_bytes=int(g[:, 1].sum()), grad_norm=grad_norm, lr=lr,
                          idle_per_rank=[float(x) for x in g[:, 4]] if self.pipeline else None,

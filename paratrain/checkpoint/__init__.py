@@ -22,19 +22,20 @@ store.py: folders, manifest, verification, atomic publication, export; checkpoin
 `Checkpointer`; guard.py: `guard_sharded_optimizer` against saving one ZeRO shard as the whole.
 """
 
+from paratrain.checkpoint import runs
 from paratrain.checkpoint.boxes import (Boxes, Entry, Piece, boxes_state, flat_range_boxes, planners, quiet,
                                         shifted_pieces, tp_box)
-from paratrain.checkpoint.checkpointer import Checkpointer
+from paratrain.checkpoint.checkpointer import Checkpointer, open_run
 from paratrain.checkpoint.entries import Held, checkpoint_entries, derived_aliases, full_state_dict, global_modules
 from paratrain.checkpoint.guard import guard_sharded_optimizer
 from paratrain.checkpoint.store import (FORMAT, MANIFEST, PREFIX, CheckpointError, agree_on_latest, begin_save,
                                         checkpoints, export, gpt_aliases, latest_good, load_full_model,
-                                        model_identity, publish, read_manifest, read_tensors, run_info, tmp_folder,
-                                        verify, write_and_publish, write_manifest)
+                                        model_identity, publish, read_manifest, read_tensors, resumable, run_info,
+                                        start_point, tmp_folder, verify, write_and_publish, write_manifest)
 
 __all__ = [
     "Boxes", "Entry", "Piece", "boxes_state", "flat_range_boxes", "planners", "quiet", "shifted_pieces", "tp_box",
-    "Checkpointer", "Held", "checkpoint_entries", "derived_aliases", "full_state_dict", "global_modules",
+    "runs", "open_run", "resumable", "start_point", "Checkpointer", "Held", "checkpoint_entries", "derived_aliases", "full_state_dict", "global_modules",
     "guard_sharded_optimizer", "FORMAT", "MANIFEST", "PREFIX", "CheckpointError",
     "agree_on_latest", "begin_save", "checkpoints", "export", "gpt_aliases", "latest_good", "load_full_model",
     "model_identity", "publish", "read_manifest", "read_tensors", "run_info", "tmp_folder", "verify",

@@ -10,15 +10,19 @@ published once every rank's write is complete.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 
+from paratrain.checkpoint import runs
 from paratrain.checkpoint.boxes import Entry, Piece, boxes_state, planners, quiet
 from paratrain.checkpoint.entries import MOMENTS, checkpoint_entries, derived_aliases
-from paratrain.checkpoint.store import CheckpointError, begin_save, read_manifest, run_info, write_and_publish
+from paratrain.checkpoint.store import (CheckpointError, begin_save, read_manifest, run_info, start_point,
+                                        write_and_publish)
+from paratrain.comm.flight import FlightRecorder
 
 
 def agreed_aliases(local: dict[str, str], group) -> dict[str, str]:
@@ -26,6 +30,26 @@ def agreed_aliases(local: dict[str, str], group) -> dict[str, str]:
     everyone: list = [None] * dist.get_world_size(group)
     dist.all_gather_object(everyone, local, group=group)
     return {k: v for d in everyone for k, v in d.items()}
+
+
+def open_run(root: str, run: dict, resume: bool, restart: bool, group=None) -> tuple[str, str | None]:
+    """Every rank of `group`: (run id, checkpoint to load or None) for a run on `root`. Rank 0
+    takes the folder's lock (if its launcher has not) and chooses (store.start_point); a refusal
+    is a CheckpointError on every rank."""
+    answer: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            runs.acquire(root)
+            run_id, folder = start_point(root, run, resume, restart)
+            runs.record_run(root, run_id)
+            answer[0] = (run_id, folder, None)
+        except (CheckpointError, runs.LockHeld, OSError) as e:
+            answer[0] = (None, None, str(e))
+    dist.broadcast_object_list(answer, src=0, group=group)
+    run_id, folder, error = answer[0]
+    if error:
+        raise CheckpointError(error)
+    return run_id, folder
 
 
 def renamed(entries: list[Entry], aliases: dict[str, str]) -> list[Entry]:
@@ -59,6 +83,11 @@ class Checkpointer:
         self.names, self.buffer_names, self.state = names, buffer_names, dict(state or {})
         self.identity, self.layout, self.config = identity, layout, config
         self.keep, self.async_save, self.on_load = keep, async_save, on_load
+        self.run, self.run_id = runs.run_identity(config, identity), None  # the run id: open()
+        self.flight = getattr(getattr(mesh, "comm", None), "flight", None) or FlightRecorder()
+        self.background = FlightRecorder()  # the asynchronous writer's collectives
+        self.fault: tuple[int, str] | None = None  # testing aid: (step, "save-kill" | "save-freeze")
+        self.refreshed = 0.0
         self.rank = dist.get_rank()
         self.group = dist.new_group(backend="gloo")  # checkpoint traffic apart from training's
         local = derived_aliases(engine, names) if aliases is None else dict(aliases)
@@ -74,10 +103,37 @@ class Checkpointer:
         steps = [float(s["step"]) for s in self.optimizer.state.values() if "step" in s]
         return {"optim_step": max(steps, default=0.0), **{k: obj.state_dict() for k, obj in self.state.items()}}
 
+    def open(self, resume: bool = False, restart: bool = False) -> str | None:
+        """Take the folder for this run (its lock, its run id); returns the checkpoint to load:
+        with `resume`, the newest good one this run may continue; in a `restart`, its own newest;
+        None for a fresh run (which refuses a folder holding checkpoints: CheckpointError)."""
+        self.run_id, folder = open_run(self.root, self.run, resume, restart, self.group)
+        return folder
+
+    def close(self) -> None:
+        """Wait for a save in flight, then give the folder's lock back (the run is over)."""
+        self.wait()
+        if self.rank == 0:
+            runs.release(self.root)
+
+    def _simulate_fault(self, step: int) -> None:
+        import signal
+
+        if self.fault is None or self.fault[0] != step:
+            return
+        if self.fault[1] == "save-kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # frozen, but the launcher can still stop it
+        while True:
+            time.sleep(3600)
+
     def save(self, step: int) -> None:
         t0 = time.perf_counter()
         self.wait()  # one save at a time
-        tmp = begin_save(self.root, step, self.group, self.rank == 0)
+        if self.run_id is None:
+            self.open()
+        with self.flight.watch("checkpoint: begin save", self.group, f"step {step}"):
+            tmp = begin_save(self.root, step, self.group, self.rank == 0)
         entries = self._entries()
         if self.async_save:  # stage: copy what this rank writes to host memory, then write behind
             entries = [Entry(e.key, e.shape, [Piece(p.offset, p.tensor.detach().to("cpu", copy=True))
@@ -85,11 +141,14 @@ class Checkpointer:
         state = boxes_state(entries, saving=True)
         state["meta"] = self._meta()
         state[f"rng/{self.rank}"] = torch.get_rng_state()
-        info = run_info(self.identity, self.config, step, self.layout, self.aliases)
+        info = run_info(self.identity, self.config, step, self.layout, self.aliases, self.run_id)
+        flight = self.background if self.async_save else self.flight
 
         def write() -> float:
-            """Write and publish; returns when the save ended."""
-            write_and_publish(state, tmp, self.group, self.rank == 0, self.root, step, info, self.keep)
+            """Write and publish (SaveFailed on every rank if any cannot); returns when the save ended."""
+            self._simulate_fault(step)
+            with flight.watch("checkpoint: save (DCP)", self.group, f"step {step}"):
+                write_and_publish(state, tmp, self.group, self.rank == 0, self.root, step, info, self.keep)
             return time.perf_counter()
 
         if self.async_save:
@@ -98,14 +157,15 @@ class Checkpointer:
             self.writer = self.writer or ThreadPoolExecutor(1, thread_name_prefix="paratrain-ckpt")
             self.pending = (self.writer.submit(write), step, t0, time.perf_counter() - t0)
             return
-        end = write()
-        dist.barrier(self.group)  # rank 0 has published
+        end = write()  # every rank returns once rank 0 has published
         self.events.append({"step": step, "blocked_s": time.perf_counter() - t0, "total_s": end - t0})
 
     def poll(self) -> None:
-        """Raise a failed asynchronous save's error early (local: no collective)."""
-        if self.pending is not None and self.pending[0].done():
-            self.pending[0].result()
+        """Between steps (local: no collective): mark the folder's lock alive now and then. A
+        failed asynchronous save is raised by wait(), where every rank learns it together."""
+        if self.rank == 0 and time.monotonic() - self.refreshed > runs.REFRESH_S:
+            runs.refresh(self.root)
+            self.refreshed = time.monotonic()
 
     def wait(self) -> None:
         """Wait for the asynchronous save in flight (before the next one, and at the end)."""
@@ -114,8 +174,8 @@ class Checkpointer:
         future, step, t0, blocked = self.pending
         self.pending = None
         w0 = time.perf_counter()
-        end = future.result()
-        dist.barrier(self.group)  # every rank's write, and rank 0's publication, are done
+        with self.flight.watch("checkpoint: wait for the asynchronous save", self.group, f"step {step}"):
+            end = future.result()  # every rank's write, and rank 0's publication, are done (or SaveFailed)
         self.events.append({"step": step, "blocked_s": blocked + time.perf_counter() - w0, "total_s": end - t0})
 
     def load(self, folder: str) -> int:
@@ -128,7 +188,7 @@ class Checkpointer:
         same_layout = manifest["layout"] == self.layout and manifest["world_size"] == dist.get_world_size()
         if same_layout:
             state[f"rng/{self.rank}"] = torch.get_rng_state()
-        with quiet():
+        with quiet(), self.flight.watch("checkpoint: load (DCP)", self.group, os.path.basename(folder)):
             dcp.load(state, checkpoint_id=folder, process_group=self.group, planner=planners()[1])
         self._restore(state["meta"], folder)
         if same_layout:

@@ -20,8 +20,12 @@ import zlib
 import torch
 import torch.distributed as dist
 
+from torch.distributed.checkpoint.api import CheckpointException
+
 from paratrain.checkpoint.boxes import planners, quiet
+from paratrain.checkpoint.runs import mismatch, new_run_id, read_lock, run_identity
 from paratrain.models.spec import gpt_identity
+from paratrain.stops import SaveFailed
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -57,42 +61,108 @@ def read_manifest(folder: str) -> dict:
         return json.load(fh)
 
 
-def verify(folder: str) -> dict:
-    """The manifest of a complete, intact checkpoint; CheckpointError (one line) otherwise."""
-    name = os.path.basename(folder.rstrip("/"))
+def _manifest(folder: str, name: str) -> dict:
+    """The manifest as a JSON object holding a step and a list of files, or CheckpointError."""
+    path = os.path.join(folder, MANIFEST)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{name} has no {MANIFEST} (an interrupted save)")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{name}/{MANIFEST} is not a file")
     try:
         manifest = read_manifest(folder)
-    except FileNotFoundError:
-        raise CheckpointError(f"{name} has no {MANIFEST} (an interrupted save)") from None
-    except json.JSONDecodeError:
-        raise CheckpointError(f"{name}/{MANIFEST} is not valid JSON") from None
-    for f, meta in manifest.get("files", {}).items():
+    except (ValueError, OSError) as e:  # bad JSON, not UTF-8, unreadable
+        raise CheckpointError(f"{name}/{MANIFEST} cannot be read ({getattr(e, 'strerror', None) or 'not valid JSON'})") from None
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"{name}/{MANIFEST} is not a JSON object")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files or not all(isinstance(m, dict) for m in files.values()):
+        raise CheckpointError(f"{name}/{MANIFEST} lists no files")
+    if not isinstance(manifest.get("step"), int) or not isinstance(manifest.get("layout"), str):
+        raise CheckpointError(f"{name}/{MANIFEST} has no step or layout")
+    return manifest
+
+
+def _verify_files(folder: str, name: str, files: dict) -> None:
+    for f, meta in files.items():
         path = os.path.join(folder, f)
-        if not os.path.exists(path):
+        if os.path.dirname(f) or not os.path.isfile(path):
             raise CheckpointError(f"{name}/{f} is missing")
         size = os.path.getsize(path)
-        if size != meta["bytes"]:
+        if size != meta.get("bytes"):
             raise CheckpointError(f"{name}/{f} is truncated or altered: {size} bytes, "
-                                  f"the manifest says {meta['bytes']}")
-        if _crc(path) != meta["crc32"]:
+                                  f"the manifest says {meta.get('bytes')}")
+        if _crc(path) != meta.get("crc32"):
             raise CheckpointError(f"{name}/{f} is corrupt: its CRC-32 does not match the manifest")
+
+
+def _verify_data(folder: str, name: str, files: dict) -> None:
+    """What DCP's metadata names is there: every storage file it reads from, listed in the
+    manifest and long enough for every item, and the training state's meta among the items."""
+    import torch.distributed.checkpoint as dcp
+
+    if ".metadata" not in files:
+        raise CheckpointError(f"{name} holds no DCP metadata (.metadata)")
+    try:
+        md = dcp.FileSystemReader(folder).read_metadata()
+        need: dict[str, int] = {}
+        for info in (md.storage_data or {}).values():
+            need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+        keys = set(md.state_dict_metadata)
+    except Exception as e:  # an unpickling error of any kind: the metadata is not DCP's
+        raise CheckpointError(f"{name}/.metadata cannot be read ({type(e).__name__})") from None
+    if not need or not any(k.startswith("meta") for k in keys):
+        raise CheckpointError(f"{name} holds no training state (DCP's metadata names no data)")
+    for path, end in sorted(need.items()):
+        if path not in files:
+            raise CheckpointError(f"{name}/{path}, which DCP's metadata reads from, is not in the manifest")
+        if files[path]["bytes"] < end:
+            raise CheckpointError(f"{name}/{path} holds {files[path]['bytes']} bytes; DCP's metadata reads to {end}")
+
+
+def verify(folder: str) -> dict:
+    """The manifest of a complete, intact checkpoint (every file with its recorded size and
+    CRC-32, and whatever DCP's metadata reads present); CheckpointError (one line) otherwise."""
+    name = os.path.basename(folder.rstrip("/"))
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"{name} is not a folder")
+    manifest = _manifest(folder, name)
+    _verify_files(folder, name, manifest["files"])
+    _verify_data(folder, name, manifest["files"])
     return manifest
 
 
 def checkpoints(root: str) -> list[str]:
-    """Published checkpoint folders under `root`, newest first."""
+    """Entries named like a checkpoint (`step_N`) under `root`, newest first (verify() tells
+    which of them are checkpoints)."""
     if not os.path.isdir(root):
         return []
     names = [n for n in os.listdir(root) if n.startswith(PREFIX) and n[len(PREFIX):].isdigit()]
     return [os.path.join(root, n) for n in sorted(names, key=lambda n: int(n[len(PREFIX):]), reverse=True)]
 
 
-def latest_good(root: str, identity: dict | None = None) -> tuple[str | None, list[str]]:
+def run_of(folder: str) -> str | None:
+    """The run id a checkpoint's manifest records (a cheap look, no verification)."""
+    try:
+        run = read_manifest(folder).get("run")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return run.get("id") if isinstance(run, dict) else None
+
+
+def _model_mismatch(folder: str, theirs, identity: dict) -> CheckpointError:
+    name = theirs.get("name") if isinstance(theirs, dict) else None
+    hint = f"use --model {name} or another --checkpoint-dir" if name else "use another checkpoint folder"
+    return CheckpointError(f"{folder} holds model {theirs} but this run trains {identity}; {hint}")
+
+
+def latest_good(root: str, identity: dict | None = None, run_id: str | None = None) -> tuple[str | None, list[str]]:
     """(newest intact checkpoint or None, warnings about the broken ones skipped). With
-    `identity` (what the run's model must match), another model's checkpoint is an error, not a
-    fallback."""
+    `run_id`, only that run's checkpoints count; with `identity` (what the run's model must
+    match), another model's checkpoint is an error, not a fallback."""
     skipped = []
     for folder in checkpoints(root):
+        if run_id is not None and run_of(folder) != run_id:
+            continue
         try:
             manifest = verify(folder)
         except CheckpointError as e:
@@ -100,43 +170,116 @@ def latest_good(root: str, identity: dict | None = None) -> tuple[str | None, li
             continue
         theirs = manifest.get("model")
         if identity is not None and theirs != identity:
-            name = theirs.get("name") if isinstance(theirs, dict) else None
-            hint = f"use --model {name} or another --checkpoint-dir" if name else "use another checkpoint folder"
-            raise CheckpointError(f"{folder} holds model {theirs} but this run trains {identity}; {hint}")
+            raise _model_mismatch(folder, theirs, identity)
         return folder, skipped
     return None, skipped
 
 
-def agree_on_latest(root: str, identity: dict | None) -> str | None:
-    """The newest good checkpoint under `root` for a model of `identity`, chosen by rank 0
-    (broken ones skipped with a warning) and told to every rank; None if there is none yet."""
+def warn_skipped(skipped: list[str]) -> None:
+    for reason in skipped:
+        print(f"paratrain: warning: skipped checkpoint {reason}", file=sys.stderr, flush=True)
+
+
+def resumable(root: str, run: dict) -> tuple[str, dict]:
+    """The newest good checkpoint under `root` that this run (`run`: run_identity) may continue,
+    with its manifest; CheckpointError (one line) naming the model or the first setting that
+    differs. Warns of broken ones skipped."""
+    folder, skipped = latest_good(root, run["model"])
+    warn_skipped(skipped)
+    if folder is None:
+        why = f" ({skipped[0]})" if skipped else ""
+        raise CheckpointError(f"no complete checkpoint in {root!r}{why}")
+    manifest = read_manifest(folder)
+    theirs = manifest.get("run", {}).get("identity") if isinstance(manifest.get("run"), dict) else None
+    if theirs is None:  # written before runs had an identity: the settings of its config
+        theirs = run_identity(manifest.get("config") or {}, manifest.get("model"))
+    differs = mismatch(theirs, run)
+    if differs:
+        raise CheckpointError(f"{folder} {differs}")
+    return folder, manifest
+
+
+def start_point(root: str, run: dict, resume: bool, restart: bool) -> tuple[str, str | None]:
+    """(run id, checkpoint to load or None) for a run starting on `root`, whose lock this
+    process's launcher or agent holds: a restart continues its own run from its newest good
+    checkpoint; `--resume` continues the run it loads; a fresh run needs a folder without
+    checkpoints (CheckpointError otherwise: nothing of another run is overwritten or pruned)."""
+    held = read_lock(root) or {}
+    if restart and held.get("run"):
+        folder, skipped = latest_good(root, run["model"], held["run"])
+        warn_skipped(skipped)
+        return held["run"], folder
+    if resume:
+        folder, manifest = resumable(root, run)
+        return (run_of(folder) or new_run_id()), folder
+    folder, _ = latest_good(root)
+    if folder is not None and not restart:
+        raise CheckpointError(f"{root!r} already holds checkpoints ({os.path.basename(folder)}, step "
+                              f"{read_manifest(folder)['step']}); add --resume to continue that run, or give "
+                              f"an empty --checkpoint-dir")
+    return new_run_id(), None
+
+
+def agree_on_latest(root: str, identity: dict | None, run_id: str | None = None) -> str | None:
+    """The newest good checkpoint under `root` for a model of `identity` (of run `run_id` if
+    given), chosen by rank 0 (broken ones skipped with a warning) and told to every rank; None
+    if there is none yet."""
     choice = [None]
     if dist.get_rank() == 0:
-        choice[0], skipped = latest_good(root, identity)
-        for reason in skipped:
-            print(f"paratrain: warning: skipped checkpoint {reason}", file=sys.stderr, flush=True)
+        choice[0], skipped = latest_good(root, identity, run_id)
+        warn_skipped(skipped)
     dist.broadcast_object_list(choice, src=0)
     return choice[0]
 
 
 def run_info(identity: dict, config: dict | None, step: int, layout: str,
-             aliases: dict[str, str] | None = None) -> dict:
+             aliases: dict[str, str] | None = None, run_id: str | None = None) -> dict:
     """What the manifest says of the run besides the files."""
     return {"step": step, "model": identity, "layout": layout, "world_size": dist.get_world_size(),
-            "config": config or {}, "aliases": dict(aliases or {}), "time": time.time()}
+            "config": config or {}, "aliases": dict(aliases or {}), "time": time.time(),
+            "run": {"id": run_id, "identity": run_identity(config, identity)}}
 
 
 # ------------------------------------------------------------------ saving
+def _replaceable(folder: str, run_id: str | None) -> bool:
+    """A same-named entry publication may replace: this run's own (a step saved again after a
+    restart), or not a checkpoint at all (junk, an interrupted save)."""
+    if run_of(folder) == run_id:
+        return True
+    try:
+        verify(folder)
+    except CheckpointError:
+        return True
+    return False
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+
+
 def publish(root: str, tmp: str, step: int, info: dict, keep: int) -> None:
     """One rank, once all have written: manifest (sizes, CRC-32), one atomic rename of `tmp` to
-    `root/step_N`, then drop the oldest beyond `keep`."""
+    `root/step_N`, then drop this run's oldest beyond `keep` and the leftovers of interrupted saves."""
     write_manifest(tmp, info)
+    run_id = info.get("run", {}).get("id")
     final = os.path.join(root, f"{PREFIX}{step:08d}")
-    if os.path.exists(final):  # the same step saved again after a restart
-        shutil.rmtree(final)
+    if os.path.lexists(final):
+        if not _replaceable(final, run_id):
+            raise CheckpointError(f"{final} holds another run's checkpoint; give each run its own --checkpoint-dir")
+        _remove(final)
     os.rename(tmp, final)
-    for old in checkpoints(root)[keep:]:
+    mine = [c for c in checkpoints(root) if run_of(c) == run_id]
+    for old in mine[keep:]:
         shutil.rmtree(old, ignore_errors=True)
+    for name in os.listdir(root):
+        if name.startswith(f".tmp-{PREFIX}"):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
 def tmp_folder(root: str, step: int) -> str:
@@ -144,24 +287,66 @@ def tmp_folder(root: str, step: int) -> str:
 
 
 def begin_save(root: str, step: int, group, first: bool) -> str:
-    """The group's first rank makes a clean temporary folder for `step`; all wait for it."""
+    """The group's first rank makes a clean temporary folder for `step`; all wait for it. A
+    folder that cannot be made stops the save on every rank (SaveFailed)."""
     tmp = tmp_folder(root, step)
+    error = None
+    if first:
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        except OSError as e:
+            error = cause(e)
+    agree(error, group, step, tmp, first)
+    return tmp
+
+
+def cause(e: BaseException) -> str:
+    """One line for why a write failed: the OS error inside DCP's exception if there is one."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        return "; ".join(f"rank {r}: {cause(exc[0] if isinstance(exc, tuple) else exc)}"
+                         for r, exc in sorted(failures.items()))
+    seen = e
+    while seen is not None and not isinstance(seen, OSError):
+        seen = seen.__cause__ or seen.__context__
+    if isinstance(seen, OSError) and seen.strerror:
+        where = f" ({seen.filename})" if seen.filename else ""
+        return f"{seen.strerror}{where}"
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def agree(error: str | None, group, step: int, tmp: str, first: bool) -> None:
+    """Every rank of `group` learns whether any failed; if one did, the partial folder is
+    removed and every rank raises SaveFailed with the causes (a save that cannot succeed is not
+    retried: the run stops)."""
+    errors: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(errors, error, group=group)
+    failed = [e for e in errors if e]
+    if not failed:
+        return
     if first:
         shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    dist.barrier(group)
-    return tmp
+    causes = "; ".join(dict.fromkeys(failed))
+    raise SaveFailed(f"the checkpoint of step {step} could not be written: {causes}; the partial folder was removed "
+                     f"and the run stopped (the last published checkpoint is intact)", step)
 
 
 def write_and_publish(state: dict, tmp: str, group, first: bool, root: str, step: int, info: dict, keep: int) -> None:
     """Every rank of `group` writes its part; DCP's save returns on the first rank once all parts
-    and the metadata are written, so that rank then publishes."""
+    and the metadata are written, so that rank then publishes. Every rank returns once the
+    checkpoint is published, or raises SaveFailed on every rank."""
     import torch.distributed.checkpoint as dcp
 
-    with quiet():
-        dcp.save(state, checkpoint_id=tmp, process_group=group, planner=planners()[0])
-    if first:
-        publish(root, tmp, step, info, keep)
+    error = None
+    try:
+        with quiet():
+            dcp.save(state, checkpoint_id=tmp, process_group=group, planner=planners()[0])
+        if first:
+            publish(root, tmp, step, info, keep)
+    except (Exception, CheckpointException) as e:
+        error = cause(e)
+    agree(error, group, step, tmp, first)
 
 
 # ------------------------------------------------------------------ paratrain's GPT presets

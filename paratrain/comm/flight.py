@@ -43,7 +43,8 @@ class Fingerprint:
     step: int
 
     def describe(self) -> str:
-        return f"{self.op} (group {self.group}; {self.shape} {self.dtype}) at {self.site}, step {self.step}"
+        what = f"; {self.shape} {self.dtype}" if self.dtype != "-" else (f"; {self.shape}" if self.shape != "-" else "")
+        return f"{self.op} (group {self.group}{what}) at {self.site}, step {self.step}"
 
 
 def _inside(filename: str) -> bool:
@@ -101,6 +102,14 @@ class FlightRecorder:
         self.recent.append(fp)
         return fp
 
+    def watch(self, op: str, group, what: str = "-") -> "_Watched":
+        """`with flight.watch("checkpoint save", group):` counts a call made outside paratrain.comm
+        (DCP's save and load, a barrier) as in flight, so the watchdog sees it too."""
+        self.seq += 1
+        fp = Fingerprint(self.seq, op, _ranks(group), what, "-", _call_site(), self.step)
+        self.recent.append(fp)
+        return _Watched(self, fp)
+
     def begin(self, fp: Fingerprint) -> None:
         self.current, self.since = fp, time.monotonic()
 
@@ -110,6 +119,17 @@ class FlightRecorder:
     def track(self, work, fp: Fingerprint):
         """Wrap an asynchronous handle so that waiting on it counts as being in flight."""
         return _Tracked(work, fp, self) if work is not None else None
+
+
+class _Watched:
+    def __init__(self, flight: FlightRecorder, fp: Fingerprint):
+        self.flight, self.fp = flight, fp
+
+    def __enter__(self):
+        self.flight.begin(self.fp)
+
+    def __exit__(self, *exc):
+        self.flight.end()
 
 
 class _Tracked:
@@ -136,6 +156,7 @@ class Watchdog:
     def __init__(self, flight: FlightRecorder, timeout: float, grace: float | None = None,
                  exit=os._exit, out=sys.stderr):
         self.flight, self.timeout = flight, timeout
+        self.others: list[FlightRecorder] = []  # more recorders to watch (a background thread's)
         self.grace = grace if grace is not None else min(10.0, max(2.0, timeout))
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.store = dist.distributed_c10d._get_default_store()
@@ -147,15 +168,20 @@ class Watchdog:
     def stop(self) -> None:
         self.stopped.set()
 
+    def also(self, flight: FlightRecorder) -> None:
+        """Watch `flight` too (the recorder of a thread that runs collectives of its own)."""
+        self.others.append(flight)
+
     def _run(self) -> None:
         while not self.stopped.wait(0.5):
-            fp = self.flight.current
-            if fp is not None and time.monotonic() - self.flight.since > self.timeout:
-                self._report(fp)
-                return
+            for flight in [self.flight, *self.others]:
+                fp = flight.current
+                if fp is not None and time.monotonic() - flight.since > self.timeout:
+                    self._report(fp, flight)
+                    return
 
-    def _report(self, fp: Fingerprint) -> None:
-        mine = {"rank": self.rank, "current": asdict(fp), "recent": [asdict(f) for f in self.flight.recent]}
+    def _report(self, fp: Fingerprint, flight: FlightRecorder) -> None:
+        mine = {"rank": self.rank, "current": asdict(fp), "recent": [asdict(f) for f in flight.recent]}
         self.store.set(f"paratrain/hang/{self.rank}", json.dumps(mine))
         deadline = time.monotonic() + self.grace
         keys = [f"paratrain/hang/{r}" for r in range(self.world)]

@@ -49,12 +49,13 @@ from tqdm import tqdm
 from paratrain.comm import CommStats, all_reduce, isend, recv, send
 from paratrain.comm.flight import Watchdog
 from paratrain.config import RunConfig, format_layout
-from paratrain.fit import peak_memory_bytes
+from paratrain.fit import bars_without_semaphore, peak_memory_bytes
 from paratrain.mesh import Mesh
 from paratrain.metrics import MetricsLog, check_report_to
 from paratrain.models.gpt import count_params
 from paratrain.models.spec import gpt_spec
 from paratrain.parallel.ps_checkpoint import ServerCheckpoints, resume_point
+from paratrain.stops import NonFiniteError, non_finite_update
 from paratrain.train import Trainer
 
 PULL, PUSH, DONE = 0.0, 1.0, 2.0
@@ -122,6 +123,7 @@ class Server:
         self.sum_grad = torch.zeros_like(self.shard)
         self.sum_loss, self.sum_sq, self.count = 0.0, 0.0, 0
         self.clock_loss = 0.0  # synchronous: the loss parts of the clock being summed
+        self.stopped: tuple[int, float, float] | None = None  # (step, grad norm, loss) of a non-finite update
         self.log: list[list[float]] = []  # per global step: step, loss, time, grad norm, lr
         self.gaps: list[int] = []  # per granted pull: clock lead over the slowest worker
         self.staleness: list[int] = []  # per push: updates between its pull and its application
@@ -147,7 +149,7 @@ class Server:
     def _serve(self) -> None:
         waiting = []
         for worker, clock in self.pending:
-            if self.index == 0 and self._exhausted(clock):
+            if self.stopped or (self.index == 0 and self._exhausted(clock)):
                 self._reply(worker, granted=False)
             elif self._may_start(clock):
                 if self.index == 0:
@@ -174,8 +176,11 @@ class Server:
                 all_reduce(total, self.group, self.comm)
             sq = float(total)
         norm = math.sqrt(sq)
-        coef = min(1.0, tr.grad_clip / (norm + 1e-6)) if tr.grad_clip > 0 else 1.0
         step = self.version + 1 if self.K == 0 else self.version // self.W + 1
+        if not (math.isfinite(norm) and math.isfinite(loss)):  # alike on every server: not applied
+            self.stopped = (step, norm, loss)
+            return
+        coef = min(1.0, tr.grad_clip / (norm + 1e-6)) if tr.grad_clip > 0 else 1.0
         lr = self.lr_at(step, tr.lr, tr.warmup_steps, tr.steps, tr.min_lr_ratio)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -201,6 +206,8 @@ class Server:
         _, clock, pulled, loss, sq = header.tolist()
         self.clock[worker] += 1
         self.staleness.append(self.version - int(pulled))
+        if self.stopped:  # a non-finite update stopped the run: later pushes are not applied
+            return
         if self.K != 0:  # applied on arrival, as an estimate of the whole batch's gradient
             self._step(grad * self.W, sq * self.W**2, loss)
             return
@@ -291,6 +298,7 @@ class Worker:
     def run(self) -> int:
         """Pull, compute, push until server 0 says stop; returns the number of clocks done."""
         cfg = self.cfg
+        bars_without_semaphore()  # no semaphore left behind by a killed worker
         bar = tqdm(total=cfg.train.steps, disable=not (self.rank == 0 and cfg.train.progress), desc="worker 0",
                    unit="step", dynamic_ncols=True, file=sys.stderr)
         clock = self.start
@@ -374,6 +382,8 @@ def serve(cfg: RunConfig, index: int, group, folder: str | None, start: int) -> 
     watchdog = watch(cfg, server.comm)
     server.run()
     total_step_bytes(server.comm.bytes, server.closing, watchdog)
+    if stop := agree_on_stop(server.stopped if index == 0 else None, cfg):
+        raise stop
     return {}
 
 
@@ -399,9 +409,15 @@ def work(cfg: RunConfig, trainer: Trainer, folder: str | None, start: int) -> di
         done = time.time()
         if rank != 0:
             total_step_bytes(worker.step_bytes, worker.comm, watchdog)
+            if stop := agree_on_stop(None, cfg):
+                raise stop
             return {}
         flat, records = worker.collect()
         step_bytes = total_step_bytes(worker.step_bytes, worker.comm, watchdog)
+        if stop := agree_on_stop(None, cfg):
+            write_steps(cfg, worker, metrics, records[0], t0, step_bytes)
+            metrics.event({"event": "stopped", **stop.record()["stopped"]})
+            raise stop
         val = worker.evaluate(flat)
         return report(cfg, worker, metrics, records, val, (t0, done), clocks, step_bytes)
     finally:
@@ -424,13 +440,18 @@ def total_step_bytes(mine: int, stats: CommStats, watchdog: Watchdog | None) -> 
     return int(t)
 
 
-def report(cfg: RunConfig, worker: Worker, metrics: MetricsLog, records: list[torch.Tensor], val: float,
-           times: tuple[float, float], clocks: int, step_bytes: int) -> dict:
-    """Worker 0's step records and summary, to the metrics log and the console; `records`:
-    server 0's (per step, grants' clock gaps, pushes' staleness); `step_bytes`: what all ranks
-    counted for the steps."""
-    tr, (log, gaps, staleness), (t0, done) = cfg.train, records, times
-    W, S, layout = cfg.layout.dp, tr.servers, ps_layout(cfg)
+def agree_on_stop(mine: tuple[int, float, float] | None, cfg: RunConfig) -> NonFiniteError | None:
+    """Every rank, at the end: server 0's (step, norm, loss) of a non-finite update, if any, as
+    the NonFiniteError each rank raises (one small broadcast from server 0)."""
+    box = [mine]
+    dist.broadcast_object_list(box, src=cfg.layout.dp)
+    return None if box[0] is None else non_finite_update(*box[0], cfg.train.grad_clip)
+
+
+def write_steps(cfg: RunConfig, worker: Worker, metrics: MetricsLog, log: torch.Tensor, t0: float,
+                step_bytes: int) -> list[float]:
+    """Worker 0: the step records of server 0's `log` (step, loss, time, grad norm, lr per applied
+    step) to the metrics log; returns the losses. `step_bytes`: what all ranks counted for the steps."""
     losses = [float(x) for x in log[:, 1]]
     stamps = [float(t) for t in log[:, 2]]
     step_times = [b - a for a, b in zip([t0] + stamps, stamps)]
@@ -440,6 +461,17 @@ def report(cfg: RunConfig, worker: Worker, metrics: MetricsLog, records: list[to
         metrics.step({"step": int(s), "loss": float(loss), "tokens": worker.tokens_per_step, "step_time_s": dt,
                       "tokens_per_s": worker.tokens_per_step / dt, "peak_mem_bytes": peak, "comm_bytes": comm,
                       "grad_norm": float(g), "lr": float(lr)})
+    return losses
+
+
+def report(cfg: RunConfig, worker: Worker, metrics: MetricsLog, records: list[torch.Tensor], val: float,
+           times: tuple[float, float], clocks: int, step_bytes: int) -> dict:
+    """Worker 0's step records and summary, to the metrics log and the console; `records`:
+    server 0's (per step, grants' clock gaps, pushes' staleness); `step_bytes`: what all ranks
+    counted for the steps."""
+    tr, (log, gaps, staleness), (t0, done) = cfg.train, records, times
+    W, S, layout = cfg.layout.dp, tr.servers, ps_layout(cfg)
+    losses = write_steps(cfg, worker, metrics, log, t0, step_bytes)
     wall = done - t0
     summary = {
         "event": "end", "steps": tr.steps, "final_loss": losses[-1], "first_loss": losses[0], "val_loss": val,

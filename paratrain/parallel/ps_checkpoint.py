@@ -8,11 +8,11 @@ import math
 import os
 
 import torch
-import torch.distributed as dist
 
-from paratrain.checkpoint import (Entry, agree_on_latest, begin_save, boxes_state, flat_range_boxes, gpt_aliases,
-                                  model_identity, planners, quiet, read_manifest, run_info, shifted_pieces,
-                                  write_and_publish)
+from paratrain.checkpoint import (Entry, begin_save, boxes_state, flat_range_boxes, gpt_aliases, model_identity,
+                                  planners, quiet, read_manifest, run_info, shifted_pieces, write_and_publish)
+from paratrain.checkpoint.checkpointer import open_run
+from paratrain.checkpoint.runs import run_identity
 from paratrain.config import RunConfig
 
 
@@ -26,6 +26,7 @@ class ServerCheckpoints:
     def __init__(self, server, layout: str):
         self.server, self.cfg, self.layout = server, server.cfg, layout
         self.first = server.index == 0  # creates the folder and publishes it
+        self.run_id = RUN_IDS.get(self.cfg.checkpoint.dir)  # chosen by resume_point
 
     def entries(self) -> list:
         srv, out = self.server, []
@@ -49,9 +50,9 @@ class ServerCheckpoints:
         ck, group = self.cfg.checkpoint, self.server.group
         tmp = begin_save(ck.dir, step, group, self.first)
         state = {**boxes_state(self.entries(), saving=True), "meta": self.meta(step)}
-        info = run_info(model_identity(self.cfg), self.cfg.to_dict(), step, self.layout, gpt_aliases(self.cfg))
-        write_and_publish(state, tmp, group, self.first, ck.dir, step, info, ck.keep)
-        dist.barrier(group)  # published before any server goes on
+        info = run_info(model_identity(self.cfg), self.cfg.to_dict(), step, self.layout, gpt_aliases(self.cfg),
+                        self.run_id)
+        write_and_publish(state, tmp, group, self.first, ck.dir, step, info, ck.keep)  # returns once published
 
     def load(self, folder: str) -> None:
         import torch.distributed.checkpoint as dcp
@@ -63,13 +64,18 @@ class ServerCheckpoints:
             self.server.optimizer.state[v]["step"] = torch.tensor(float(state["meta"]["optim_step"]))
 
 
+RUN_IDS: dict[str, str] = {}  # checkpoint folder -> this run's id in it (one run per process)
+
+
 def resume_point(cfg: RunConfig) -> tuple[str | None, int]:
     """The checkpoint to resume from (with --resume, or in a restart after a failure) and its
-    step; rank 0 chooses, skipping broken ones with a warning, and tells every rank."""
+    step; rank 0 takes the folder for the run and chooses, skipping broken ones with a warning
+    (checkpointer.open_run), and tells every rank."""
     first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
-    if not cfg.checkpoint.dir or (first_attempt and not cfg.checkpoint.resume):
+    if not cfg.checkpoint.dir:
         return None, 0
-    folder = agree_on_latest(cfg.checkpoint.dir, model_identity(cfg))
+    run = run_identity(cfg.to_dict(), model_identity(cfg))
+    RUN_IDS[cfg.checkpoint.dir], folder = open_run(cfg.checkpoint.dir, run, cfg.checkpoint.resume, not first_attempt)
     if folder is None:
         return None, 0  # nothing saved yet: start over
     return folder, int(read_manifest(folder)["step"])

@@ -3,15 +3,18 @@
 The cost of a stage is the forward FLOPs per token of what it holds: a block costs
 24 d^2 (q, k, v, projection and the two MLP matrices) + 4 T d (attention scores and values);
 the first stage adds the embedding (a lookup: counted as d) and the last stage the output head
-(2 d V), which for a large vocabulary is worth several blocks. A short dynamic program over
-contiguous block ranges (as in Alpa's stage construction) minimises the most expensive stage.
+(2 d V), which for a large vocabulary is worth several blocks. The split minimises the most
+expensive stage (a bisection on it), then evens the rest out with a short dynamic program over
+contiguous block ranges (as in Alpa's stage construction): near-linear in the layers.
 Any other model given as a sequence of layers (the Python API) is split the same way, each layer
 costing its parameter count unless the caller gives the split points.
 """
 
 from __future__ import annotations
 
-import functools
+import bisect
+import itertools
+import struct
 
 import torch.nn as nn
 
@@ -27,31 +30,119 @@ def head_cost(cfg: GPTConfig) -> float:
 
 
 def balanced_partition(costs: list[float], n_stages: int) -> list[range]:
-    """Contiguous ranges of layers with costs `costs`, one per stage (each non-empty), minimising
-    the largest stage cost; among equal maxima, the most even split."""
+    """Contiguous ranges of layers with costs `costs` (each >= 0), one per stage (each non-empty),
+    minimising the largest stage cost; among equal maxima, the most even split.
+
+    The optimal bottleneck comes from a bisection with a greedy check (O(k log n) per probe); the
+    stage ends then range over short windows (those leaving every stage under it), where the
+    dynamic program of Alpa's stage construction runs exactly. Past EXACT_WORK (many stages, or
+    very uneven costs) the slack is spread evenly instead, still at the optimal bottleneck."""
     n = len(costs)
-    if n_stages > n:
+    if not 1 <= n_stages <= n:
         raise ValueError(f"{n} blocks cannot fill {n_stages} pipeline stages")
-    prefix = [0.0]
-    for c in costs:
-        prefix.append(prefix[-1] + c)
-
-    @functools.lru_cache(maxsize=None)
-    def best(stage: int, lo: int) -> tuple[float, float, tuple[int, ...]]:
-        """(max cost, sum of squared costs, ends) for stages `stage..` over layers `lo..`."""
-        if stage == n_stages - 1:
-            c = prefix[n] - prefix[lo]
-            return c, c * c, (n,)
-        options = []
-        for hi in range(lo + 1, n - (n_stages - stage - 1) + 1):
-            c = prefix[hi] - prefix[lo]
-            worst, squares, ends = best(stage + 1, hi)
-            options.append((max(c, worst), c * c + squares, (hi, *ends)))
-        return min(options)
-
-    *_, ends = best(0, 0)
+    if min(costs) < 0:
+        raise ValueError(f"layer costs must be at least 0, got {min(costs)}")
+    prefix = list(itertools.accumulate(costs, initial=0.0))
+    limit = _bottleneck(prefix, n_stages)
+    windows = _end_windows(prefix, n_stages, limit)
+    work = sum(len(a) * len(b) for a, b in zip(windows, windows[1:]))
+    ends = (_exact_ends if work <= EXACT_WORK else _even_ends)(prefix, windows, limit)
     starts = (0, *ends[:-1])
     return [range(a, b) for a, b in zip(starts, ends)]
+
+
+EXACT_WORK = 250_000  # (start, end) pairs the exact dynamic program may visit
+
+
+def _reach(prefix: list[float], lo: int, limit: float) -> int:
+    """The furthest end hi >= lo of a stage starting at `lo` that costs at most `limit`."""
+    base = prefix[lo]
+    return bisect.bisect_right(prefix, limit, lo, len(prefix), key=lambda p: p - base) - 1
+
+
+def _reach_back(prefix: list[float], hi: int, limit: float) -> int:
+    """The earliest start lo <= hi of a stage ending at `hi` that costs at most `limit`
+    (p - base is exactly -(base - p), so this is the same test as _reach's)."""
+    base = prefix[hi]
+    return bisect.bisect_left(prefix, -limit, 0, hi, key=lambda p: p - base)
+
+
+def _stages_needed(prefix: list[float], limit: float, k: int) -> int:
+    """Stages the greedy split under `limit` needs (more than k: stops counting)."""
+    lo, n, count = 0, len(prefix) - 1, 0
+    while lo < n and count <= k:
+        hi = _reach(prefix, lo, limit)
+        lo, count = (hi, count + 1) if hi > lo else (n, k + 1)
+    return count
+
+
+def _bottleneck(prefix: list[float], k: int) -> float:
+    """The smallest largest-stage cost of any split into k stages, exactly as the stage costs
+    prefix[hi] - prefix[lo] round: a bisection over the bit patterns of non-negative doubles
+    (ordered as the numbers are), each probe checked by the greedy split."""
+    def bits(x: float) -> int:
+        return struct.unpack("<q", struct.pack("<d", x))[0]
+
+    low = max(b - a for a, b in zip(prefix, prefix[1:]))  # the costliest layer is in some stage
+    lo, hi = bits(low), bits(prefix[-1] - prefix[0])
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if _stages_needed(prefix, struct.unpack("<d", struct.pack("<q", mid))[0], k) <= k:
+            hi = mid
+        else:
+            lo = mid + 1
+    return struct.unpack("<d", struct.pack("<q", lo))[0]
+
+
+def _end_windows(prefix: list[float], k: int, limit: float) -> list[range]:
+    """Per stage, the ends it may have in a split into k non-empty stages of cost <= `limit`:
+    no further than the greedy split from the left reaches, no earlier than the one from the right."""
+    n = len(prefix) - 1
+    latest, earliest = [0] * k, [n] * k
+    for j in range(k):
+        latest[j] = min(_reach(prefix, latest[j - 1] if j else 0, limit), n - (k - 1 - j))
+    for j in range(k - 2, -1, -1):
+        earliest[j] = max(_reach_back(prefix, earliest[j + 1], limit), j + 1)
+    return [range(a, b + 1) for a, b in zip(earliest, latest)]
+
+
+def _exact_ends(prefix: list[float], windows: list[range], limit: float) -> tuple[int, ...]:
+    """Ends minimising (largest cost, sum of squared costs, ends) stage by stage from the last,
+    as the full dynamic program over every range would: its choices all lie in the windows."""
+    k, n = len(windows), len(prefix) - 1
+    best = [dict() for _ in range(k)]  # stage j: {start: (max cost, squares, end)} of stages j..k-1
+    for lo in (windows[k - 2] if k > 1 else (0,)):
+        c = prefix[n] - prefix[lo]
+        best[k - 1][lo] = (c, c * c, n)
+    for j in range(k - 2, -1, -1):
+        nxt = best[j + 1]
+        for lo in (windows[j - 1] if j else (0,)):
+            options = []
+            for hi in range(max(lo + 1, windows[j].start), min(_reach(prefix, lo, limit), windows[j].stop - 1) + 1):
+                c = prefix[hi] - prefix[lo]
+                worst, squares, _ = nxt[hi]
+                options.append((max(c, worst), c * c + squares, hi))
+            if options:
+                best[j][lo] = min(options)
+    ends, lo = [], 0
+    for j in range(k):
+        lo = best[j][lo][2]
+        ends.append(lo)
+    return tuple(ends)
+
+
+def _even_ends(prefix: list[float], windows: list[range], limit: float) -> tuple[int, ...]:
+    """Ends in the windows, each stage as near as it may be to an even share of what is left."""
+    k, n, lo, ends = len(windows), len(prefix) - 1, 0, []
+    for j in range(k - 1):
+        target = prefix[lo] + (prefix[n] - prefix[lo]) / (k - j)
+        first, last = max(lo + 1, windows[j].start), min(_reach(prefix, lo, limit), windows[j].stop - 1)
+        hi = min(max(bisect.bisect_left(prefix, target, first, last + 1), first), last)
+        if hi > first and target - prefix[hi - 1] <= prefix[hi] - target:
+            hi -= 1
+        ends.append(hi)
+        lo = hi
+    return (*ends, n)
 
 
 def balanced_split(n_blocks: int, n_stages: int, block: float, first_extra: float, last_extra: float) -> list[range]:
