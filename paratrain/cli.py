@@ -279,7 +279,10 @@ def check_checkpoint_dir(cfg: RunConfig) -> None:
 
 
 def cmd_checkpoint(args: argparse.Namespace) -> int:
+    from torch.distributed.checkpoint.api import CheckpointException
+
     from paratrain.checkpoint import CheckpointError, export
+    from paratrain.outputs import check_output_file
 
     if args.action != "export":
         fail("checkpoint: say what to do, e.g. `paratrain checkpoint export DIR --to model.safetensors`")
@@ -291,15 +294,20 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
         fail(f"checkpoint export: no such folder {args.path!r}")
     if not os.path.isdir(args.path):
         fail(f"checkpoint export: {args.path!r} is a file; give a checkpoint folder (step_N) or the --checkpoint-dir")
-    if os.path.isdir(args.to):
-        fail(f"--to: {args.to!r} is a folder; give a file such as {os.path.join(args.to, 'model.safetensors')}")
     try:
-        make_folder("--to", os.path.dirname(args.to) or ".")
+        check_output_file("--to", args.to, "model.safetensors")
         folder = export(args.path, args.to)
     except ConfigError as e:
         fail(str(e))
     except CheckpointError as e:
         fail(f"checkpoint export: {e}")
+    except OSError as e:  # a file the manifest or DCP's metadata names, or --to itself
+        where = f"{e.filename}: " if e.filename else ""
+        fail(f"checkpoint export: cannot export {args.path!r}: {where}{e.strerror or e}")
+    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError, EOFError, CheckpointException) as e:
+        # a manifest or metadata that is not what paratrain writes ([], {}, a string, ...)
+        why = " ".join(str(e).split()) or type(e).__name__
+        fail(f"checkpoint export: {args.path!r} is not a usable checkpoint ({type(e).__name__}: {why[:200]})")
     print(f"paratrain: wrote {args.to} from {folder}")
     return 0
 

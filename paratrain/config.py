@@ -19,6 +19,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
+from paratrain.files import read_small_text
 from paratrain.models.gpt import PRESETS
 
 
@@ -135,6 +136,8 @@ class RunConfig:
 # SIGKILL or SIGSTOP that rank while it writes the checkpoint of that step
 FAULTS = ("", "kill", "save-kill", "save-freeze")
 SECTIONS = ("model", "layout", "train", "data", "checkpoint")
+MAX_WAIT_S = 7 * 24 * 3600  # --collective-timeout: a week; below 1 s a busy rank looks hung
+MAX_STRAGGLER_S = 3600  # --simulate-straggler: an hour's sleep per step is already a hang
 
 
 def format_layout(layout: LayoutConfig) -> str:
@@ -200,14 +203,22 @@ def _coerce(name: str, f: dataclasses.Field, value: Any, current: Any) -> Any:
     return value
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a config file is a few dozen lines
+
+
 def load_toml(path: str) -> dict[str, Any]:
-    if not os.path.isfile(path):
-        raise ConfigError(f"--config: no such file {path!r}")
+    """The tables of the TOML file `path`; ConfigError (one line) unless it is a regular file of
+    UTF-8 TOML of at most MAX_CONFIG_BYTES (a folder, device or FIFO is named, never opened)."""
     try:
-        with open(path, "rb") as fh:
-            return tomllib.load(fh)
+        text = read_small_text(path, MAX_CONFIG_BYTES, "TOML file")
+    except ValueError as e:
+        raise ConfigError(f"--config: {e}") from None
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"--config: {path} is not valid TOML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"--config: {path} nests arrays or tables too deeply for a config file") from None
 
 
 def validate(cfg: RunConfig, world_size: int | None = None) -> None:
@@ -356,9 +367,9 @@ def _validate_optimizer(cfg: RunConfig) -> None:
         raise ConfigError(f"model.dropout: must be in [0, 1), got {cfg.model.dropout}")
     if not 0 < tr.bucket_mb < math.inf:
         raise ConfigError(f"--bucket-mb: must be a positive finite number, got {tr.bucket_mb}")
-    if not 0 <= tr.collective_timeout < math.inf:
-        raise ConfigError(f"--collective-timeout: must be a finite number of seconds >= 0 (0 turns the watchdog off), "
-                          f"got {tr.collective_timeout}")
+    if not (tr.collective_timeout == 0 or 1 <= tr.collective_timeout <= MAX_WAIT_S):
+        raise ConfigError(f"--collective-timeout: must be 0 (the watchdog off) or between 1 and {MAX_WAIT_S} seconds, "
+                          f"got {tr.collective_timeout:g}")
     if tr.max_restarts < 0:
         raise ConfigError(f"--max-restarts: must be at least 0, got {tr.max_restarts}")
 
@@ -413,17 +424,12 @@ def _validate_data(cfg: RunConfig) -> None:
 
 
 def _validate_local_memory(cfg: RunConfig, world_size: int | None) -> None:
-    """Local cpu workers: each needs the planner's worker baseline."""
-    if cfg.train.device == "cpu" and world_size is None:
-        from paratrain.planner.hardware import cpu_local
+    """What this machine must hold at least: the local workers, the global batch, activations."""
+    from paratrain.limits import local_memory_problem
 
-        hw = cpu_local()
-        if cfg.world_size * hw.reserve_bytes > hw.memory_bytes:
-            raise ConfigError(
-                f"layout: {cfg.world_size} local workers need about "
-                f"{cfg.world_size * hw.reserve_bytes / 2**30:.0f} GiB ({hw.reserve_bytes / 2**20:.0f} MiB each "
-                f"before the model) but this machine has "
-                f"{hw.memory_bytes / 2**30:.0f} GiB; use fewer --dp/--tp/--pp, or torchrun across machines")
+    problem = local_memory_problem(cfg, world_size)
+    if problem:
+        raise ConfigError(problem)
 
 
 def _validate_checkpoint(cfg: RunConfig) -> None:
@@ -472,8 +478,9 @@ def _validate_sync(cfg: RunConfig) -> None:
     if tr.simulate_straggler is not None:
         rank, _, seconds = tr.simulate_straggler.partition(":")
         try:
-            ok = rank.isdigit() and int(rank) < lay.dp * lay.tp * lay.pp and 0 <= float(seconds) < math.inf
+            ok = rank.isdigit() and int(rank) < lay.dp * lay.tp * lay.pp and 0 <= float(seconds) <= MAX_STRAGGLER_S
         except ValueError:
             ok = False
         if not ok:
-            raise ConfigError(f"--simulate-straggler: expected RANK:SECONDS with a worker RANK, got {tr.simulate_straggler!r}")
+            raise ConfigError(f"--simulate-straggler: expected RANK:SECONDS with a worker RANK and 0 to "
+                              f"{MAX_STRAGGLER_S} seconds, got {tr.simulate_straggler!r}")

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from paratrain.files import regular_file
+
 VOCAB_SIZE = 256
 
 
@@ -43,13 +45,27 @@ def stdlib_files() -> list[str]:
 
 
 def text_files(path: str) -> list[str]:
-    if os.path.isfile(path):
-        return [path]
+    """The corpus files of `path` (itself, or the files of a folder, hidden ones skipped), in sorted
+    order. Each must be a readable regular file, learnt from os.stat without opening it (a FIFO
+    would block): a dangling link, a FIFO, a device or socket is a ValueError naming it."""
+    if not os.path.isdir(path):
+        return [_corpus_file(path, "give a text file or a folder of them")]
     files = []
     for dirpath, dirnames, filenames in os.walk(path):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        files.extend(os.path.join(dirpath, f) for f in sorted(filenames) if not f.startswith("."))
+        files.extend(_corpus_file(os.path.join(dirpath, f), "take it out of the folder")
+                     for f in sorted(filenames) if not f.startswith("."))
     return files
+
+
+def _corpus_file(path: str, fix: str) -> str:
+    try:
+        regular_file(path, "text file")
+    except ValueError as e:
+        raise ValueError(f"--data: {e}; {fix}") from None
+    if not os.access(path, os.R_OK):
+        raise ValueError(f"--data: cannot read {path!r} (permission denied); {fix}")
+    return path
 
 
 def load_corpus(path: str = "stdlib", max_bytes: int = 64 << 20) -> np.ndarray:

@@ -97,7 +97,8 @@ def continues(t) -> dict | None:
     if attempt == 0 and t.resumed_from is None:
         return None
     return {"event": "restart" if attempt else "resume", "attempt": attempt,
-            "resumed_from_step": t.position.step - 1}
+            "resumed_from_step": t.position.step - 1, "layout": format_layout(t.cfg.layout),
+            "world_size": t.mesh.world_size}
 
 
 def bars_without_semaphore() -> None:

@@ -21,13 +21,14 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
+from paratrain.checkpoint import latest_good, model_identity, read_manifest
 from paratrain.comm.flight import HANG_EXIT
 from paratrain.config import RunConfig
 from paratrain.group import (cpu_count, init_process_group, leave_at_exit, leave_process_group,  # noqa: F401
                              threads_per_worker, under_torchrun)
 from paratrain.mesh import Mesh
 from paratrain.stops import (Preempted, RunStopped, StopSignals, end_quietly_on_signals, leave_if_unread,
-                             preempted_on_disk)
+                             signal_name)
 from paratrain.train import Trainer
 
 
@@ -149,6 +150,14 @@ def reporting_agent(base: type, resumes: str) -> type:
             self.failures = {}
             super()._restart_workers(worker_group)
 
+        def _stop_workers(self, worker_group) -> None:
+            self._shutdown(signal.SIGKILL, 5)  # a failed attempt: its survivors hold nothing to save
+
+        def _shutdown(self, death_sig=None, timeout: int = 30) -> None:
+            # a signal to this process (preemption) gives the workers time to save; the engine's
+            # own end (after the last failure) does not wait for survivors that ignore SIGTERM
+            super()._shutdown(death_sig or signal.SIGKILL, timeout if death_sig else 5)
+
     return ReportingAgent
 
 
@@ -193,3 +202,20 @@ def launch(cfg: RunConfig) -> dict:
     except KeyboardInterrupt:  # before the engine handles the signals
         raise preempted_on_disk(cfg, signal.SIGINT) from None
     return results[0]
+
+
+def preempted_on_disk(cfg, signum: int) -> Preempted:
+    """The launcher's line when it was signalled itself (the workers' own message cannot come
+    back through it then): what the checkpoint folder holds now."""
+    name, root = signal_name(signum), cfg.checkpoint.dir
+    if not root:
+        return Preempted(f"preempted ({name}); nothing was saved (no --checkpoint-dir)", 0, signum)
+    try:
+        folder = latest_good(root, model_identity(cfg))[0]
+        step = int(read_manifest(folder)["step"]) if folder else 0
+    except Exception:  # noqa: BLE001 - the line must come whatever the folder holds
+        folder, step = None, 0
+    if folder is None:
+        return Preempted(f"preempted ({name}) before any checkpoint was saved in {root}", 0, signum)
+    return Preempted(f"preempted ({name}): the newest checkpoint is {folder} (step {step}); "
+                     f"the same command with --resume continues from there", step, signum)

@@ -74,11 +74,13 @@ def non_finite_update(step: int, norm: float, loss: float, grad_clip: float) -> 
         return NonFiniteError(non_finite_loss(step, loss, norm), step)
     return NonFiniteError(non_finite_norm(step, norm, loss, grad_clip), step)
 
+
 def overflowed(step: int, n: int, loss: float) -> str:
     """fp16: `n` steps in a row up to `step` overflowed (the --max-skipped-steps bound)."""
     return (f"fp16 gradients overflowed in {n} steps in a row (steps {step - n + 1}-{step}, loss {loss:.4g}), "
             f"all skipped (--max-skipped-steps {n}): the model is as after step {step - n}; lower --lr or use "
             f"--precision bf16")
+
 
 def signal_name(signum: int) -> str:
     return signal.Signals(signum).name
@@ -133,6 +135,7 @@ def leave_if_unread(grace_s: float = 3.0) -> None:
     timer.daemon = True
     timer.start()
 
+
 def installed_stop_signals() -> StopSignals | None:
     """The StopSignals that handles SIGTERM in this process now, if any."""
     owner = getattr(signal.getsignal(signal.SIGTERM), "__self__", None)
@@ -143,22 +146,3 @@ def requested_signal() -> int:
     """The stop signal this process received (0: none or not handled by a StopSignals)."""
     signals = installed_stop_signals()
     return signals.signum if signals else 0
-
-
-def preempted_on_disk(cfg, signum: int) -> Preempted:
-    """The launcher's line when it was signalled itself (the workers' own message cannot come
-    back through it then): what the checkpoint folder holds now."""
-    name, root = signal_name(signum), cfg.checkpoint.dir
-    if not root:
-        return Preempted(f"preempted ({name}); nothing was saved (no --checkpoint-dir)", 0, signum)
-    from paratrain.checkpoint import latest_good, model_identity, read_manifest
-
-    try:
-        folder = latest_good(root, model_identity(cfg))[0]
-        step = int(read_manifest(folder)["step"]) if folder else 0
-    except Exception:  # noqa: BLE001 - the line must come whatever the folder holds
-        folder, step = None, 0
-    if folder is None:
-        return Preempted(f"preempted ({name}) before any checkpoint was saved in {root}", 0, signum)
-    return Preempted(f"preempted ({name}): the newest checkpoint is {folder} (step {step}); "
-                     f"the same command with --resume continues from there", step, signum)

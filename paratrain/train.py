@@ -189,7 +189,8 @@ class Trainer:
         this model, in this layout whatever layout saved it; returns its step, or None if there
         is none yet."""
         ckpt = self.ckpt if root is None else self._checkpointer(root)
-        folder = agree_on_latest(ckpt.root, self.spec.identity)
+        with self.mesh.comm.flight.watch("checkpoint: choose the newest", ckpt.group):
+            folder = agree_on_latest(ckpt.root, self.spec.identity)
         return None if folder is None else self._load(ckpt, folder)
 
     def _load(self, ckpt: Checkpointer, folder: str) -> int:

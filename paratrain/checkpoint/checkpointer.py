@@ -107,7 +107,8 @@ class Checkpointer:
         """Take the folder for this run (its lock, its run id); returns the checkpoint to load:
         with `resume`, the newest good one this run may continue; in a `restart`, its own newest;
         None for a fresh run (which refuses a folder holding checkpoints: CheckpointError)."""
-        self.run_id, folder = open_run(self.root, self.run, resume, restart, self.group)
+        with self.flight.watch("checkpoint: choose where to start", self.group):
+            self.run_id, folder = open_run(self.root, self.run, resume, restart, self.group)
         return folder
 
     def close(self) -> None:

@@ -52,13 +52,14 @@ class ServerCheckpoints:
         state = {**boxes_state(self.entries(), saving=True), "meta": self.meta(step)}
         info = run_info(model_identity(self.cfg), self.cfg.to_dict(), step, self.layout, gpt_aliases(self.cfg),
                         self.run_id)
-        write_and_publish(state, tmp, group, self.first, ck.dir, step, info, ck.keep)  # returns once published
+        with self.server.comm.flight.watch("checkpoint: save (DCP)", group, f"step {step}"):
+            write_and_publish(state, tmp, group, self.first, ck.dir, step, info, ck.keep)  # returns once published
 
     def load(self, folder: str) -> None:
         import torch.distributed.checkpoint as dcp
 
         state = {**boxes_state(self.entries(), saving=False), "meta": self.meta(0)}
-        with quiet():
+        with quiet(), self.server.comm.flight.watch("checkpoint: load (DCP)", self.server.group, folder):
             dcp.load(state, checkpoint_id=folder, process_group=self.server.group, planner=planners()[1])
         for v in self.server.views:
             self.server.optimizer.state[v]["step"] = torch.tensor(float(state["meta"]["optim_step"]))

@@ -30,6 +30,10 @@ from paratrain.planner.hardware import NAMES, Hardware, get_hardware
 
 GiB = 2**30
 OOM = "out of device memory"
+# The largest shapes `paratrain plan` prices: far past any model or cluster built, and small
+# enough that the search stays in seconds to minutes and every count fits a float.
+SHAPE_LIMITS = {"layers": 10**6, "hidden": 2**20, "heads": 2**20, "vocab": 2**31, "seq_len": 2**24,
+                "gpus": 2**16, "gpus_per_node": 2**16, "global_batch": 2**40}
 
 
 @dataclass
@@ -236,8 +240,8 @@ def model_from_args(args: argparse.Namespace) -> tuple[GPTConfig, int, str]:
         raise ConfigError("--model: give a preset (--model NAME) or the whole shape: missing "
                           + ", ".join("--" + k.replace("_", "-") for k in missing))
     for k, v in {**custom, "seq_len": args.seq_len}.items():
-        if v < 1:
-            raise ConfigError(f"--{k.replace('_', '-')}: must be at least 1, got {v}")
+        if not 1 <= v <= SHAPE_LIMITS[k]:
+            raise ConfigError(f"--{k.replace('_', '-')}: must be between 1 and {SHAPE_LIMITS[k]:,}, got {v}")
     if args.hidden % args.heads:
         raise ConfigError(f"--hidden: {args.hidden} is not divisible by --heads {args.heads}; use a multiple")
     vocab = pad_vocab(args.vocab)
@@ -269,8 +273,9 @@ def run_plan(args: argparse.Namespace, out=None) -> int:
     G = args.gpus_per_node if args.gpus_per_node is not None else (gpus if gpu == "cpu-local" else hw.gpus_per_node)
     batch = args.global_batch if args.global_batch is not None else RunConfig().train.global_batch
     for name, value in (("--gpus", gpus), ("--gpus-per-node", G), ("--global-batch", batch), ("--top", args.top)):
-        if value < 1:
-            raise ConfigError(f"{name}: must be at least 1, got {value}")
+        limit = SHAPE_LIMITS.get(name.lstrip("-").replace("-", "_"))
+        if value < 1 or (limit and value > limit):
+            raise ConfigError(f"{name}: must be " + (f"between 1 and {limit:,}" if limit else "at least 1") + f", got {value}")
     if gpus > G and gpus % G:
         raise ConfigError(f"--gpus: {gpus} GPUs do not fill nodes of {G}; use a multiple of --gpus-per-node {G}")
     precision = args.precision or ("fp32" if gpu == "cpu-local" else "bf16")

@@ -54,10 +54,15 @@ def balanced_partition(costs: list[float], n_stages: int) -> list[range]:
 EXACT_WORK = 250_000  # (start, end) pairs the exact dynamic program may visit
 
 
-def _reach(prefix: list[float], lo: int, limit: float) -> int:
-    """The furthest end hi >= lo of a stage starting at `lo` that costs at most `limit`."""
-    base = prefix[lo]
-    return bisect.bisect_right(prefix, limit, lo, len(prefix), key=lambda p: p - base) - 1
+def _reach(prefix: list[float], lo: int, limit: float, guess: int = 0) -> int:
+    """The furthest end hi >= lo of a stage starting at `lo` that costs at most `limit`; `guess`
+    (the previous stage's length) starts a galloping search that is short when stages are alike."""
+    base, end = prefix[lo], len(prefix)
+    a = lo + guess if guess and lo + guess < end and prefix[lo + guess] - base <= limit else lo
+    step = 1
+    while a + step < end and prefix[a + step] - base <= limit:
+        a, step = a + step, step * 2
+    return bisect.bisect_right(prefix, limit, a, min(a + step, end), key=lambda p: p - base) - 1
 
 
 def _reach_back(prefix: list[float], hi: int, limit: float) -> int:
@@ -69,10 +74,10 @@ def _reach_back(prefix: list[float], hi: int, limit: float) -> int:
 
 def _stages_needed(prefix: list[float], limit: float, k: int) -> int:
     """Stages the greedy split under `limit` needs (more than k: stops counting)."""
-    lo, n, count = 0, len(prefix) - 1, 0
+    lo, n, count, size = 0, len(prefix) - 1, 0, 0
     while lo < n and count <= k:
-        hi = _reach(prefix, lo, limit)
-        lo, count = (hi, count + 1) if hi > lo else (n, k + 1)
+        hi = _reach(prefix, lo, limit, size)
+        lo, size, count = (hi, hi - lo, count + 1) if hi > lo else (n, 0, k + 1)
     return count
 
 
@@ -100,7 +105,8 @@ def _end_windows(prefix: list[float], k: int, limit: float) -> list[range]:
     n = len(prefix) - 1
     latest, earliest = [0] * k, [n] * k
     for j in range(k):
-        latest[j] = min(_reach(prefix, latest[j - 1] if j else 0, limit), n - (k - 1 - j))
+        start = latest[j - 1] if j else 0
+        latest[j] = min(_reach(prefix, start, limit, start - latest[j - 2] if j > 1 else 0), n - (k - 1 - j))
     for j in range(k - 2, -1, -1):
         earliest[j] = max(_reach_back(prefix, earliest[j + 1], limit), j + 1)
     return [range(a, b + 1) for a, b in zip(earliest, latest)]
