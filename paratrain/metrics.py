@@ -292,7 +292,12 @@ class MetricsLog:
         of the first step recorded, `restarts`, `resumes`, and their total `time_lost_s`."""
         if not self.enabled:
             return summary
-        return {**summary, **self.history.summary()}
+        whole = {**summary, **self.history.summary()}
+        last = self.history.last
+        final = summary.get("final_loss")
+        if last is not None and last.get("step") == summary.get("steps") and not (is_number(final) and math.isfinite(final)):
+            whole["final_loss"] = last.get("loss")  # a restart from the last step's checkpoint trained nothing
+        return whole
 
     def close(self) -> None:
         """Close the file and the trackers (a run closed before `end` is marked failed). Safe to call twice."""
@@ -318,13 +323,14 @@ class RunHistory:
 
     def __init__(self):
         self.first: dict | None = None  # the first step record
+        self.last: dict | None = None  # the latest step record
         self.restarts = self.resumes = 0
         self.time_lost = 0.0
 
     def add(self, record: dict) -> None:
         event = record.get("event")
-        if self.first is None and is_step(record):
-            self.first = record
+        if is_step(record):
+            self.first, self.last = self.first or record, record
         elif event == "restart":  # a file-less run knows only the attempt it is in
             self.restarts = max(self.restarts + 1, int(record.get("attempt") or 0))
         elif event == "resume":

@@ -77,6 +77,7 @@ def check(tmp, p, final_loss, what):
     end = recs[-1]
     assert end["event"] == "end", what
     assert end["final_loss"] == pytest.approx(final_loss, rel=1e-6), f"{what}\n{err}"
+    print(what, "|", " ".join(l for l in err.splitlines() if "died" in l or "failed" in l)[:200])
     return err
 
 

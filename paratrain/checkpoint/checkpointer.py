@@ -112,10 +112,15 @@ class Checkpointer:
         return folder
 
     def close(self) -> None:
-        """Wait for a save in flight, then give the folder's lock back (the run is over)."""
+        """Wait for a save in flight, then give the folder's lock back (the run is over): a
+        process that holds it itself removes it; under a launcher, whose other workers may yet
+        die and be restarted, it is marked finished (the launcher removes it as it ends)."""
         self.wait()
-        if self.rank == 0:
-            runs.release(self.root)
+        if self.rank == 0 and self.run_id is not None:
+            if runs.lock_owner() == os.getpid():
+                runs.release(self.root)
+            else:
+                runs.record_run(self.root, self.run_id, finished=True)
 
     def _simulate_fault(self, step: int) -> None:
         import signal

@@ -157,12 +157,13 @@ def acquire(root: str, owner: int | None = None, run_id: str | None = None) -> d
             continue  # released meanwhile
         if held.get("host") == mine["host"] and held.get("pid") == owner:
             return held  # ours: taken by the launcher, or before a restart
-        reason = _stale_reason(held, path)
+        reason = "its run has finished" if held.get("finished") else _stale_reason(held, path)
         if reason is None:
             since = time.strftime("%Y-%m-%d %H:%M", time.localtime(held.get("since", 0)))
             raise LockHeld(f"{root!r} is in use by another run (pid {held.get('pid')} on {held.get('host')}, "
                            f"since {since}); wait for it to end or give another --checkpoint-dir")
-        print(f"paratrain: warning: took over the stale lock of {root!r} ({reason})", file=sys.stderr, flush=True)
+        if not held.get("finished"):
+            print(f"paratrain: warning: took over the stale lock of {root!r} ({reason})", file=sys.stderr, flush=True)
         try:
             os.remove(path)
         except FileNotFoundError:
@@ -170,11 +171,13 @@ def acquire(root: str, owner: int | None = None, run_id: str | None = None) -> d
     raise LockHeld(f"{root!r}: could not take its lock {path!r}; another run keeps taking it")
 
 
-def record_run(root: str, run_id: str) -> None:
-    """Write the run id into the lock we hold (restarts read it back)."""
-    held = read_lock(root) or {}
-    _write_lock(os.path.join(root, LOCK), {**held, "run": run_id, "since": held.get("since", time.time())},
-                exclusive=False)
+def record_run(root: str, run_id: str, finished: bool = False) -> None:
+    """Write the run id into the lock we hold (restarts read it back); `finished`: the run has
+    trained its last step (a worker's restart after it still finds its run; a new run takes the
+    lock over without a warning)."""
+    held = {k: v for k, v in (read_lock(root) or {}).items() if k != "finished"}
+    _write_lock(os.path.join(root, LOCK), {**held, "run": run_id, "since": held.get("since", time.time()),
+                                           **({"finished": True} if finished else {})}, exclusive=False)
 
 
 def refresh(root: str) -> None:
