@@ -110,7 +110,8 @@ def test_truncated_newest_checkpoint_falls_back_and_a_lone_broken_one_is_refused
     data = next(f for f in os.listdir(newest) if f.endswith(".distcp") and os.path.getsize(os.path.join(newest, f)) > 1000)
     with open(os.path.join(newest, data), "r+b") as fh:
         fh.truncate(1000)
-    r = cli("train", "--model", "tiny", "--dp", "1", "--steps", "6", "--seq-len", "32", "--seed", "5",
+    r = cli("train", "--model", "tiny", "--dp", "1", "--steps", "6", "--seq-len", "32", "--seed", "5", "--lr", "3e-3",
+            "--warmup-steps", "2",
             "--no-progress", "--checkpoint-dir", str(work), "--resume")
     assert r.returncode == 0, r.stderr
     assert "skipped checkpoint step_00000006" in r.stderr and "truncated" in r.stderr

@@ -1,7 +1,7 @@
 """Which run a checkpoint belongs to, and the lock that keeps one live run per folder.
 
 A run's identity is what fixes its math whatever the layout: the model, the seed, the steps
-(the learning-rate schedule follows from them) and the other settings of the optimizer, the
+(the learning-rate schedule decays over them; not with a constant rate after warm-up) and the other settings of the optimizer, the
 batches and the data, with a hash of them all. Every manifest records it with a run id (new for
 a fresh run, kept by restarts and by `--resume`, which continues the run it loads). Restarts
 load only their own run's checkpoints, `--resume` refuses another run's in one line naming the
@@ -46,6 +46,8 @@ def run_identity(config: dict | None, model: dict) -> dict:
         for name in (names or sorted(values)):
             if name in values:
                 settings[f"{section}.{name}"] = values[name]
+    if settings.get("train.min_lr_ratio") == 1:  # a constant rate after warm-up: the steps change nothing before
+        settings.pop("train.steps", None)
     text = json.dumps({"model": model, "settings": settings}, sort_keys=True, default=str)
     return {"model": model, "settings": settings, "hash": hashlib.sha256(text.encode()).hexdigest()[:16]}
 
