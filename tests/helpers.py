@@ -88,3 +88,23 @@ def run_tiny(steps: int = 10, global_batch: int = 16, seq_len: int = 32, seed: i
         setattr(cfg.layout if key in layout_keys else cfg.train, key, value)
     validate(cfg)
     return launch(cfg)
+
+
+def cli(*args, timeout=300):
+    """`python -m paratrain ARGS` in a fresh process: its CompletedProcess (text output)."""
+    import subprocess
+
+    return subprocess.run([sys.executable, "-m", "paratrain", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def refused(capsys, *args):
+    """`paratrain ARGS` in this process, for runs refused before any worker starts (no interpreter
+    start-up): the exit status and what went to stderr."""
+    import pytest
+
+    from paratrain.cli import main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(list(args))
+    return exit_.value.code, capsys.readouterr().err

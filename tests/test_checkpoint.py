@@ -12,13 +12,11 @@ into the model with strict=True.
 
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from helpers import run_tiny
+from helpers import cli, refused, run_tiny
 from paratrain.checkpoint import checkpoints, load_full_model
 
 CASES = [  # slow-marked: test_resume_through_a_chain_of_layouts covers the first two in one chain
@@ -61,19 +59,6 @@ def test_resume_through_a_chain_of_layouts(tmp_path):
     torch.testing.assert_close(torch.tensor(last["losses"]), torch.tensor(full["losses"][8:]), rtol=1e-5, atol=0)
 
 
-def cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "paratrain", *args], capture_output=True, text=True, timeout=timeout)
-
-
-def refused(capsys, *args):
-    """`paratrain ARGS` in this process, for runs refused before any worker starts (no interpreter
-    start-up): the exit status and what went to stderr."""
-    from paratrain.cli import main
-
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_:
-        main(list(args))
-    return exit_.value.code, capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

@@ -15,23 +15,13 @@ import sys
 
 import pytest
 
+from helpers import cli, refused
 from paratrain.checkpoint import CheckpointError, checkpoints, latest_good, publish, runs, start_point, verify
 from paratrain.checkpoint.store import cause
 
 TINY = ["--model", "tiny", "--global-batch", "4", "--seq-len", "32", "--no-progress", "--device", "cpu"]
 
 
-def cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "paratrain", *args], capture_output=True, text=True, timeout=timeout)
-
-
-def refused(capsys, *args):
-    from paratrain.cli import main
-
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_:
-        main(list(args))
-    return exit_.value.code, capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
