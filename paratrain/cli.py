@@ -11,7 +11,8 @@ from paratrain.outputs import make_folder, prepare_outputs
 # flag -> (section, setting, type). Every flag defaults to None: "not given", so that the
 # TOML file (--config) can supply a value and a flag overrides it.
 FLAGS: dict[str, tuple[str, str, type, str]] = {
-    "--model": ("model", "name", str, "model preset: tiny, small, gpt2, gpt2-medium"),
+    "--model": ("model", "name", str, "a preset (tiny, small, gpt2, gpt2-medium, llama-*), a Hugging Face model "
+                "folder (config.json, optional safetensors weights), or MODULE:FUNCTION returning a model"),
     "--dp": ("layout", "dp", int, "data-parallel degree"),
     "--tp": ("layout", "tp", int, "tensor-parallel degree"),
     "--pp": ("layout", "pp", int, "pipeline-parallel degree"),
@@ -46,7 +47,13 @@ FLAGS: dict[str, tuple[str, str, type, str]] = {
     "--simulate-straggler": ("train", "simulate_straggler", str, "testing aid: RANK:SECONDS delays that worker every step"),
     "--report-to": ("train", "report_to", str, "experiment trackers, comma-separated: tensorboard, wandb, mlflow"),
     "--log-dir": ("train", "log_dir", str, "where the trackers write (default runs/)"),
-    "--data": ("data", "path", str, "'stdlib' (default) or a text file or folder of text files"),
+    "--data": ("data", "path", str, "'stdlib' (default), a text file or folder, .jsonl/.parquet records, or "
+               ".bin/.npy token ids"),
+    "--tokenizer": ("data", "tokenizer", str, "byte (default), bpe:VOCAB (trained on the corpus, cached), or a "
+                    "tokenizer.json / Hugging Face tokenizer folder"),
+    "--text-field": ("data", "text_field", str, "the text field of .jsonl/.parquet records (default text)"),
+    "--cache-dir": ("data", "cache_dir", str, "where tokenized corpora and trained tokenizers are kept "
+                    "(default ~/.cache/paratrain)"),
     "--checkpoint-dir": ("checkpoint", "dir", str, "checkpoint folder"),
     "--checkpoint-every": ("checkpoint", "every", int, "save every N steps"),
     "--keep-checkpoints": ("checkpoint", "keep", int, "how many checkpoints to keep (default 3)"),

@@ -20,7 +20,6 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
 from paratrain.files import read_small_text
-from paratrain.models.gpt import PRESETS
 
 
 class ConfigError(ValueError):
@@ -29,9 +28,10 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    name: str = "small"  # a preset of paratrain.models.gpt.PRESETS
+    name: str = "small"  # a preset (models/catalog.py), a Hugging Face model folder, or MODULE:FUNCTION
     dropout: float = 0.0
     tie_embeddings: bool = True
+    vocab_size: int = 0  # a preset's vocabulary; 0: the preset's own, or the tokenizer's when that is larger
 
 
 @dataclass
@@ -96,8 +96,11 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    path: str = "stdlib"  # "stdlib" or a text file or a folder of text files
+    path: str = "stdlib"  # "stdlib", a text file or folder, .jsonl / .parquet, or .bin / .npy token ids
     val_fraction: float = 0.05
+    tokenizer: str = "byte"  # byte, bpe:VOCAB (trained on the corpus), a tokenizer.json or a tokenizer folder
+    text_field: str = "text"  # the text column of .jsonl / .parquet records
+    cache_dir: str | None = None  # tokenized corpora and trained tokenizers (default ~/.cache/paratrain)
 
 
 @dataclass
@@ -226,11 +229,11 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
 
     `world_size`, when given (a run under torchrun), must equal dp * tp * pp.
     """
-    _validate_model_and_layout(cfg)
-    _validate_steps_and_batch(cfg)
+    _validate_data(cfg)
+    shape = _validate_model_and_layout(cfg)
+    _validate_steps_and_batch(cfg, shape)
     _validate_optimizer(cfg)
     _validate_precision_and_device(cfg, world_size)
-    _validate_data(cfg)
     _validate_sync(cfg)
     _validate_local_memory(cfg, world_size)
     _validate_checkpoint(cfg)
@@ -264,11 +267,11 @@ def _validate_trackers(cfg: RunConfig) -> None:
         raise ConfigError(str(e)) from None
 
 
-def _validate_model_and_layout(cfg: RunConfig) -> None:
-    """The model preset, and a layout it can be split into: tp divides its sizes, pp its layers."""
-    if cfg.model.name not in PRESETS:
-        raise ConfigError(f"--model: unknown model {cfg.model.name!r}; choose one of {', '.join(PRESETS)}")
-    preset = PRESETS[cfg.model.name]
+def _validate_model_and_layout(cfg: RunConfig):
+    """The model (models/catalog.py), and a layout it can be split into: tp divides its sizes, pp
+    its layers. Returns the model's shape (None where only building it would tell)."""
+    from paratrain.models.catalog import check_model
+
     lay, tr = cfg.layout, cfg.train
     for name in ("dp", "tp", "pp", "microbatches"):
         if getattr(lay, name) < 1:
@@ -277,9 +280,14 @@ def _validate_model_and_layout(cfg: RunConfig) -> None:
         raise ConfigError(f"--zero: must be 0, 1, 2 or 3, got {lay.zero}")
     if lay.schedule not in ("gpipe", "1f1b", "interleaved"):
         raise ConfigError(f"--schedule: must be gpipe, 1f1b or interleaved, got {lay.schedule!r}")
-    if lay.tp > 1:
-        for what, n in (("attention heads", preset.n_head), ("hidden size", preset.d_model),
-                        ("MLP size", preset.d_mlp), ("vocabulary", preset.vocab_size)):
+    try:
+        preset = check_model(cfg)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if lay.tp > 1 and preset is not None:
+        for what, n in (("attention heads", preset.n_head), ("key-value heads", preset.n_kv_head),
+                        ("hidden size", preset.d_model), ("MLP size", preset.d_mlp),
+                        ("vocabulary", preset.vocab_size)):
             if n % lay.tp:
                 raise ConfigError(
                     f"--tp: model {cfg.model.name} has {n} {what}, not divisible by tp={lay.tp}; "
@@ -289,15 +297,16 @@ def _validate_model_and_layout(cfg: RunConfig) -> None:
         raise ConfigError(
             f"--sequence-parallel: --seq-len {tr.seq_len} is not divisible by tp={lay.tp}; use a multiple of {lay.tp}"
         )
-    _validate_pipeline(cfg)
+    _validate_pipeline(cfg, preset)
+    return preset
 
 
-def _validate_pipeline(cfg: RunConfig) -> None:
+def _validate_pipeline(cfg: RunConfig, preset) -> None:
     """Enough layers for the stages, enough micro-batches to fill them, and the interleaved chunks."""
-    preset, lay, tr = PRESETS[cfg.model.name], cfg.layout, cfg.train
+    lay, tr = cfg.layout, cfg.train
     if lay.pp > 1:
         v = lay.virtual_stages if lay.schedule == "interleaved" else 1
-        if preset.n_layer < lay.pp * v:
+        if preset is not None and preset.n_layer < lay.pp * v:
             raise ConfigError(
                 f"--pp: model {cfg.model.name} has {preset.n_layer} layers, fewer than the {lay.pp * v} "
                 f"stages of pp={lay.pp}" + (f" x {v} virtual stages" if v > 1 else "") + "; use fewer stages"
@@ -321,9 +330,9 @@ def _validate_pipeline(cfg: RunConfig) -> None:
         raise ConfigError("--timeline: draws the pipeline schedule and needs --pp 2 or more")
 
 
-def _validate_steps_and_batch(cfg: RunConfig) -> None:
+def _validate_steps_and_batch(cfg: RunConfig, preset) -> None:
     """Steps, profiled steps, the global batch's split over dp x micro-batches, sequence length, seed."""
-    preset, lay, tr = PRESETS[cfg.model.name], cfg.layout, cfg.train
+    lay, tr = cfg.layout, cfg.train
     if tr.steps < 1:
         raise ConfigError(f"--steps: must be at least 1, got {tr.steps}")
     if tr.profile_steps < 1:
@@ -337,7 +346,7 @@ def _validate_steps_and_batch(cfg: RunConfig) -> None:
             f"--global-batch: {tr.global_batch} sequences do not split evenly over dp={lay.dp} x "
             f"microbatches={lay.microbatches}; use a multiple of {lay.dp * lay.microbatches}"
         )
-    if not 1 <= tr.seq_len <= preset.max_seq_len:
+    if not 1 <= tr.seq_len <= (preset.max_seq_len if preset is not None else math.inf):
         raise ConfigError(
             f"--seq-len: must be between 1 and {preset.max_seq_len} for model {cfg.model.name}, got {tr.seq_len}"
         )

@@ -9,14 +9,15 @@ fp32 logits. A run past the floor would be killed for memory once its workers ha
 
 from __future__ import annotations
 
-from paratrain.models.gpt import PRESETS
 from paratrain.planner.hardware import cpu_local
 
 
 def local_memory_problem(cfg, world_size: int | None) -> str | None:
     """One line naming the flag when the RunConfig `cfg` cannot fit this machine's memory, else
     None. `world_size` is the launcher's (torchrun: this process only is counted)."""
-    hw, lay, tr, m = cpu_local(), cfg.layout, cfg.train, PRESETS[cfg.model.name]
+    from paratrain.models.catalog import run_shape
+
+    hw, lay, tr, m = cpu_local(), cfg.layout, cfg.train, run_shape(cfg)
     local_cpu, workers = tr.device == "cpu" and world_size is None, lay.world_size if world_size is None else 1
     if local_cpu and cfg.world_size * hw.reserve_bytes > hw.memory_bytes:
         return (f"layout: {cfg.world_size} local workers need about {cfg.world_size * hw.reserve_bytes / 2**30:.0f} "
@@ -25,7 +26,7 @@ def local_memory_problem(cfg, world_size: int | None) -> str | None:
     tokens = 8 * tr.global_batch * (tr.seq_len + 1)
     rows = tr.global_batch // (lay.dp * lay.microbatches) * tr.seq_len  # tokens of one micro-batch
     acts = 0.0
-    if tr.device == "cpu":
+    if tr.device == "cpu" and m is not None:
         acts = rows * m.d_model * (m.n_layer // lay.pp) * (4 if tr.precision == "fp32" else 2) / lay.tp
         acts += 4 * rows * m.vocab_size / lay.tp if lay.pp == 1 else 0
     need = workers * (tokens + acts) + (cfg.world_size * hw.reserve_bytes if local_cpu else 0)

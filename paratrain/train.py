@@ -34,7 +34,8 @@ from paratrain.data import (DataPosition, TokenLoader, as_pair, call_model, firs
 from paratrain.fit import StepStats, peak_memory_bytes, run
 from paratrain.group import init
 from paratrain.mesh import Mesh
-from paratrain.models.spec import ModelSpec, gpt_spec, module_spec
+from paratrain.models.catalog import model_spec
+from paratrain.models.spec import ModelSpec, module_spec
 from paratrain.optim import LossScaler, NonFiniteNorm, apply_update, build_optimizer, lr_at, param_groups
 from paratrain.parallel.parallelize import apply_strategies
 from paratrain.parallel.tensor import TPGroup
@@ -82,6 +83,8 @@ class Trainer:
             validate_settings(cfg)
         if isinstance(model, ModelSpec):
             self.spec = model
+            if model.source and config is None:  # checkpoints record where the model came from
+                cfg.model.name = model.source
         else:
             if loss_fn is None:
                 raise TypeError("Trainer: give loss_fn(outputs, targets), the mean loss of a batch")
@@ -100,10 +103,10 @@ class Trainer:
     @classmethod
     def from_config(cls, cfg: RunConfig, mesh: Mesh, device: torch.device | None = None,
                     data_rank: tuple[int, int] | None = None) -> "Trainer":
-        """The run `paratrain train` makes: a GPT preset on the configured corpus (`data_rank`: as
+        """The run `paratrain train` makes: `--model` (models/catalog.py) on `--data` (`data_rank`: as
         for the constructor, a parameter-server worker's dp rank and degree)."""
         tr = cfg.train
-        spec = gpt_spec(cfg.model.name, tr.seed, tr.seq_len, cfg.model.dropout, cfg.model.tie_embeddings)
+        spec = model_spec(cfg)
         corpus = load_corpus(cfg.data.path)
         loader = TokenLoader(corpus, tr.seq_len, tr.global_batch, tr.seed, cfg.data.val_fraction)
         trainer = cls(spec, mesh, data=loader, eval_data=loader.validation(), device=device, config=cfg,

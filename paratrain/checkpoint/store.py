@@ -24,7 +24,6 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from paratrain.checkpoint.boxes import planners, quiet
 from paratrain.checkpoint.runs import mismatch, new_run_id, read_lock, run_identity
-from paratrain.models.spec import gpt_identity
 from paratrain.stops import SaveFailed
 
 FORMAT = 1
@@ -349,11 +348,13 @@ def write_and_publish(state: dict, tmp: str, group, first: bool, root: str, step
     agree(error, group, step, tmp, first)
 
 
-# ------------------------------------------------------------------ paratrain's GPT presets
+# ------------------------------------------------------------------ the run's model
 def model_identity(cfg) -> dict:
-    """What must match between a checkpoint of the run's GPT preset and the run that loads it
-    (the identity of its model spec, `models.spec.gpt_identity`)."""
-    return gpt_identity(cfg.model.name, cfg.model.tie_embeddings)
+    """What must match between a checkpoint of the run's model and the run that loads it (the
+    identity of its model spec, `models.catalog.model_identity`)."""
+    from paratrain.models.catalog import model_identity as identity
+
+    return identity(cfg)
 
 
 def gpt_aliases(cfg) -> dict[str, str]:

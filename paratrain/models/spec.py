@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from paratrain.data import ByteTokenizer
-from paratrain.models.gpt import PRESETS, build_model
+from paratrain.models.gpt import PRESETS, GPTConfig, build_model
 from paratrain.parallel.pipeline.partition import build_stages, sequential_stages, split_gpt
 from paratrain.parallel.tensor import GPT_PLAN, ColumnParallelLinear, TPGroup, vocab_parallel_cross_entropy
 from paratrain.planner.cost import flops_per_token
@@ -37,12 +37,13 @@ class ModelSpec:
     build: Callable[[], nn.Module]
     loss: Callable[[Any, Any], torch.Tensor]
     tp_loss: Callable[[Any, Any, TPGroup], torch.Tensor] | None = None
-    tp_plan: dict[str, str] | None = None
+    tp_plan: dict[str, str] | Callable[[nn.Module], dict[str, str]] | None = None  # a callable reads the built model
     stages: Callable[[nn.Module, int], list[nn.Module]] | None = None
     blocks: Callable[[nn.Module], list[nn.Module]] | None = None
     identity: dict = field(default_factory=dict)
     flops_per_token: float | None = None  # training FLOPs per token (MFU); None when unknown
     sample: Callable | None = None  # sample(model, device, seed) -> text, for the summary
+    source: str | None = None  # the --model it came from (a folder, MODULE:FUNCTION): checkpoints record it
 
 
 def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -54,29 +55,32 @@ def vocab_parallel_loss(logits: torch.Tensor, targets: torch.Tensor, tp: TPGroup
     return vocab_parallel_cross_entropy(logits.float(), targets, tp).mean()
 
 
-def gpt_spec(name: str, seed: int, seq_len: int, dropout: float = 0.0, tie_embeddings: bool = True) -> ModelSpec:
+def gpt_spec(name: str, seed: int, seq_len: int, dropout: float = 0.0, tie_embeddings: bool = True,
+             vocab_size: int | None = None) -> ModelSpec:
     """paratrain's GPT preset `name` (models/gpt.py): Megatron's plan, stages balanced by
     modelled cost (the head weighs on the last stage), blocks as ZeRO-3's units."""
     preset = PRESETS[name]
+    if vocab_size:
+        preset = GPTConfig(**{**preset.__dict__, "vocab_size": vocab_size})
     return ModelSpec(
         name=name,
-        build=lambda: build_model(name, seed, dropout, tie_embeddings),
+        build=lambda: build_model(name, seed, dropout, tie_embeddings, vocab_size),
         loss=token_cross_entropy,
         tp_loss=vocab_parallel_loss,
         tp_plan=GPT_PLAN,
         stages=lambda model, n: build_stages(model, split_gpt(preset, seq_len, n), 0, 1),
         blocks=None,  # the GPT and its stages hold `blocks`
-        identity=gpt_identity(name, tie_embeddings),
+        identity=gpt_identity(name, tie_embeddings, vocab_size),
         flops_per_token=flops_per_token(preset, seq_len),
         sample=sample_text,
     )
 
 
-def gpt_identity(name: str, tie_embeddings: bool = True) -> dict:
+def gpt_identity(name: str, tie_embeddings: bool = True, vocab_size: int | None = None) -> dict:
     """What must match between a checkpoint of a GPT preset and the run that loads it."""
     p = PRESETS[name]
     return {"name": name, "n_layer": p.n_layer, "d_model": p.d_model, "n_head": p.n_head,
-            "vocab_size": p.vocab_size, "tie_embeddings": tie_embeddings}
+            "vocab_size": vocab_size or p.vocab_size, "tie_embeddings": tie_embeddings}
 
 
 def module_identity(model: nn.Module) -> dict:
@@ -91,17 +95,23 @@ def module_spec(model: nn.Module, loss_fn: Callable, *, tp_plan: dict[str, str] 
                 pp_split: list[int] | list[str] | None = None) -> ModelSpec:
     """A model the user built (the same weights on every rank). Under pipeline parallelism it is
     cut between `layers` (default: an `nn.Sequential`'s children), balanced by parameter count or
-    at `pp_split` (the indices, or child names, where stages 2, 3, ... begin)."""
+    at `pp_split` (the indices, or child names, where stages 2, 3, ... begin). A Hugging Face
+    model of a family paratrain knows (models/hf.py) is cut by its family's adapter, its decoder
+    layers are the blocks, and its own plan (`tp_plan=model.tp_plan`, or "auto") is translated."""
+    from paratrain.models import hf
+
     chosen = list(blocks) if blocks is not None else None
-    return ModelSpec(
-        name=type(model).__name__,
-        build=lambda: model,
-        loss=loss_fn,
-        tp_plan=tp_plan,
-        stages=lambda m, n: sequential_stages(m, n, layers, pp_split),
-        blocks=(lambda m: chosen if m is model else None) if chosen is not None else None,
-        identity=module_identity(model),
-    )
+    stages = lambda m, n: sequential_stages(m, n, layers, pp_split)  # noqa: E731
+    find = (lambda m: chosen if m is model else None) if chosen is not None else None
+    if hf.is_hf_model(model):
+        if tp_plan is not None:
+            plan = model.tp_plan if tp_plan == "auto" else tp_plan
+            tp_plan = hf.translate_plan(model, plan, vocab_head=False)  # the user's loss sees whole logits
+        if layers is None and hf.family_of(model.config) is not None:
+            stages = hf.family_stages(model.config)
+        find = find or hf.family_blocks(model.config)
+    return ModelSpec(name=type(model).__name__, build=lambda: model, loss=loss_fn, tp_plan=tp_plan, stages=stages,
+                     blocks=find, identity=module_identity(model))
 
 
 @torch.no_grad()

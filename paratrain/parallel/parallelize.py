@@ -72,7 +72,8 @@ def apply_strategies(model: nn.Module, mesh: Mesh, *, zero: int = 0, precision: 
     if sync_batchnorm and mesh.size("dp") > 1:
         model = convert_sync_batchnorm(model, mesh)
     if tp_plan is not None and mesh.size("tp") > 1:
-        model = parallelize_tensor(model, mesh, tp_plan, sequence_parallel, seed)
+        plan = tp_plan(model) if callable(tp_plan) else tp_plan
+        model = parallelize_tensor(model, mesh, plan, sequence_parallel, seed)
     names, buffer_names, aliases = global_names(model)
     pipeline = None
     if mesh.size("pp") > 1:

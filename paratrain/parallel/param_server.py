@@ -53,7 +53,8 @@ from paratrain.fit import bars_without_semaphore, peak_memory_bytes
 from paratrain.mesh import Mesh
 from paratrain.metrics import MetricsLog, check_report_to
 from paratrain.models.gpt import count_params
-from paratrain.models.spec import gpt_spec
+from paratrain.models.catalog import model_spec
+from paratrain.parallel.parallelize import global_names
 from paratrain.parallel.ps_checkpoint import ServerCheckpoints, resume_point
 from paratrain.stops import NonFiniteError, non_finite_update
 from paratrain.train import Trainer
@@ -115,6 +116,7 @@ class Server:
         for p in model.parameters():
             offsets.append(offsets[-1] + p.numel())
         self.slots = [(name, off, tuple(p.shape)) for (name, p), off in zip(model.named_parameters(), offsets)]
+        self.aliases = global_names(model)[2]  # tied names, as the workers' checkpoints record them
         self.version = 0  # updates applied
         self.clock = [0] * workers  # pushes received from each worker
         self.done = [False] * workers
@@ -375,7 +377,7 @@ def worker_trainer(cfg: RunConfig, alone, device: torch.device) -> Trainer:
 def serve(cfg: RunConfig, index: int, group, folder: str | None, start: int) -> dict:
     """Server `index`: the model built through the workers' spec, its shard, its loop."""
     tr = cfg.train
-    model = gpt_spec(cfg.model.name, tr.seed, tr.seq_len, cfg.model.dropout, cfg.model.tie_embeddings).build()
+    model = model_spec(cfg).build()
     server = Server(cfg, index, cfg.layout.dp, tr.servers, group, model)
     if folder:
         server.resume(folder, start)

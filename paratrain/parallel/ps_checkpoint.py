@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from paratrain.checkpoint import (Entry, begin_save, boxes_state, flat_range_boxes, gpt_aliases, model_identity,
+from paratrain.checkpoint import (Entry, begin_save, boxes_state, flat_range_boxes, model_identity,
                                   planners, quiet, read_manifest, run_info, shifted_pieces, write_and_publish)
 from paratrain.checkpoint.checkpointer import open_run
 from paratrain.checkpoint.runs import run_identity
@@ -50,7 +50,7 @@ class ServerCheckpoints:
         ck, group = self.cfg.checkpoint, self.server.group
         tmp = begin_save(ck.dir, step, group, self.first)
         state = {**boxes_state(self.entries(), saving=True), "meta": self.meta(step)}
-        info = run_info(model_identity(self.cfg), self.cfg.to_dict(), step, self.layout, gpt_aliases(self.cfg),
+        info = run_info(model_identity(self.cfg), self.cfg.to_dict(), step, self.layout, self.server.aliases,
                         self.run_id)
         with self.server.comm.flight.watch("checkpoint: save (DCP)", group, f"step {step}"):
             write_and_publish(state, tmp, group, self.first, ck.dir, step, info, ck.keep)  # returns once published

@@ -324,6 +324,11 @@ def _run_forked(forward, rng: TensorParallelRNG, *args, **kwargs):
 #   norm         replicated; under SP runs on sequence shards, gradients summed over tp
 #   sequence_start  under SP, the input is split along the sequence here
 #   sequence_dropout  under SP, dropout on sequence shards: runs under the tp RNG fork
+# and Hugging Face's names for the same layers (`model.tp_plan`, `config.base_model_tp_plan`):
+#   embedding_rowwise          an embedding split by vocabulary rows: `vocab`
+#   colwise_gather_output      ColumnParallelLinear whose output is all-gathered (full logits)
+#   replicated_with_grad_allreduce  replicated; its gradients are summed over tp (a norm over the
+#                              head dimension sees this rank's heads only)
 GPT_PLAN: dict[str, str] = {
     "wte": "vocab",
     "blocks.0": "sequence_start",
@@ -337,7 +342,8 @@ GPT_PLAN: dict[str, str] = {
     "ln_f": "norm",
     "head": "vocab_head",
 }
-STYLES = {"colwise", "rowwise", "region", "vocab", "vocab_head", "norm", "sequence_start", "sequence_dropout"}
+STYLES = {"colwise", "rowwise", "region", "vocab", "vocab_head", "norm", "sequence_start", "sequence_dropout",
+          "embedding_rowwise", "colwise_gather_output", "replicated_with_grad_allreduce"}
 
 
 def _style_of(name: str, plan: dict[str, str]) -> str | None:
@@ -363,6 +369,7 @@ def parallelize_tensor(model: nn.Module, mesh: Mesh, plan: dict[str, str] = GPT_
         raise ValueError(f"tensor-parallel plan: unknown style {sorted(unknown)}; known: {sorted(STYLES)}")
     rng = TensorParallelRNG(seed, tp.rank, device or next(model.parameters()).device)
     named = dict(model.named_modules())
+    plan = _under_base_model(model, plan, named)
     ties = _shared_parameters(model)
     used: set[str] = set()
     regions = [n for n in named if _style_of(n, plan) == "region"]
@@ -386,21 +393,45 @@ def parallelize_tensor(model: nn.Module, mesh: Mesh, plan: dict[str, str] = GPT_
     return model
 
 
+def _under_base_model(model: nn.Module, plan: dict[str, str], named: dict[str, nn.Module]) -> dict[str, str]:
+    """A plan written for the base model (Hugging Face's `config.base_model_tp_plan`, `layers.*...`)
+    applies under the model's `base_model_prefix` (`model.layers.*...`) where it matches nothing."""
+    prefix = getattr(model, "base_model_prefix", "")
+    if not prefix or prefix not in named:
+        return plan
+    out = {}
+    for pattern, style in plan.items():
+        bare = any(fnmatch.fnmatchcase(n, pattern) for n in named)
+        out[pattern if bare else f"{prefix}.{pattern}"] = style
+    return out
+
+
+def _hidden_states_hook(fn):
+    """A forward pre-hook that maps a module's first input, positional or `hidden_states=`."""
+    def hook(mod, args, kwargs):
+        if args:
+            return (fn(args[0]), *args[1:]), kwargs
+        key = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
+        return args, {**kwargs, key: fn(kwargs[key])}
+    return hook
+
+
 def _convert(m: nn.Module, style: str, tp: TPGroup, sp: bool, in_region: bool,
              rng: TensorParallelRNG, name: str) -> nn.Module:
     def need(kind):
         if not isinstance(m, kind):
             raise ValueError(f"tensor-parallel plan: {name} is {type(m).__name__}, style {style} needs {kind.__name__}")
 
-    if style == "colwise":
+    if style in ("colwise", "colwise_gather_output"):
         need(nn.Linear)
         _check_divisible(name, "output features", m.out_features, tp.size)
-        return ColumnParallelLinear(m, tp, copy_input=not in_region, sequence_parallel=sp)
+        return ColumnParallelLinear(m, tp, copy_input=not in_region, sequence_parallel=sp,
+                                    gather_output=style == "colwise_gather_output")
     if style == "rowwise":
         need(nn.Linear)
         _check_divisible(name, "input features", m.in_features, tp.size)
         return RowParallelLinear(m, tp, sequence_parallel=sp)
-    if style == "vocab":
+    if style in ("vocab", "embedding_rowwise"):
         need(nn.Embedding)
         _check_divisible(name, "vocabulary", m.num_embeddings, tp.size)
         return VocabParallelEmbedding(m, tp)
@@ -409,13 +440,13 @@ def _convert(m: nn.Module, style: str, tp: TPGroup, sp: bool, in_region: bool,
         _check_divisible(name, "vocabulary", m.out_features, tp.size)
         return ColumnParallelLinear(m, tp, copy_input=True, sequence_parallel=sp)
     if style == "region":
-        m.register_forward_pre_hook(lambda mod, args: (enter_region(args[0], tp, sp), *args[1:]))
+        m.register_forward_pre_hook(_hidden_states_hook(lambda x: enter_region(x, tp, sp)), with_kwargs=True)
         m.forward = functools.partial(_run_forked, m.forward, rng)
-    elif style == "norm" and sp:
-        for p in m.parameters():
+    elif (style == "norm" and sp) or style == "replicated_with_grad_allreduce":
+        for p in m.parameters():  # gradients summed over tp (the role's reduction, optim.apply_update)
             set_role(p, sequence_parallel=True)
     elif style == "sequence_start" and sp:
-        m.register_forward_pre_hook(lambda mod, args: (scatter_to_sequence(args[0], tp), *args[1:]))
+        m.register_forward_pre_hook(_hidden_states_hook(lambda x: scatter_to_sequence(x, tp)), with_kwargs=True)
     elif style == "sequence_dropout" and sp:
         m.forward = functools.partial(_run_forked, m.forward, rng)
     return m

@@ -1,0 +1,230 @@
+"""`paratrain train --model DIR` on Hugging Face models built from configs written in the test
+(Llama with grouped-query attention, Qwen2 with q/k/v biases, GPT-2 with its tied head): every
+layout gives one process's losses (fp32, rtol 1e-5), tensor parallelism from the model's own
+plan; weights saved with save_pretrained give the Hugging Face forward's own first loss; a
+`MODULE:FUNCTION` factory trains the same model; export after dp x tp reproduces the logits."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from helpers import refused, spawn
+
+pytest.importorskip("transformers")
+
+SEQ, BATCH, STEPS, SEED = 32, 8, 3, 7
+
+
+def llama_config(kind: str = "llama"):
+    import transformers
+
+    common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+    if kind == "qwen2":
+        return transformers.Qwen2Config(**common)
+    return transformers.LlamaConfig(**common)
+
+
+def gpt2_config():
+    import transformers
+
+    return transformers.GPT2Config(vocab_size=256, n_positions=64, n_embd=64, n_layer=4, n_head=4, resid_pdrop=0.0,
+                                   embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+
+
+def model_dir(tmp_path, config, weights: bool, name: str = "model") -> str:
+    """A Hugging Face folder: config.json, with model.safetensors if `weights`."""
+    import transformers
+
+    path = tmp_path / name
+    if weights:
+        torch.manual_seed(11)
+        transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    else:
+        config.save_pretrained(path)
+    return str(path)
+
+
+def train(path: str, tmp_path, tag: str, **settings) -> list[float]:
+    """`paratrain train --model path` in this process through the launcher: the per-step losses."""
+    from paratrain.config import LayoutConfig, RunConfig, validate
+    from paratrain.launch import launch
+
+    cfg = RunConfig()
+    cfg.model.name = path
+    tr = cfg.train
+    tr.steps, tr.global_batch, tr.seq_len, tr.seed, tr.lr, tr.warmup_steps = STEPS, BATCH, SEQ, SEED, 3e-3, 1
+    tr.progress, tr.eval_batches, tr.metrics = False, 1, str(tmp_path / f"{tag}.jsonl")
+    for key, value in settings.items():
+        setattr(cfg.layout if key in LayoutConfig.__dataclass_fields__ else tr, key, value)
+    validate(cfg)
+    launch(cfg)
+    with open(tr.metrics) as f:
+        return [r["loss"] for r in map(json.loads, f) if "event" not in r]
+
+
+def close(losses, reference, rtol=1e-5):
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference), rtol=rtol, atol=0)
+
+
+LLAMA_LAYOUTS = {
+    "dp2-zero3": dict(dp=2, zero=3),
+    "tp2-sp": dict(tp=2, sequence_parallel=True),
+    "pp2": dict(pp=2, microbatches=2),
+    "tp2": pytest.param(dict(tp=2), marks=pytest.mark.slow),
+    "dp2": pytest.param(dict(dp=2), marks=pytest.mark.slow),
+    "dp2-tp2-pp2-zero1": pytest.param(dict(dp=2, tp=2, pp=2, zero=1, microbatches=2), marks=pytest.mark.slow),
+    "tp2-pp2-sp-ckpt": pytest.param(dict(tp=2, pp=2, microbatches=2, sequence_parallel=True,
+                                         activation_checkpointing=True), marks=pytest.mark.slow),
+}
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """A Llama folder with weights, and its one-process losses."""
+    tmp = tmp_path_factory.mktemp("llama")
+    path = model_dir(tmp, llama_config(), weights=True)
+    return path, train(path, tmp, "reference")
+
+
+@pytest.mark.parametrize("settings", list(LLAMA_LAYOUTS.values()), ids=list(LLAMA_LAYOUTS))
+def test_llama_folder_in_every_layout_matches_one_process(llama, tmp_path, settings):
+    path, reference = llama
+    close(train(path, tmp_path, "run", **settings), reference)
+    assert reference[-1] < reference[0]
+
+
+def test_weights_saved_with_save_pretrained_give_the_models_own_first_loss(llama):
+    """The first step's loss of the run equals transformers' own forward (labels) on that batch."""
+    import transformers
+
+    from paratrain.data import TokenLoader, load_corpus
+
+    path, reference = llama
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    batch = TokenLoader(load_corpus(), SEQ, BATCH, SEED).batch(1)
+    with torch.no_grad():
+        logits = model(batch.inputs).logits
+    own = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.targets.flatten())
+    assert math.isclose(reference[0], float(own), rel_tol=1e-5)
+
+
+def test_qwen2_under_its_own_plan_with_dp_and_tp_matches_one_process(tmp_path):
+    path = model_dir(tmp_path, llama_config("qwen2"), weights=False)
+    reference = train(path, tmp_path, "reference")
+    close(train(path, tmp_path, "dp2-tp2", dp=2, tp=2), reference)
+
+
+@pytest.mark.parametrize("settings", [dict(pp=2, microbatches=2),
+                                      pytest.param(dict(dp=2, zero=3), marks=pytest.mark.slow)],
+                         ids=["pp2", "dp2-zero3"])
+def test_gpt2_folder_with_its_tied_head_matches_one_process(tmp_path, settings):
+    path = model_dir(tmp_path, gpt2_config(), weights=False)
+    close(train(path, tmp_path, "run", **settings), train(path, tmp_path, "reference"))
+
+
+@pytest.mark.slow
+def test_llama_folder_in_bf16_stays_near_fp32(llama, tmp_path):
+    path, reference = llama
+    close(train(path, tmp_path, "bf16", dp=2, tp=2, precision="bf16"), reference, rtol=2e-2)
+
+
+FACTORY = '''
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+def build():
+    return LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                        tie_word_embeddings=False))
+'''
+
+
+@pytest.mark.slow
+def test_factory_builds_the_same_model_as_its_folder(tmp_path, monkeypatch):
+    """`--model MODULE:FUNCTION` (importable from the working folder) under tp=2 trains the model
+    the folder of the same config trains (weights from the seed alike)."""
+    (tmp_path / "mymodels.py").write_text(FACTORY)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = model_dir(tmp_path, llama_config(), weights=False)
+    close(train("mymodels:build", tmp_path, "factory", tp=2), train(path, tmp_path, "folder"))
+
+
+# ---------------------------------------------------------------- export from dp x tp
+def _train_and_export(path: str, root: str) -> torch.Tensor | None:
+    import paratrain
+    from paratrain.data import load_corpus, token_batches
+    from paratrain.models.hf import hf_spec
+    from paratrain.parallel.tensor import gather_from_region, TPGroup
+
+    mesh = paratrain.init(tp=2)
+    data = token_batches(load_corpus(max_bytes=1 << 20), SEQ, BATCH, SEED)
+    trainer = paratrain.Trainer(hf_spec(path, SEED, SEQ), mesh, data=data, lr=3e-3, steps=2, progress=False,
+                                checkpoint_dir=root)
+    for k in (1, 2):
+        trainer.run_step(k)
+    trainer.save_checkpoint()
+    trainer.model.eval()
+    with torch.no_grad():
+        logits = trainer.model(data.batch(9).inputs[:2]).logits  # this rank's vocabulary shard
+        full = gather_from_region(logits, TPGroup.from_mesh(mesh))
+    return full if mesh.rank == 0 else None
+
+
+def test_export_after_dp_tp_loads_with_from_pretrained_and_gives_the_trained_logits(llama, tmp_path):
+    import transformers
+
+    from paratrain.checkpoint.hf_export import export_hf
+    from paratrain.data import load_corpus, token_batches
+
+    path, _ = llama
+    logits = spawn(_train_and_export, 4, path, str(tmp_path / "ckpt"))[0]
+    out = tmp_path / "exported"
+    export_hf(str(tmp_path / "ckpt"), str(out))
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    inputs = token_batches(load_corpus(max_bytes=1 << 20), SEQ, BATCH, SEED).batch(9).inputs[:2]
+    with torch.no_grad():
+        torch.testing.assert_close(model(inputs).logits, logits, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- refusals
+def test_bad_model_folders_and_layouts_are_one_line_before_any_worker(capsys, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    gpt2 = model_dir(tmp_path, gpt2_config(), weights=False, name="gpt2")
+    cases = [
+        (["--model", str(empty)], "without config.json"),
+        (["--model", gpt2, "--tp", "2"], "no tensor-parallel plan"),
+        (["--model", "nosuchmodule_xyz:build"], "cannot import 'nosuchmodule_xyz'"),
+        (["--model", "json:not_there"], "has no function 'not_there'"),
+        (["--model", gpt2, "--seq-len", "65"], "--seq-len: must be between 1 and 64"),
+    ]
+    for args, expected in cases:
+        status, err = refused(capsys, "train", *args, "--steps", "1")
+        assert status == 2 and expected in err, (args, err)
+        assert len(err.strip().splitlines()) == 1, err
+
+
+def test_tensor_parallel_plans_of_hugging_face_are_translated():
+    """Hugging Face's own styles (and its base-model plan, without the `model.` prefix) become
+    paratrain's; regions wrap attention and MLP; the head stays vocabulary-parallel for our loss."""
+    import transformers
+
+    from paratrain.models.hf import translate_plan
+
+    model = transformers.LlamaForCausalLM(llama_config())
+    plan = translate_plan(model)
+    assert plan["lm_head"] == "vocab_head" and plan["model.embed_tokens"] == "vocab"
+    assert plan["model.layers.*.self_attn"] == "region" and plan["model.layers.*.mlp"] == "region"
+    assert plan["model.layers.*.self_attn.q_proj"] == "colwise"
+    base = translate_plan(model, model.config.base_model_tp_plan, vocab_head=False)
+    assert base["model.layers.*.mlp.down_proj"] == "rowwise" and "lm_head" not in base
+    assert translate_plan(model, model.tp_plan, vocab_head=False)["lm_head"] == "colwise_gather_output"
+    with pytest.raises(ValueError, match="does not split"):
+        translate_plan(model, {"model.layers.*.mlp.gate_up_proj": "packed_colwise"})
