@@ -20,6 +20,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
 from paratrain.files import read_small_text
+from paratrain.layout import LayoutConfig, format_layout  # noqa: F401 (re-exported)
 
 
 class ConfigError(ValueError):
@@ -32,25 +33,6 @@ class ModelConfig:
     dropout: float = 0.0
     tie_embeddings: bool = True
     vocab_size: int = 0  # a preset's vocabulary; 0: the preset's own, or the tokenizer's when that is larger
-
-
-@dataclass
-class LayoutConfig:
-    dp: int = 1
-    tp: int = 1
-    pp: int = 1
-    zero: int = 0
-    schedule: str = "1f1b"
-    microbatches: int = 1  # per optimizer step: gradient accumulation in dp, pipeline micro-batches in pp
-    sequence_parallel: bool = False  # with tp > 1: norms and dropout on sequence shards
-    virtual_stages: int = 2  # model chunks per pipeline rank with the interleaved schedule
-
-    @property
-    def world_size(self) -> int:
-        return self.dp * self.tp * self.pp
-
-    def __str__(self) -> str:
-        return format_layout(self)
 
 
 @dataclass
@@ -141,11 +123,6 @@ FAULTS = ("", "kill", "save-kill", "save-freeze")
 SECTIONS = ("model", "layout", "train", "data", "checkpoint")
 MAX_WAIT_S = 7 * 24 * 3600  # --collective-timeout: a week; below 1 s a busy rank looks hung
 MAX_STRAGGLER_S = 3600  # --simulate-straggler: an hour's sleep per step is already a hang
-
-
-def format_layout(layout: LayoutConfig) -> str:
-    """The one spelling of a layout used everywhere: `dp=2,tp=1,pp=1,zero=0`."""
-    return f"dp={layout.dp},tp={layout.tp},pp={layout.pp},zero={layout.zero}"
 
 
 def parse_layout(text: str) -> LayoutConfig:

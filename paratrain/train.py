@@ -34,8 +34,8 @@ from paratrain.data import (DataPosition, TokenLoader, as_pair, call_model, firs
 from paratrain.fit import StepStats, peak_memory_bytes, run
 from paratrain.group import init
 from paratrain.mesh import Mesh
-from paratrain.models.catalog import model_spec
-from paratrain.models.spec import ModelSpec, module_spec
+from paratrain.models.catalog import model_spec, user_spec
+from paratrain.models.spec import ModelSpec
 from paratrain.optim import LossScaler, NonFiniteNorm, apply_update, build_optimizer, lr_at, param_groups
 from paratrain.parallel.parallelize import apply_strategies
 from paratrain.parallel.tensor import TPGroup
@@ -88,7 +88,7 @@ class Trainer:
         else:
             if loss_fn is None:
                 raise TypeError("Trainer: give loss_fn(outputs, targets), the mean loss of a batch")
-            self.spec = module_spec(model, loss_fn, tp_plan=tp_plan, blocks=blocks, layers=layers, pp_split=pp_split)
+            self.spec = user_spec(model, loss_fn, tp_plan=tp_plan, blocks=blocks, layers=layers, pp_split=pp_split)
         self.mesh, self.rank = mesh, dist.get_rank()
         self.device = device or (torch.device("cuda", torch.cuda.current_device()) if mesh.device_type == "cuda"
                                  else torch.device("cpu"))

@@ -14,7 +14,9 @@ import sys
 import torch
 import torch.nn as nn
 
+from paratrain.models import hf
 from paratrain.models.gpt import PRESETS, GPTConfig
+from paratrain.models.hf import shape_of_config
 from paratrain.models.llama import LLAMA_PRESETS, LlamaConfig
 from paratrain.models.spec import ModelSpec, gpt_identity, gpt_spec, module_identity, module_spec
 
@@ -47,22 +49,6 @@ def unknown_model(name: str) -> ValueError:
 
 
 # ------------------------------------------------------------------ shapes
-def shape_of_config(config) -> Shape | None:
-    """The sizes of a Hugging Face config as one of our shapes (GPT-2 as GPTConfig, the Llama
-    family as LlamaConfig); None for a family whose shape paratrain does not model."""
-    c, kind = config, getattr(config, "model_type", "")
-    if kind == "gpt2":
-        return GPTConfig(n_layer=c.n_layer, n_head=c.n_head, d_model=c.n_embd, vocab_size=c.vocab_size,
-                         max_seq_len=c.n_positions, tie_embeddings=bool(getattr(c, "tie_word_embeddings", True)))
-    if kind in ("llama", "mistral", "qwen2", "qwen3"):
-        return LlamaConfig(n_layer=c.num_hidden_layers, n_head=c.num_attention_heads,
-                           n_kv_head=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
-                           d_model=c.hidden_size, d_mlp=c.intermediate_size, vocab_size=c.vocab_size,
-                           max_seq_len=c.max_position_embeddings,
-                           tie_embeddings=bool(getattr(c, "tie_word_embeddings", False)))
-    return None
-
-
 def model_shape(name: str, vocab_size: int = 0) -> Shape | None:
     """The shape `--model name` trains (the preset's vocabulary replaced by `vocab_size` if given);
     None for a factory's model or a family paratrain does not model."""
@@ -114,6 +100,23 @@ def run_shape(cfg) -> Shape | None:
     """The shape of the run's model, vocabulary included."""
     kind = kind_of(cfg.model.name)
     return model_shape(cfg.model.name, vocab_size(cfg) if kind in ("gpt", "llama") else 0)
+
+
+# ------------------------------------------------------------------ users' models
+def user_spec(model: nn.Module, loss_fn, *, tp_plan=None, blocks=None, layers=None, pp_split=None) -> ModelSpec:
+    """The spec of a model the user built (`models.spec.module_spec`). A Hugging Face model of a
+    family paratrain knows (models/hf.py) is cut by its family's adapter, its decoder layers are
+    the blocks, and its own plan (`tp_plan=model.tp_plan`, or "auto") is translated."""
+    spec = module_spec(model, loss_fn, tp_plan=tp_plan, blocks=blocks, layers=layers, pp_split=pp_split)
+    if not hf.is_hf_model(model):
+        return spec
+    if tp_plan is not None:
+        plan = model.tp_plan if tp_plan == "auto" else tp_plan
+        spec.tp_plan = hf.translate_plan(model, plan, vocab_head=False)  # the user's loss sees whole logits
+    if layers is None and hf.family_of(model.config) is not None:
+        spec.stages = hf.family_stages(model.config)
+    spec.blocks = spec.blocks or hf.family_blocks(model.config)
+    return spec
 
 
 # ------------------------------------------------------------------ factories

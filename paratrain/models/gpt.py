@@ -31,6 +31,19 @@ class GPTConfig:
     def d_mlp(self) -> int:
         return 4 * self.d_model
 
+    # What the planner and the pipeline split read alike from GPTConfig and models/llama.py's LlamaConfig.
+    @property
+    def n_kv_head(self) -> int:
+        return self.n_head  # multi-head attention: every query head has its own keys and values
+
+    @property
+    def gated_mlp(self) -> bool:
+        return False
+
+    @property
+    def learned_positions(self) -> bool:
+        return True
+
 
 # `tiny` is for tests, `small` is the laptop default (a few million parameters),
 # `gpt2` is GPT-2 small's shape (124M with its 50257-token vocabulary, padded to 50304 as
@@ -142,10 +155,13 @@ class GPT(nn.Module):
         return idx
 
 
-def build_model(name: str, seed: int, dropout: float = 0.0, tie_embeddings: bool = True) -> GPT:
-    """Build a preset with weights that depend only on `seed` (same on every rank and layout)."""
+def build_model(name: str, seed: int, dropout: float = 0.0, tie_embeddings: bool = True,
+                vocab_size: int | None = None) -> GPT:
+    """Build a preset with weights that depend only on `seed` (same on every rank and layout);
+    `vocab_size` replaces the preset's vocabulary (a tokenizer's)."""
     cfg = PRESETS[name]
-    cfg = GPTConfig(**{**cfg.__dict__, "dropout": dropout, "tie_embeddings": tie_embeddings})
+    cfg = GPTConfig(**{**cfg.__dict__, "dropout": dropout, "tie_embeddings": tie_embeddings,
+                       "vocab_size": vocab_size or cfg.vocab_size})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return GPT(cfg)

@@ -22,8 +22,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from paratrain.models.gpt import GPTConfig
+from paratrain.models.llama import LlamaConfig
 from paratrain.models.spec import ModelSpec, token_cross_entropy, vocab_parallel_loss
 from paratrain.parallel.pipeline.partition import balanced_partition
+from paratrain.planner.cost import flops_per_token
 
 INSTALL = "pip install 'paratrain[hf]'"
 
@@ -290,9 +293,22 @@ def is_hf_model(model: nn.Module) -> bool:
 
 
 def hf_flops_per_token(config, seq_len: int) -> float | None:
-    """6 N + 12 L T h (planner/cost.py) from the model's shape, where the catalog knows it."""
-    from paratrain.models.catalog import shape_of_config
-    from paratrain.planner.cost import flops_per_token
-
+    """6 N + 12 L T h (planner/cost.py) from the model's shape, where paratrain models it."""
     shape = shape_of_config(config)
     return None if shape is None else flops_per_token(shape, seq_len)
+
+
+def shape_of_config(config) -> GPTConfig | LlamaConfig | None:
+    """The sizes of a Hugging Face config as one of our shapes (GPT-2 as GPTConfig, the Llama
+    family as LlamaConfig); None for a family whose shape paratrain does not model."""
+    c, kind = config, getattr(config, "model_type", "")
+    if kind == "gpt2":
+        return GPTConfig(n_layer=c.n_layer, n_head=c.n_head, d_model=c.n_embd, vocab_size=c.vocab_size,
+                         max_seq_len=c.n_positions, tie_embeddings=bool(getattr(c, "tie_word_embeddings", True)))
+    if kind in ("llama", "mistral", "qwen2", "qwen3"):
+        return LlamaConfig(n_layer=c.num_hidden_layers, n_head=c.num_attention_heads,
+                           n_kv_head=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
+                           d_model=c.hidden_size, d_mlp=c.intermediate_size, vocab_size=c.vocab_size,
+                           max_seq_len=c.max_position_embeddings,
+                           tie_embeddings=bool(getattr(c, "tie_word_embeddings", False)))
+    return None

@@ -95,23 +95,17 @@ def module_spec(model: nn.Module, loss_fn: Callable, *, tp_plan: dict[str, str] 
                 pp_split: list[int] | list[str] | None = None) -> ModelSpec:
     """A model the user built (the same weights on every rank). Under pipeline parallelism it is
     cut between `layers` (default: an `nn.Sequential`'s children), balanced by parameter count or
-    at `pp_split` (the indices, or child names, where stages 2, 3, ... begin). A Hugging Face
-    model of a family paratrain knows (models/hf.py) is cut by its family's adapter, its decoder
-    layers are the blocks, and its own plan (`tp_plan=model.tp_plan`, or "auto") is translated."""
-    from paratrain.models import hf
-
+    at `pp_split` (the indices, or child names, where stages 2, 3, ... begin)."""
     chosen = list(blocks) if blocks is not None else None
-    stages = lambda m, n: sequential_stages(m, n, layers, pp_split)  # noqa: E731
-    find = (lambda m: chosen if m is model else None) if chosen is not None else None
-    if hf.is_hf_model(model):
-        if tp_plan is not None:
-            plan = model.tp_plan if tp_plan == "auto" else tp_plan
-            tp_plan = hf.translate_plan(model, plan, vocab_head=False)  # the user's loss sees whole logits
-        if layers is None and hf.family_of(model.config) is not None:
-            stages = hf.family_stages(model.config)
-        find = find or hf.family_blocks(model.config)
-    return ModelSpec(name=type(model).__name__, build=lambda: model, loss=loss_fn, tp_plan=tp_plan, stages=stages,
-                     blocks=find, identity=module_identity(model))
+    return ModelSpec(
+        name=type(model).__name__,
+        build=lambda: model,
+        loss=loss_fn,
+        tp_plan=tp_plan,
+        stages=lambda m, n: sequential_stages(m, n, layers, pp_split),
+        blocks=(lambda m: chosen if m is model else None) if chosen is not None else None,
+        identity=module_identity(model),
+    )
 
 
 @torch.no_grad()

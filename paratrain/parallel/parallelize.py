@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from paratrain.comm import Compressor
 from paratrain.mesh import Mesh
-from paratrain.models.spec import module_spec
+from paratrain.models.catalog import user_spec
 from paratrain.optim import DTYPES
 from paratrain.parallel.activation import checkpoint_blocks
 from paratrain.parallel.batchnorm import convert_sync_batchnorm
@@ -118,9 +118,9 @@ def parallelize(model: nn.Module, mesh: Mesh, *, zero: int = 0, precision: str =
     """`model` under the mesh's strategies; returns the wrapper to call and to optimise (see
     `optimizer_params`), with `.pipeline` under pp (this rank's stages and their schedule). All
     ranks must build `model` alike (same seed). For a whole training loop use `paratrain.Trainer`."""
-    spec = module_spec(model, None, tp_plan=tp_plan, blocks=blocks, layers=layers, pp_split=pp_split)
+    spec = user_spec(model, None, tp_plan=tp_plan, blocks=blocks, layers=layers, pp_split=pp_split)
     par = apply_strategies(
-        model, mesh, zero=zero, precision=precision, tp_plan=tp_plan, sequence_parallel=sequence_parallel,
+        model, mesh, zero=zero, precision=precision, tp_plan=spec.tp_plan, sequence_parallel=sequence_parallel,
         activation_checkpointing=activation_checkpointing, blocks=spec.blocks, stages=spec.stages,
         bucket_mb=bucket_mb, compressor=compressor,
         seed=seed, schedule=schedule, microbatches=microbatches or mesh.size("pp"), virtual_stages=virtual_stages,

@@ -1,17 +1,21 @@
-"""Cost model of one training step of a GPT in one layout: FLOPs, memory per device, time.
+"""Cost model of one training step of a GPT or a Llama in one layout: FLOPs, memory per device, time.
 
 Pure functions: nothing here starts a process or touches a device. Notation: L layers, h hidden,
 a heads, V vocabulary, T (or s) sequence length, b micro-batch size, t = tp, p = pp, d = dp,
-m micro-batches, v model chunks per pipeline rank, e bytes per element of the compute dtype.
+m micro-batches, v model chunks per pipeline rank, e bytes per element of the compute dtype;
+g = n_kv_head x head_dim (k's and v's width: grouped-query attention), f = d_mlp (GPT: g = h, f = 4h).
 
 FLOPs (Kaplan et al. 2020; Narayanan et al. 2021, appendix A). A token's forward pass costs two
 FLOPs (multiply and add) per weight that takes part in a matrix product,
 N = 12 L h^2 + V h (per block q, k, v and the projection 4h^2, the MLP 8h^2; the output head Vh;
-biases, norms and the position table do no matmul work), plus the attention scores and the
-weighted sum of values, 2 x 2Th per layer. Backward costs twice the forward. So per token
+biases, norms and the position table do no matmul work; a Llama block has 2h^2 + 2hg + 3hf: q
+and the output h x h, k and v h x g, the gated MLP's gate, up and down h x f), plus the attention
+scores and the weighted sum of values, 2 x 2Th per layer (all n_head query heads: kv sharing
+saves no score). Backward costs twice the forward. So per token
     6 N + 12 L T h,
 and activation checkpointing recomputes the blocks' forward: + 24 L h^2 + 4 L T h. Causal
-attention could skip half of the scores; like Megatron-LM we count them all.
+attention could skip half of the scores; like Megatron-LM we count them all. Element-wise work
+(GELU, SiLU and the gate's product, RoPE, norms) counts in time, not in these FLOPs.
 
 Memory per device = reserve (CUDA context and NCCL; on cpu-local the measured worker baseline)
 + model states + activations + buffers.
@@ -26,7 +30,7 @@ Memory per device = reserve (CUDA context and NCCL; on cpu-local the measured wo
   unfused attention's scores, softmax and dropout (5as/h). Here dropout is 0 (paratrain's
   default: no masks) and attention runs through scaled_dot_product_attention's fused kernels,
   which keep no s x s matrix (only a per-row log-sum-exp). So, in e-byte elements:
-      no tp:                     e s b h * 16
+      no tp:                     e s b h * 16   (for any block: 4 + the sharded count a below)
       tp (Megatron):             e s b h * (4 + 12/t)   (Korthikanti's 10 + 24/t without masks:
                                                           the norms' inputs and the column-parallel
                                                           linears' inputs are replicated)
@@ -35,6 +39,9 @@ Memory per device = reserve (CUDA context and NCCL; on cpu-local the measured wo
                                                           instead of gathering it again in backward)
       checkpointing (per layer): e s b h [/ t with sequence parallelism]: the block's input,
                                  plus one layer recomputed at a time.
+  Of the 16, a = 12 are sharded by tp: q, k, v (3), the attention output (1), the MLP's two
+  4h-wide tensors (8); a Llama block keeps q and k after RoPE and v (1 + 2g/h: sdpa shares the kv
+  heads, enable_gqa) and four f-wide ones (gate, up, SiLU(gate), the product): a = 2 + 2g/h + 4f/h.
   For fp32, e = 4 doubles every term of the 16-bit formula. The output layer keeps its fp32
   log-softmax (4 s b V / t) and backward briefly holds the fp32 gradient and the logits.
   A pipeline rank holds `peak_in_flight` micro-batches at once (from the schedule's real table).
@@ -42,9 +49,10 @@ Memory per device = reserve (CUDA context and NCCL; on cpu-local the measured wo
   gradients of one unit while it is reduced, tensor-parallel all-reduce copies.
 
 Time per step (the busiest rank): compute = the block's GEMMs (forward, input gradient, weight
-gradient) at the hardware's rate for GEMMs of that size, fused attention at its rate, GELU, layer
-norm, log-softmax and AdamW per element, residual adds at copy bandwidth, and host dispatch per
-eager op (a GPU runs ahead of the host, so dispatch only shows when it exceeds the GPU's time);
+gradient) at the hardware's rate for GEMMs of that size, fused attention at its rate, GELU (SiLU),
+layer norm (RMSNorm), log-softmax and AdamW per element, residual adds, the gate's product and RoPE
+at copy bandwidth, and host dispatch per eager op (a GPU runs ahead of the host, so dispatch only
+shows when it exceeds the GPU's time);
 on cpu-local all of these are measured, and a calibrated framework efficiency covers what a real
 step adds to the sum of its ops. Tensor-parallel collectives are on the critical path (2
 all-reduces forward and 2 backward per block; reduce-scatter + all-gather with sequence
@@ -65,8 +73,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from paratrain.config import LayoutConfig, format_layout
+from paratrain.layout import LayoutConfig, format_layout
 from paratrain.models.gpt import GPTConfig
+from paratrain.parallel.pipeline.partition import block_weights
 # The pricing of collectives and the pipeline's structure have modules of their own; their names stay
 # importable from here.
 from paratrain.planner.collectives import (  # noqa: F401
@@ -128,29 +137,41 @@ def pad_vocab(vocab: int, multiple: int = 128) -> int:
     return -(-vocab // multiple) * multiple
 
 
+def _block_vectors(cfg: GPTConfig) -> tuple[int, int]:
+    """(split by tp, replicated) parameters of a block outside its matrices: biases of q, k, v and the
+    MLP's input side split; the outputs' biases and the norms replicated. GPT (7h, 6h), Llama (0, 2h)."""
+    h, norms = cfg.d_model, 2 * cfg.d_model * (2 if cfg.bias else 1)
+    if not cfg.bias:
+        return 0, norms
+    kv = cfg.n_kv_head * (h // cfg.n_head)
+    return h + 2 * kv + (2 if cfg.gated_mlp else 1) * cfg.d_mlp, 2 * h + norms
+
+
 def block_params(cfg: GPTConfig) -> int:
-    h = cfg.d_model
-    return 12 * h * h + (13 * h if cfg.bias else 2 * h)
+    return block_weights(cfg) + sum(_block_vectors(cfg))
 
 
 def param_count(cfg: GPTConfig) -> int:
-    """Parameters of models/gpt.py's GPT: blocks, token and position tables, final norm, head."""
+    """Parameters of models/gpt.py's GPT or models/llama.py's Llama: blocks, token (and position)
+    tables, final norm, head."""
     h = cfg.d_model
     head = 0 if cfg.tie_embeddings else cfg.vocab_size * h
-    return cfg.n_layer * block_params(cfg) + cfg.vocab_size * h + cfg.max_seq_len * h + (2 * h if cfg.bias else h) + head
+    positions = cfg.max_seq_len * h if cfg.learned_positions else 0
+    return cfg.n_layer * block_params(cfg) + cfg.vocab_size * h + positions + (2 * h if cfg.bias else h) + head
 
 
 def matmul_params(cfg: GPTConfig) -> int:
-    """N of the FLOP formula: the weights that take part in matrix products."""
-    return 12 * cfg.n_layer * cfg.d_model**2 + cfg.vocab_size * cfg.d_model
+    """N of the FLOP formula: the weights that take part in matrix products (the head's, not the lookup's)."""
+    return cfg.n_layer * block_weights(cfg) + cfg.vocab_size * cfg.d_model
 
 
 def flops_per_token(cfg: GPTConfig, seq_len: int, recompute: bool = False) -> float:
-    """Training FLOPs per token: 6N + 12 L T h, plus 24 L h^2 + 4 L T h when blocks are recomputed."""
+    """Training FLOPs per token: 6N + 12 L T h, plus 2 (L x block weights) + 4 L T h (GPT: 24 L h^2 +
+    4 L T h) when blocks are recomputed."""
     L, h = cfg.n_layer, cfg.d_model
     flops = 6 * matmul_params(cfg) + 12 * L * seq_len * h
     if recompute:
-        flops += 24 * L * h * h + 4 * L * seq_len * h
+        flops += 2 * L * block_weights(cfg) + 4 * L * seq_len * h
     return float(flops)
 
 
@@ -158,10 +179,10 @@ def rank_params(cfg: GPTConfig, blocks: int, first: bool, last: bool, tp: int, p
     """Parameters held by one rank: its blocks' shards, and the embedding (first stage) and the
     head (last stage; with tied embeddings a second copy only when they are on different stages)."""
     h, t, V = cfg.d_model, tp, cfg.vocab_size
-    per_block = 12 * h * h / t + ((7 * h / t + 6 * h) if cfg.bias else 2 * h)
-    n = blocks * per_block
+    split, replicated = _block_vectors(cfg)
+    n = blocks * (block_weights(cfg) / t + (split / t + replicated))
     if first:
-        n += V * h / t + cfg.max_seq_len * h
+        n += V * h / t + (cfg.max_seq_len * h if cfg.learned_positions else 0)
     if last:
         n += (2 * h if cfg.bias else h)
         if not cfg.tie_embeddings or (pp > 1 and not first):
@@ -186,15 +207,23 @@ def model_state_bytes(n_params: float, zero: int, dp: int, precision: str) -> di
 
 
 # --------------------------------------------------------------------- activations
+def sharded_activations(cfg: GPTConfig) -> float:
+    """a: the tensors of sbh elements a block keeps that tp shards (see the module docstring):
+    GPT 12; a Llama block 2 + 2g/h + 4f/h."""
+    h, g = cfg.d_model, cfg.n_kv_head * (cfg.d_model // cfg.n_head)
+    return 2 + 2 * g / h + (4 if cfg.gated_mlp else 2) * cfg.d_mlp / h
+
+
 def activation_bytes_per_layer(seq: int, micro: int, hidden: int, tp: int, sequence_parallel: bool,
-                               elem: int) -> float:
-    """Bytes one block keeps for backward for one micro-batch (see the module docstring)."""
+                               elem: int, sharded: float = 12) -> float:
+    """Bytes one block keeps for backward for one micro-batch (see the module docstring); `sharded`:
+    the block's a (GPT's 12 by default)."""
     sbh = seq * micro * hidden * elem
     if tp == 1:
-        return 16 * sbh
+        return (4 + sharded) * sbh
     if sequence_parallel:
-        return sbh * (2 + 14 / tp)
-    return sbh * (4 + 12 / tp)
+        return sbh * (2 + (2 + sharded) / tp)
+    return sbh * (4 + sharded / tp)
 
 
 def checkpointed_bytes_per_layer(seq: int, micro: int, hidden: int, tp: int, sequence_parallel: bool,
@@ -227,23 +256,13 @@ class Estimate:
     def as_dict(self) -> dict:
         c = self.candidate
         return {
-            "layout": c.label,
-            "dp": c.dp, "tp": c.tp, "pp": c.pp, "zero": c.zero,
-            "microbatches": c.microbatches,
-            "micro_batch_size": self.micro_batch,
-            "schedule": c.schedule if c.pp > 1 else "none",
-            "virtual_stages": c.v,
-            "sequence_parallel": c.sequence_parallel,
-            "activation_checkpointing": c.activation_checkpointing,
-            "precision": c.precision,
-            "step_time_s": self.step_time_s,
-            "tflops_per_gpu": self.tflops_per_gpu,
-            "mfu": self.mfu,
-            "peak_mem_bytes": int(self.peak_mem_bytes),
-            "capacity_bytes": int(self.capacity_bytes),
-            "fits": self.fits,
-            "reason": self.reason,
-            "bubble_fraction": self.bubble_fraction,
+            "layout": c.label, "dp": c.dp, "tp": c.tp, "pp": c.pp, "zero": c.zero,
+            "microbatches": c.microbatches, "micro_batch_size": self.micro_batch,
+            "schedule": c.schedule if c.pp > 1 else "none", "virtual_stages": c.v,
+            "sequence_parallel": c.sequence_parallel, "activation_checkpointing": c.activation_checkpointing,
+            "precision": c.precision, "step_time_s": self.step_time_s, "tflops_per_gpu": self.tflops_per_gpu,
+            "mfu": self.mfu, "peak_mem_bytes": int(self.peak_mem_bytes), "capacity_bytes": int(self.capacity_bytes),
+            "fits": self.fits, "reason": self.reason, "bubble_fraction": self.bubble_fraction,
             "time_breakdown_s": {k: getattr(self, k) for k in
                                  ("compute_s", "tp_comm_s", "pp_comm_s", "dp_comm_s", "bubble_s", "other_s")},
             "memory_breakdown_bytes": {k: int(v) for k, v in self.memory.items()},
@@ -288,14 +307,20 @@ def _compute_times(st: _Step) -> tuple[float, float, float, float]:
     """Seconds of one block and of the head on one micro-batch: (block forward, block backward,
     head forward, head backward); backward is two thirds of the work, plus the recomputed forward."""
     hw, world, t, e, M, sp = st.hw, st.c.world, st.c.tp, st.e, st.tokens, st.sp
-    h, V, s = st.cfg.d_model, st.cfg.vocab_size, st.s
+    cfg, s = st.cfg, st.s
+    h, V, dm, g = cfg.d_model, cfg.vocab_size, cfg.d_mlp, cfg.n_kv_head * (cfg.d_model // cfg.n_head)
     bw = hw.elementwise_bw(world)
-    gemms = (2 * M * h * h / t,) * 4 + (2 * M * h * 4 * h / t,) * 2  # q, k, v, proj; fc, proj
+    mlp = (2 * M * h * dm / t,) * (3 if cfg.gated_mlp else 2)  # fc, proj (gate, up, down)
+    gemms = (2 * M * h * h / t, 2 * M * h * g / t, 2 * M * h * g / t, 2 * M * h * h / t) + mlp  # q, k, v, proj
     attn = 4 * st.b * s * s * h / t  # scores and weighted values, forward
     block = (sum(3 * f / hw.gemm_rate(f, world) for f in gemms)  # forward, d input, d weight
              + 3 * attn / hw.attention_rate(attn, world)
-             + st.ew("gelu", M * 4 * h / t) + st.ew("layer_norm", 2 * M * h / (t if sp else 1))
+             + st.ew("gelu", M * dm / t) + st.ew("layer_norm", 2 * M * h / (t if sp else 1))
              + 3 * e * M * h * 6 / (t if sp else 1) / bw)  # the two residual adds
+    if not cfg.learned_positions:  # RoPE on q and k: two products, a sum and the half rotation, 8 passes
+        block += 3 * e * M * (h + g) * 8 / t / bw
+    if cfg.gated_mlp:  # SiLU(gate) * up: reads two, writes one
+        block += 3 * e * M * dm * 3 / t / bw
     block_f, block_b = block / 3, 2 * block / 3
     if st.c.activation_checkpointing:
         block_b += block_f
@@ -400,7 +425,7 @@ def _gradient_sync_time(st: _Step, r: RankStages, tb_rank: float) -> float:
     if p > 1 and cfg.tie_embeddings and (r.first or r.last):  # the tied embedding's two copies
         dp_s += st.coll("all_reduce", 4 * cfg.vocab_size * cfg.d_model / t, 2, "pp")
     if st.sp:  # the norms' and row biases' gradients, summed over tp
-        dp_s += st.coll("all_reduce", 4 * 6 * cfg.d_model * r.blocks, t, "tp")
+        dp_s += st.coll("all_reduce", 4 * _block_vectors(cfg)[1] * r.blocks, t, "tp")
     return dp_s
 
 
@@ -432,7 +457,7 @@ def _peak_memory(st: _Step, stages: tuple[RankStages, ...]) -> tuple[float, dict
     t, p, d, ac = c.tp, c.pp, c.dp, c.activation_checkpointing
     s, b, h, V = st.s, st.b, cfg.d_model, cfg.vocab_size
     _, in_flight, head_in_flight = schedule_info(c.schedule, p, c.microbatches, c.v)
-    per_layer = activation_bytes_per_layer(s, b, h, t, sp, e)
+    per_layer = activation_bytes_per_layer(s, b, h, t, sp, e, sharded_activations(cfg))
     kept = checkpointed_bytes_per_layer(s, b, h, t, sp, e) if ac else per_layer
     boundary = 2 * e * b * (s // t if sp else s) * h if p > 1 else 0.0
     unit = block_params(cfg) / t
