@@ -101,12 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--out", default="compare-report", help="folder for report.md, report.html, results.json, plots")
     ckpt = sub.add_parser("checkpoint", help="work with checkpoints")
     ckpt_sub = ckpt.add_subparsers(dest="action", parser_class=OneLineParser)
-    export = ckpt_sub.add_parser("export", help="write one consolidated model file from a checkpoint")
+    export = ckpt_sub.add_parser("export", help="write the model of a checkpoint as one file or a Hugging Face folder")
     export.add_argument("path", help="a checkpoint folder (step_N) or the --checkpoint-dir holding them")
-    export.add_argument("--to", required=True, help="output file: .safetensors, or .pt for a torch file")
+    export.add_argument("--to", required=True, help="output: a .safetensors or .pt file (the model's own names), or "
+                                                    "a folder for a Hugging Face model (config.json + model.safetensors)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     plan = sub.add_parser("plan", help="rank layouts by predicted step time and memory (starts no processes)")
-    plan.add_argument("--model", help="model preset: tiny, small, gpt2, gpt2-medium (or the shape flags)")
+    plan.add_argument("--model", help="a preset (tiny, small, gpt2, gpt2-medium, llama-tiny, llama-small, llama-1b, "
+                                       "llama-7b), a Hugging Face model folder, or the shape flags")
     for flag, help_ in (("--layers", "transformer blocks"), ("--hidden", "hidden size"), ("--heads", "attention heads"),
                         ("--vocab", "vocabulary (padded to a multiple of 128)"), ("--seq-len", "tokens per sequence"),
                         ("--global-batch", "sequences per optimizer step"), ("--gpus", "devices (cpu-local: workers)"),
@@ -210,6 +212,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     import os
 
     from paratrain.launch import WorkerFailed, launch, run_worker, under_torchrun
+    from paratrain.sources import prepare_data
     from paratrain.stops import RunStopped
 
     try:
@@ -218,7 +221,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         validate(cfg, world_size=world)
         prepare_outputs(cfg)
         check_checkpoint_dir(cfg)
+        prepare_data(cfg)  # tokenizer trained, corpus tokenized into the cache: once, before the workers
     except ConfigError as e:
+        fail(str(e))
+    except ValueError as e:  # the data could not be prepared (one line)
         fail(str(e))
     if under_torchrun():
         result = run_worker(cfg.to_dict())
@@ -289,23 +295,34 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
     from torch.distributed.checkpoint.api import CheckpointException
 
     from paratrain.checkpoint import CheckpointError, export
+    from paratrain.checkpoint.hf_export import ExportError, export_hf
     from paratrain.outputs import check_output_file
 
     if args.action != "export":
         fail("checkpoint: say what to do, e.g. `paratrain checkpoint export DIR --to model.safetensors`")
-    if not args.to.endswith((".safetensors", ".pt", ".pth")):
-        fail(f"--to: write a .safetensors or .pt file, got {args.to!r}")
     import os
+
+    hf_folder = not args.to.endswith((".safetensors", ".pt", ".pth"))
+    if hf_folder and os.path.splitext(args.to)[1] not in ("", ".hf") and not os.path.isdir(args.to):
+        fail(f"--to: write a .safetensors or .pt file, or a folder for a Hugging Face model, got {args.to!r}")
 
     if not os.path.exists(args.path):
         fail(f"checkpoint export: no such folder {args.path!r}")
     if not os.path.isdir(args.path):
         fail(f"checkpoint export: {args.path!r} is a file; give a checkpoint folder (step_N) or the --checkpoint-dir")
     try:
-        check_output_file("--to", args.to, "model.safetensors")
-        folder = export(args.path, args.to)
+        if hf_folder:
+            make_folder("--to", args.to)
+            folder = export_hf(args.path, args.to)
+        else:
+            check_output_file("--to", args.to, "model.safetensors")
+            folder = export(args.path, args.to)
     except ConfigError as e:
         fail(str(e))
+    except ExportError as e:  # "export: ..."
+        fail(f"checkpoint {e}")
+    except ImportError as e:  # a Hugging Face folder without transformers
+        fail(f"checkpoint export: {e}")
     except CheckpointError as e:
         fail(f"checkpoint export: {e}")
     except OSError as e:  # a file the manifest or DCP's metadata names, or --to itself

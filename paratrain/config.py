@@ -395,18 +395,18 @@ def _validate_precision_and_device(cfg: RunConfig, world_size: int | None) -> No
 
 
 def _validate_data(cfg: RunConfig) -> None:
-    """The corpus exists and holds enough tokens; the validation share."""
+    """The data source exists and holds enough tokens, the tokenizer, the validation share (sources.py)."""
     if cfg.data.path != "stdlib" and not os.path.exists(cfg.data.path):
-        raise ConfigError(f"--data: no such file or folder {cfg.data.path!r}; give a text file, a folder, or 'stdlib'")
+        raise ConfigError(f"--data: no such file or folder {cfg.data.path!r}; give a text file or folder, .jsonl, "
+                          f".parquet, .bin or .npy, or 'stdlib'")
     if not 0 < cfg.data.val_fraction < 0.5:
         raise ConfigError(f"data.val_fraction: must be in (0, 0.5), got {cfg.data.val_fraction}")
-    if cfg.data.path != "stdlib":
-        from paratrain.data import check_corpus
+    from paratrain.sources import check_data
 
-        try:
-            check_corpus(cfg.data.path, cfg.train.seq_len)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+    try:
+        check_data(cfg)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _validate_local_memory(cfg: RunConfig, world_size: int | None) -> None:

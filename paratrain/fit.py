@@ -111,8 +111,11 @@ def bars_without_semaphore() -> None:
 
 def start_line(t) -> str:
     tr = t.cfg.train
-    source = f" on {t.cfg.data.path} ({t.corpus_bytes / 1e6:.1f} MB)" if hasattr(t, "corpus_bytes") else ""
-    shape = f"{tr.global_batch} x {tr.seq_len} tokens per step" if hasattr(t, "corpus_bytes") else "global batches"
+    corpus = getattr(t, "corpus_tokens", None)
+    as_bytes = t.cfg.data.tokenizer == "byte" and not t.cfg.data.path.endswith((".bin", ".npy"))
+    unit = "MB" if as_bytes else "M tokens"
+    source = f" on {t.cfg.data.path} ({corpus / 1e6:.1f} {unit})" if corpus is not None else ""
+    shape = f"{tr.global_batch} x {tr.seq_len} tokens per step" if corpus is not None else "global batches"
     line = (f"paratrain: training {t.spec.name} ({t.n_params / 1e6:.2f}M parameters){source} with "
             f"{format_layout(t.cfg.layout)}, {shape}, device {t.device.type}")
     if t.pipeline:

@@ -29,8 +29,7 @@ from paratrain.checkpoint import Checkpointer, agree_on_latest, full_state_dict,
 from paratrain.comm import parse_compress
 from paratrain.comm.flight import Watchdog
 from paratrain.config import RunConfig, format_layout, validate_settings
-from paratrain.data import (DataPosition, TokenLoader, as_pair, call_model, first_tensor, load_corpus, split_batch,
-                            to_device)
+from paratrain.data import DataPosition, TokenLoader, as_pair, call_model, first_tensor, split_batch, to_device
 from paratrain.fit import StepStats, peak_memory_bytes, run
 from paratrain.group import init
 from paratrain.mesh import Mesh
@@ -41,6 +40,7 @@ from paratrain.parallel.parallelize import apply_strategies
 from paratrain.parallel.tensor import TPGroup
 from paratrain.parallel.zero import ZeroDataParallel
 from paratrain.settings import api_config
+from paratrain.sources import open_tokenizer, open_tokens
 from paratrain.stops import NonFiniteError, non_finite_loss, non_finite_norm, overflowed, requested_signal
 
 
@@ -107,11 +107,11 @@ class Trainer:
         for the constructor, a parameter-server worker's dp rank and degree)."""
         tr = cfg.train
         spec = model_spec(cfg)
-        corpus = load_corpus(cfg.data.path)
-        loader = TokenLoader(corpus, tr.seq_len, tr.global_batch, tr.seed, cfg.data.val_fraction)
+        tokens = open_tokens(cfg)  # memory-mapped where the corpus was tokenized into the cache
+        loader = TokenLoader(tokens, tr.seq_len, tr.global_batch, tr.seed, cfg.data.val_fraction)
         trainer = cls(spec, mesh, data=loader, eval_data=loader.validation(), device=device, config=cfg,
                       data_rank=data_rank)
-        trainer.corpus_bytes = corpus.size
+        trainer.corpus_tokens, trainer.tokenizer = tokens.size, open_tokenizer(cfg)
         return trainer
 
     # ------------------------------------------------------------------ building
@@ -371,7 +371,8 @@ class Trainer:
         samplers = (self.mesh.coord("dp") == 0 or lay.zero == 3) and not self.pipeline and not lay.sequence_parallel
         if self.spec.sample is None or not samplers:
             return ""
-        return self.spec.sample(self.model.module, self.device, self.cfg.train.seed)
+        return self.spec.sample(self.model.module, self.device, self.cfg.train.seed,
+                                tokenizer=getattr(self, "tokenizer", None))
 
     def fit(self, steps: int | None = None) -> dict:
         """Train to `steps` (default: the configured steps) from where the run stands, with the

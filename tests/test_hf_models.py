@@ -228,3 +228,25 @@ def test_tensor_parallel_plans_of_hugging_face_are_translated():
     assert translate_plan(model, model.tp_plan, vocab_head=False)["lm_head"] == "colwise_gather_output"
     with pytest.raises(ValueError, match="does not split"):
         translate_plan(model, {"model.layers.*.mlp.gate_up_proj": "packed_colwise"})
+
+
+def test_cli_exports_a_checkpoint_as_a_hugging_face_folder(tmp_path, capsys):
+    """`paratrain checkpoint export ck --to folder/`: a GPT preset's checkpoint becomes a GPT-2
+    folder that from_pretrained loads with the trained model's logits."""
+    import transformers
+
+    from helpers import run_tiny
+    from paratrain.checkpoint import load_full_model
+    from paratrain.cli import main
+    from paratrain.models.gpt import build_model
+
+    run_tiny(steps=2, global_batch=4, checkpoint={"dir": str(tmp_path / "ck"), "every": 2})
+    assert main(["checkpoint", "export", str(tmp_path / "ck"), "--to", str(tmp_path / "out")]) == 0
+    ours = build_model("tiny", 0)
+    ours.load_state_dict(load_full_model(str(tmp_path / "ck" / "step_00000002")), strict=False)  # the tied head
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, ours(ids), rtol=1e-5, atol=1e-5)
+    status, err = refused(capsys, "checkpoint", "export", str(tmp_path / "ck"), "--to", str(tmp_path / "x.zip"))
+    assert status == 2 and "--to" in err

@@ -29,7 +29,7 @@ STALE_S = 600.0  # a lock of another host not refreshed for this long is stale
 REFRESH_S = 30.0
 
 # the settings that fix a run's math (layout, precision, outputs and aids are free to change)
-MATH = {"model": None, "data": None,
+MATH = {"model": None, "data": ("path", "val_fraction", "tokenizer", "text_field"),
         "train": ("seed", "steps", "global_batch", "seq_len", "lr", "min_lr_ratio", "warmup_steps", "weight_decay",
                   "beta1", "beta2", "grad_clip")}
 

@@ -89,10 +89,8 @@ def vocab_size(cfg) -> int:
 
 def data_vocab_size(cfg) -> int:
     """Token ids the data can hold: the tokenizer's vocabulary, or a token array's largest id + 1."""
-    try:
-        from paratrain import sources
-    except ImportError:  # TODO(lead): sources.py lands with the tokenizers
-        return 256
+    from paratrain import sources
+
     return sources.data_vocab_size(cfg)
 
 

@@ -2,8 +2,9 @@
 rank the rest by predicted step time, and say why the first one wins.
 
 What is enumerated (and what is pruned, so that 1,024 GPUs and a 175B model take seconds):
-- dp x tp x pp = N over the divisors of N; tp must divide the heads, hidden, MLP and vocabulary
-  sizes and, unless `allow_cross_node_tp`, stay inside a node; pp at most the number of layers;
+- dp x tp x pp = N over the divisors of N; tp must divide the heads (and the key/value heads of
+  grouped-query attention), hidden, MLP and vocabulary sizes and, unless `allow_cross_node_tp`,
+  stay inside a node; pp at most the number of layers;
 - micro-batch sizes that are powers of two dividing the per-replica batch (plus no accumulation
   at pp = 1), and at least pp micro-batches for a pipeline;
 - ZeRO stages 0-3 (only 0 when dp = 1: there is nothing to shard over);
@@ -21,12 +22,16 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from paratrain.config import ConfigError, LayoutConfig, RunConfig
 from paratrain.models.gpt import PRESETS, GPTConfig
 from paratrain.planner.collectives import crosses_node
 from paratrain.planner.cost import Candidate, Estimate, estimate, pad_vocab, param_count
 from paratrain.planner.hardware import NAMES, Hardware, get_hardware
+
+if TYPE_CHECKING:  # models/llama.py builds specs, which price themselves here: imported where used
+    from paratrain.models.llama import LlamaConfig
 
 GiB = 2**30
 OOM = "out of device memory"
@@ -57,15 +62,15 @@ def _powers_of_two_dividing(n: int) -> list[int]:
     return out
 
 
-def _tp_problem(cfg: GPTConfig, tp: int) -> str | None:
-    for what, n in (("attention heads", cfg.n_head), ("hidden size", cfg.d_model),
-                    ("MLP size", 4 * cfg.d_model), ("vocabulary", cfg.vocab_size)):
+def _tp_problem(cfg: GPTConfig | LlamaConfig, tp: int) -> str | None:
+    for what, n in (("attention heads", cfg.n_head), ("key/value heads", cfg.n_kv_head),
+                    ("hidden size", cfg.d_model), ("MLP size", cfg.d_mlp), ("vocabulary", cfg.vocab_size)):
         if n % tp:
             return f"tp does not divide the {what}"
     return None
 
 
-def candidates(cfg: GPTConfig, seq_len: int, global_batch: int, gpus: int, precision: str,
+def candidates(cfg: GPTConfig | LlamaConfig, seq_len: int, global_batch: int, gpus: int, precision: str,
                gpus_per_node: int, allow_cross_node_tp: bool, rejected: Counter, fixed: dict | None = None):
     """Yield every candidate worth pricing (with and without sequence parallelism etc.), counting
     the shapes rejected before pricing in `rejected`. `fixed`: {field: value} that must hold."""
@@ -114,7 +119,7 @@ def candidates(cfg: GPTConfig, seq_len: int, global_batch: int, gpus: int, preci
                                 yield c
 
 
-def plan(cfg: GPTConfig, seq_len: int, global_batch: int, gpus: int, hw: Hardware,
+def plan(cfg: GPTConfig | LlamaConfig, seq_len: int, global_batch: int, gpus: int, hw: Hardware,
          gpus_per_node: int | None = None, precision: str | None = None, allow_cross_node_tp: bool = False,
          fixed: dict | None = None) -> PlanResult:
     """Price every candidate layout of `gpus` devices; rank those that fit."""
@@ -148,7 +153,7 @@ def _gib(x: float) -> str:
     return f"{x / GiB:.1f} GiB"
 
 
-def explain(res: PlanResult, cfg: GPTConfig, hw: Hardware, gpus_per_node: int) -> str:
+def explain(res: PlanResult, cfg: GPTConfig | LlamaConfig, hw: Hardware, gpus_per_node: int) -> str:
     """One line: why the first layout wins, from comparisons with the best alternatives."""
     if not res.ranked:
         return "no layout fits"
@@ -218,7 +223,41 @@ def table(rows: list[Estimate]) -> str:
     return "\n".join(lines)
 
 
-def model_from_args(args: argparse.Namespace) -> tuple[GPTConfig, int, str]:
+def _shape(name: str) -> GPTConfig | LlamaConfig:
+    """The shape of model `name`: the catalog's (presets of both families, Hugging Face model
+    folders) where there is one, else a preset of models/gpt.py or models/llama.py; ConfigError
+    (one line) for an unknown name or a model without a shape the planner prices."""
+    try:
+        from paratrain.models.catalog import model_shape
+    except ImportError:
+        model_shape = None
+    if model_shape is None:
+        from paratrain.models.llama import LLAMA_PRESETS
+
+        shape = {**PRESETS, **LLAMA_PRESETS}.get(name)
+    else:
+        try:
+            shape = model_shape(name)
+        except KeyError:
+            raise ConfigError(_unknown(name)) from None
+        except ValueError as e:  # ConfigError too: an unknown name, a folder we cannot read
+            raise ConfigError(str(e) if str(e).startswith("--model") else f"--model: {e}") from None
+        if shape is None:
+            raise ConfigError(f"--model: {name!r} has no shape the planner prices (GPT-2 or Llama-family); "
+                              "give --layers --hidden --heads --vocab --seq-len")
+    if shape is None:
+        raise ConfigError(_unknown(name))
+    return shape
+
+
+def _unknown(name: str) -> str:
+    from paratrain.models.llama import LLAMA_PRESETS
+
+    return (f"--model: unknown model {name!r}; choose one of {', '.join([*PRESETS, *LLAMA_PRESETS])} "
+            "or give --layers --hidden --heads --vocab --seq-len")
+
+
+def model_from_args(args: argparse.Namespace) -> tuple[GPTConfig | LlamaConfig, int, str]:
     """(model shape, sequence length, description) from --model or --layers/--hidden/...;
     ConfigError on bad input."""
     custom = {k: getattr(args, k) for k in ("layers", "hidden", "heads", "vocab")}
@@ -227,10 +266,7 @@ def model_from_args(args: argparse.Namespace) -> tuple[GPTConfig, int, str]:
         raise ConfigError(f"--model: give either --model or --layers/--hidden/--heads/--vocab, not both "
                           f"(got --model {args.model} and --{given[0]})")
     if args.model:
-        if args.model not in PRESETS:
-            raise ConfigError(f"--model: unknown model {args.model!r}; choose one of {', '.join(PRESETS)} "
-                              "or give --layers --hidden --heads --vocab --seq-len")
-        cfg = PRESETS[args.model]
+        cfg = _shape(args.model)
         seq = args.seq_len if args.seq_len is not None else RunConfig().train.seq_len
         if not 1 <= seq <= cfg.max_seq_len:
             raise ConfigError(f"--seq-len: must be between 1 and {cfg.max_seq_len} for model {args.model}, got {seq}")
@@ -333,12 +369,25 @@ def local_hardware(device: str) -> tuple[Hardware, int, int]:
     return hw, local, local
 
 
+def run_shape(cfg: RunConfig) -> GPTConfig | LlamaConfig:
+    """The shape of the run's model, with the run's vocabulary (the catalog's, or --model's
+    vocabulary where it overrides the preset's)."""
+    try:
+        from paratrain.models.catalog import run_shape as catalog_shape
+    except ImportError:
+        catalog_shape = None
+    shape = catalog_shape(cfg) if catalog_shape is not None else None
+    if shape is None:
+        shape = _shape(cfg.model.name)
+        vocab = getattr(cfg.model, "vocab_size", 0)
+        shape = replace(shape, vocab_size=vocab) if vocab else shape
+    return shape
+
+
 def auto_layout(cfg: RunConfig, fixed: dict) -> tuple[Estimate, Hardware, int]:
     """The planner's first choice for `cfg`'s model and batch on this machine (ConfigError if none)."""
     hw, gpus, G = local_hardware(cfg.train.device)
-    model = PRESETS.get(cfg.model.name)
-    if model is None:
-        raise ConfigError(f"--model: unknown model {cfg.model.name!r}; choose one of {', '.join(PRESETS)}")
+    model = run_shape(cfg)
     res = plan(model, cfg.train.seq_len, cfg.train.global_batch, gpus, hw, G, cfg.train.precision, fixed=fixed)
     if not res.ranked:
         why = res.rejected.most_common(1)[0][0] if res.rejected else "no candidate"
@@ -356,5 +405,5 @@ def predict_layout(cfg: RunConfig) -> dict:
                   microbatches=lay.microbatches, sequence_parallel=lay.sequence_parallel,
                   activation_checkpointing=cfg.train.activation_checkpointing, precision=cfg.train.precision,
                   virtual_stages=lay.virtual_stages)
-    e = estimate(PRESETS[cfg.model.name], cfg.train.seq_len, cfg.train.global_batch, c, hw, max(G, lay.world_size))
+    e = estimate(run_shape(cfg), cfg.train.seq_len, cfg.train.global_batch, c, hw, max(G, lay.world_size))
     return {"step_time_s": e.step_time_s, "peak_mem_bytes": e.peak_mem_bytes}

@@ -1,9 +1,10 @@
 """Split a model's layers into pipeline stages balanced by modelled cost, and build the stages.
 
-The cost of a stage is the forward FLOPs per token of what it holds: a block costs
-24 d^2 (q, k, v, projection and the two MLP matrices) + 4 T d (attention scores and values);
-the first stage adds the embedding (a lookup: counted as d) and the last stage the output head
-(2 d V), which for a large vocabulary is worth several blocks. The split minimises the most
+The cost of a stage is the forward FLOPs per token of what it holds: a block costs two FLOPs
+per weight of its matrices (GPT: q, k, v, projection and the two MLP matrices, 24 d^2; Llama:
+k and v of n_kv_head heads, and the gated MLP's three matrices) + 4 T d (attention scores and
+values); the first stage adds the embedding (a lookup: counted as d) and the last stage the output
+head (2 d V), which for a large vocabulary is worth several blocks. The split minimises the most
 expensive stage (a bisection on it), then evens the rest out with a short dynamic program over
 contiguous block ranges (as in Alpa's stage construction): near-linear in the layers.
 Any other model given as a sequence of layers (the Python API) is split the same way, each layer
@@ -21,8 +22,17 @@ import torch.nn as nn
 from paratrain.models.gpt import GPT, GPTConfig
 
 
+def block_weights(cfg) -> int:
+    """Weights in one block's matrix products, for a GPTConfig or a models/llama.py LlamaConfig:
+    q and the output projection h x h, k and v h x (n_kv_head * head_dim), the MLP two (GELU) or
+    three (gated) h x d_mlp matrices. GPT: 12 h^2."""
+    h = cfg.d_model
+    kv = cfg.n_kv_head * (h // cfg.n_head)
+    return 2 * h * h + 2 * h * kv + (3 if cfg.gated_mlp else 2) * h * cfg.d_mlp
+
+
 def block_cost(cfg: GPTConfig, seq_len: int) -> float:
-    return 24 * cfg.d_model**2 + 4 * seq_len * cfg.d_model
+    return 2 * block_weights(cfg) + 4 * seq_len * cfg.d_model
 
 
 def head_cost(cfg: GPTConfig) -> float:
@@ -162,29 +172,32 @@ def balanced_split(n_blocks: int, n_stages: int, block: float, first_extra: floa
 
 
 def split_gpt(cfg: GPTConfig, seq_len: int, n_stages: int) -> list[range]:
+    """The blocks of each stage of a GPT or a Llama (any config with the fields block_weights reads)."""
     return balanced_split(cfg.n_layer, n_stages, block_cost(cfg, seq_len), cfg.d_model, head_cost(cfg))
 
 
 class PipelineStage(nn.Module):
-    """One stage of the vanilla GPT: the embedding (first stage), a range of blocks, the final
-    norm and head (last stage). Submodules keep the full model's names (`blocks.5.attn.q`), so
-    parameter names, and so checkpoints, do not depend on the split."""
+    """One stage of the vanilla GPT (or Llama): the embedding (first stage), a range of blocks, the
+    final norm and head (last stage). Submodules keep the full model's names (`blocks.5.attn.q`), so
+    parameter names, and so checkpoints, do not depend on the split. The model's class names what
+    its two ends hold (EMBED_MODULES, OUTPUT_MODULES; GPT's by default) and runs them (`embed`,
+    `output`)."""
 
     def __init__(self, model: GPT, blocks: range, first: bool, last: bool):
         super().__init__()
-        self.first, self.last = first, last
-        if first:
-            self.wte, self.wpe, self.drop = model.wte, model.wpe, model.drop
+        self.first, self.last, self.family = first, last, type(model)
+        for name in getattr(self.family, "EMBED_MODULES", ("wte", "wpe", "drop")) if first else ():
+            setattr(self, name, getattr(model, name))
         self.blocks = nn.ModuleDict({str(i): model.blocks[i] for i in blocks})
-        if last:
-            self.ln_f, self.head = model.ln_f, model.head
+        for name in getattr(self.family, "OUTPUT_MODULES", ("ln_f", "head")) if last else ():
+            setattr(self, name, getattr(model, name))
 
     def forward(self, x):
         if self.first:
-            x = GPT.embed(self, x)  # same names, same code as the full model
+            x = self.family.embed(self, x)  # same names, same code as the full model
         for block in self.blocks.values():
             x = block(x)
-        return GPT.output(self, x) if self.last else x
+        return self.family.output(self, x) if self.last else x
 
 
 class SequentialStage(nn.Module):
