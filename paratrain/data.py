@@ -19,6 +19,7 @@ import torch
 from paratrain.files import regular_file
 
 VOCAB_SIZE = 256
+MAX_CORPUS_BYTES = 64 << 20  # what load_corpus reads of a text corpus at most
 
 
 class ByteTokenizer:
@@ -68,7 +69,7 @@ def _corpus_file(path: str, fix: str) -> str:
     return path
 
 
-def load_corpus(path: str = "stdlib", max_bytes: int = 64 << 20) -> np.ndarray:
+def load_corpus(path: str = "stdlib", max_bytes: int = MAX_CORPUS_BYTES) -> np.ndarray:
     """Read the corpus into one uint8 array (files in sorted order, at most `max_bytes`)."""
     files = stdlib_files() if path == "stdlib" else text_files(path)
     chunks, total = [], 0

@@ -224,7 +224,7 @@ def test_tensor_parallel_plans_of_hugging_face_are_translated():
     assert plan["model.layers.*.self_attn"] == "region" and plan["model.layers.*.mlp"] == "region"
     assert plan["model.layers.*.self_attn.q_proj"] == "colwise"
     base = translate_plan(model, model.config.base_model_tp_plan, vocab_head=False)
-    assert base["model.layers.*.mlp.down_proj"] == "rowwise" and "lm_head" not in base
+    assert base["model.layers.*.mlp.down_proj"] == "rowwise" and base["lm_head"] == "sequence_end"
     assert translate_plan(model, model.tp_plan, vocab_head=False)["lm_head"] == "colwise_gather_output"
     with pytest.raises(ValueError, match="does not split"):
         translate_plan(model, {"model.layers.*.mlp.gate_up_proj": "packed_colwise"})

@@ -44,7 +44,10 @@ def test_api_sequence_parallel_matches_one_process():
 LLAMA_PLAN = {"model.embed_tokens": "vocab", "model.layers.*.self_attn.[qkv]_proj": "colwise",
               "model.layers.*.self_attn.o_proj": "rowwise", "model.layers.*.mlp.gate_proj": "colwise",
               "model.layers.*.mlp.up_proj": "colwise", "model.layers.*.mlp.down_proj": "rowwise"}
-LLAMA_RUNS = [dict(zero=1, microbatches=2), dict(zero=2), dict(zero=3, microbatches=2)]
+# Hugging Face's own plans as they are (`model.tp_plan`, and the base model's without the `model.`
+# prefix), sequence parallelism included, and paratrain's styles written by hand
+LLAMA_RUNS = [dict(zero=1, microbatches=2, tp_plan="own"), dict(zero=2, tp_plan="base", sequence_parallel=True),
+              dict(zero=3, microbatches=2, tp_plan="ours")]
 
 
 def _llama(tp: int) -> list[list[float]]:
@@ -62,13 +65,15 @@ def _llama(tp: int) -> list[list[float]]:
         return F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten())
 
     out = []
-    for kw in LLAMA_RUNS:
+    for run in LLAMA_RUNS:
         torch.manual_seed(0)
         model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
                                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                              max_position_embeddings=32))
+        kw = {k: v for k, v in run.items() if k != "tp_plan" and (tp > 1 or k != "sequence_parallel")}
+        plan = {"own": model.tp_plan, "base": model.config.base_model_tp_plan, "ours": LLAMA_PLAN}[run["tp_plan"]]
         trainer = paratrain.Trainer(model, mesh, loss_fn, data=DatasetLoader(dataset, 8, seed=1),
-                                    tp_plan=LLAMA_PLAN if tp > 1 else None, lr=2e-3, progress=False, **kw)
+                                    tp_plan=plan if tp > 1 else None, lr=2e-3, progress=False, **kw)
         out.append([trainer.run_step(k).loss for k in range(1, STEPS + 1)])
     return out
 

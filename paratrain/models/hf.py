@@ -143,7 +143,7 @@ def translate_plan(model: nn.Module, plan: dict[str, str] | None = None, vocab_h
     if not hf:
         raise ValueError(f"--tp: transformers gives {type(model).__name__} no tensor-parallel plan; "
                          f"use --dp/--zero/--pp for it")
-    known = {*STYLE_OF, "region", "vocab", "vocab_head", "norm", "sequence_start", "sequence_dropout"}
+    known = {*STYLE_OF, "region", "vocab", "vocab_head", "norm", "sequence_start", "sequence_dropout", "sequence_end"}
     unknown = sorted(set(hf.values()) - known)
     if unknown:
         raise ValueError(f"--tp: {type(model).__name__}'s plan uses {unknown}, which paratrain does not split; "
@@ -160,6 +160,8 @@ def translate_plan(model: nn.Module, plan: dict[str, str] | None = None, vocab_h
         extra = {f"{layers}.*.{fam.attn}": "region", f"{layers}.*.{fam.mlp}": "region",
                  f"{layers}.0": "sequence_start", f"{fam.base}.{fam.norm}": "norm",
                  **{f"{layers}.*.{n}": "norm" for n in fam.layer_norms}}
+        if not any(fnmatch.fnmatchcase("lm_head", k) for k in out):  # a head the plan leaves whole
+            extra["lm_head"] = "sequence_end"
         out.update({k: v for k, v in extra.items() if k not in out})
     return out
 

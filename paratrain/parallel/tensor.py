@@ -140,6 +140,20 @@ class _ScatterToSequence(torch.autograd.Function):
         return all_gather(g, ctx.tp.group, ctx.tp.stats, dim=1), None
 
 
+class _GatherSequenceToReplicated(torch.autograd.Function):
+    """Sequence parallel, leaving it for a replicated module (a head outside the plan): all-gather
+    the sequence shards; every rank then computes the same, so backward keeps this rank's shard."""
+
+    @staticmethod
+    def forward(ctx, x, tp: TPGroup):
+        ctx.tp = tp
+        return all_gather(x, tp.group, tp.stats, dim=1)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.chunk(ctx.tp.size, dim=1)[ctx.tp.rank].contiguous(), None
+
+
 def copy_to_region(x, tp: TPGroup):
     return _CopyToRegion.apply(x, tp)
 
@@ -324,6 +338,8 @@ def _run_forked(forward, rng: TensorParallelRNG, *args, **kwargs):
 #   norm         replicated; under SP runs on sequence shards, gradients summed over tp
 #   sequence_start  under SP, the input is split along the sequence here
 #   sequence_dropout  under SP, dropout on sequence shards: runs under the tp RNG fork
+#   sequence_end  under SP, a replicated module after the last norm (a head the plan leaves
+#                whole) gets the whole sequence
 # and Hugging Face's names for the same layers (`model.tp_plan`, `config.base_model_tp_plan`):
 #   embedding_rowwise          an embedding split by vocabulary rows: `vocab`
 #   colwise_gather_output      ColumnParallelLinear whose output is all-gathered (full logits)
@@ -343,7 +359,7 @@ GPT_PLAN: dict[str, str] = {
     "head": "vocab_head",
 }
 STYLES = {"colwise", "rowwise", "region", "vocab", "vocab_head", "norm", "sequence_start", "sequence_dropout",
-          "embedding_rowwise", "colwise_gather_output", "replicated_with_grad_allreduce"}
+          "sequence_end", "embedding_rowwise", "colwise_gather_output", "replicated_with_grad_allreduce"}
 
 
 def _style_of(name: str, plan: dict[str, str]) -> str | None:
@@ -447,6 +463,9 @@ def _convert(m: nn.Module, style: str, tp: TPGroup, sp: bool, in_region: bool,
             set_role(p, sequence_parallel=True)
     elif style == "sequence_start" and sp:
         m.register_forward_pre_hook(_hidden_states_hook(lambda x: scatter_to_sequence(x, tp)), with_kwargs=True)
+    elif style == "sequence_end" and sp:
+        m.register_forward_pre_hook(
+            _hidden_states_hook(lambda x: _GatherSequenceToReplicated.apply(x, tp)), with_kwargs=True)
     elif style == "sequence_dropout" and sp:
         m.forward = functools.partial(_run_forked, m.forward, rng)
     return m
