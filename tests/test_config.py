@@ -137,7 +137,7 @@ def _paths(tmp):
     (tmp / "empty.txt").write_text("")
     (tmp / "empty").mkdir()
     (tmp / "dir.pt").mkdir()
-    (tmp / "binary.bin").write_bytes(b"\0" * 5000)
+    (tmp / "binary.dat").write_bytes(b"\0" * 5000)
     (tmp / "short.txt").write_text("hello world")
 
 
@@ -149,7 +149,7 @@ PATHS = [
     (["--checkpoint-dir", "{tmp}/file", "--checkpoint-every", "1"], "--checkpoint-dir: cannot create the folder"),
     (["--data", "{tmp}/empty"], "--data: no text found"),
     (["--data", "{tmp}/empty.txt"], "--data: no text found"),
-    (["--data", "{tmp}/binary.bin"], "--data: no text found"),
+    (["--data", "{tmp}/binary.dat"], "--data: no text found"),
     (["--data", "{tmp}/short.txt", "--seq-len", "32"], "--data: the corpus has 11 bytes, too few for --seq-len 32"),
 ]
 

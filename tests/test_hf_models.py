@@ -59,6 +59,8 @@ def train(path: str, tmp_path, tag: str, **settings) -> list[float]:
     tr = cfg.train
     tr.steps, tr.global_batch, tr.seq_len, tr.seed, tr.lr, tr.warmup_steps = STEPS, BATCH, SEQ, SEED, 3e-3, 1
     tr.progress, tr.eval_batches, tr.metrics = False, 1, str(tmp_path / f"{tag}.jsonl")
+    for key, value in settings.pop("data", {}).items():
+        setattr(cfg.data, key, value)
     for key, value in settings.items():
         setattr(cfg.layout if key in LayoutConfig.__dataclass_fields__ else tr, key, value)
     validate(cfg)
@@ -154,6 +156,27 @@ def test_factory_builds_the_same_model_as_its_folder(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     path = model_dir(tmp_path, llama_config(), weights=False)
     close(train("mymodels:build", tmp_path, "factory", tp=2), train(path, tmp_path, "folder"))
+
+
+def test_readme_command_a_folder_with_its_tokenizer_on_jsonl_under_tp_and_pp(tmp_path):
+    """The README's one command: a model folder holding its tokenizer.json, records of text,
+    `--tokenizer DIR --tp 2 --pp 2`, the losses of one process."""
+    import transformers
+
+    from paratrain.data import load_corpus
+    from paratrain.vocab import train_bpe
+
+    text = bytes(load_corpus(max_bytes=1 << 18)).decode("utf-8", errors="replace")
+    docs = [text[i : i + 4000] for i in range(0, len(text), 4000)]
+    path = model_dir(tmp_path, transformers.LlamaConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64), weights=False)
+    train_bpe(docs, 400, f"{path}/tokenizer.json")
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    data = dict(tokenizer=path, path=str(corpus), cache_dir=str(tmp_path / "cache"))
+    reference = train(path, tmp_path, "reference", data=data)
+    close(train(path, tmp_path, "tp2-pp2", data=data, tp=2, pp=2, microbatches=2), reference)
 
 
 # ---------------------------------------------------------------- export from dp x tp

@@ -165,7 +165,24 @@ def factory_spec(name: str, seed: int, seq_len: int, built=None) -> ModelSpec:
 
 # ------------------------------------------------------------------ specs and identities
 def model_spec(cfg) -> ModelSpec:
-    """The spec the workers train (the same weights on every rank, from the seed or the folder)."""
+    """The spec the workers train (the same weights on every rank, from the seed or the folder),
+    its identity with the tokenizer's where that is not bytes."""
+    spec = _spec(cfg)
+    spec.identity = with_tokenizer(spec.identity, cfg)
+    return spec
+
+
+def with_tokenizer(identity: dict, cfg) -> dict:
+    """A model trained on other token ids is another model: a checkpoint records the tokenizer
+    (a tokenizer.json by its content's hash); byte-level runs keep the identity they had."""
+    if cfg.data.tokenizer == "byte":
+        return identity
+    from paratrain.vocab import tokenizer_identity
+
+    return {**identity, "tokenizer": tokenizer_identity(cfg.data.tokenizer)}
+
+
+def _spec(cfg) -> ModelSpec:
     m, tr = cfg.model, cfg.train
     kind = kind_of(m.name)
     if kind == "gpt":
@@ -187,6 +204,10 @@ def model_identity(cfg) -> dict:
     """What a checkpoint of this run's model must match to load (the spec's identity, computed
     without building the model where the shape is known; a factory's model is built on the meta
     device: no memory, no weights)."""
+    return with_tokenizer(_identity(cfg), cfg)
+
+
+def _identity(cfg) -> dict:
     m, kind = cfg.model, kind_of(cfg.model.name)
     if kind == "gpt":
         return gpt_identity(m.name, m.tie_embeddings, vocab_size(cfg))
