@@ -24,9 +24,9 @@ def llama_config(kind: str = "llama"):
 
     common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
-    if kind == "qwen2":
-        return transformers.Qwen2Config(**common)
-    return transformers.LlamaConfig(**common)
+    configs = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
+               "qwen3": transformers.Qwen3Config, "mistral": transformers.MistralConfig}
+    return configs[kind](**common)
 
 
 def gpt2_config():
@@ -115,8 +115,11 @@ def test_weights_saved_with_save_pretrained_give_the_models_own_first_loss(llama
     assert math.isclose(reference[0], float(own), rel_tol=1e-5)
 
 
-def test_qwen2_under_its_own_plan_with_dp_and_tp_matches_one_process(tmp_path):
-    path = model_dir(tmp_path, llama_config("qwen2"), weights=False)
+@pytest.mark.parametrize("kind", ["qwen2", pytest.param("qwen3", marks=pytest.mark.slow),
+                                  pytest.param("mistral", marks=pytest.mark.slow)])
+def test_other_families_under_their_own_plans_with_dp_and_tp_match_one_process(tmp_path, kind):
+    """Qwen2 (q/k/v biases), Qwen3 (per-head q/k norms: replicated_with_grad_allreduce), Mistral."""
+    path = model_dir(tmp_path, llama_config(kind), weights=False)
     reference = train(path, tmp_path, "reference")
     close(train(path, tmp_path, "dp2-tp2", dp=2, tp=2), reference)
 
