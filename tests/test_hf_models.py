@@ -224,8 +224,17 @@ def test_bad_model_folders_and_layouts_are_one_line_before_any_worker(capsys, tm
     empty = tmp_path / "empty"
     empty.mkdir()
     gpt2 = model_dir(tmp_path, gpt2_config(), weights=False, name="gpt2")
+    import transformers
+
+    opt = tmp_path / "opt"
+    transformers.OPTConfig(vocab_size=256, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=2,
+                           max_position_embeddings=64, word_embed_proj_dim=32).save_pretrained(opt)
+    small = model_dir(tmp_path, llama_config(), weights=False, name="llama")
     cases = [
         (["--model", str(empty)], "without config.json"),
+        (["--model", str(opt), "--pp", "2"], "no pipeline adapter for the 'opt' family"),
+        (["--model", small, "--tokenizer", "bpe:4096"], "vocabulary has 256 entries"),
+        (["--model", small, "--tp", "4"], "2 key-value heads, not divisible by tp=4"),
         (["--model", gpt2, "--tp", "2"], "no tensor-parallel plan"),
         (["--model", "nosuchmodule_xyz:build"], "cannot import 'nosuchmodule_xyz'"),
         (["--model", "json:not_there"], "has no function 'not_there'"),
@@ -235,6 +244,35 @@ def test_bad_model_folders_and_layouts_are_one_line_before_any_worker(capsys, tm
         status, err = refused(capsys, "train", *args, "--steps", "1")
         assert status == 2 and expected in err, (args, err)
         assert len(err.strip().splitlines()) == 1, err
+
+
+def test_sharded_safetensors_folders_load_and_factories_are_specs(tmp_path, monkeypatch, capsys):
+    """A sharded safetensors index loads whole; a factory's spec builds its model and its identity
+    (computed on the meta device before any worker) is the built model's; `plan` reads a folder."""
+    import transformers
+
+    from paratrain.cli import main
+    from paratrain.config import RunConfig
+    from paratrain.models import catalog
+    from paratrain.models.hf import build_hf, weight_files
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(llama_config())
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    assert len(weight_files(str(tmp_path / "sharded"))) > 1
+    loaded = build_hf(str(tmp_path / "sharded"), seed=123).state_dict()
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(loaded[name], tensor, rtol=0, atol=0)
+    (tmp_path / "mymodels.py").write_text(FACTORY)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = RunConfig()
+    cfg.model.name = "mymodels:build"
+    spec = catalog.model_spec(cfg)
+    assert spec.identity == catalog.model_identity(cfg) and spec.source == "mymodels:build"
+    assert isinstance(spec.build(), transformers.LlamaForCausalLM)
+    assert main(["plan", "--model", str(tmp_path / "sharded"), "--gpus", "2", "--seq-len", "64"]) == 0
+    assert "dp=" in capsys.readouterr().out
 
 
 def test_tensor_parallel_plans_of_hugging_face_are_translated():
