@@ -138,6 +138,12 @@ def test_llama_folder_in_bf16_stays_near_fp32(llama, tmp_path):
     close(train(path, tmp_path, "bf16", dp=2, tp=2, precision="bf16"), reference, rtol=2e-2)
 
 
+@pytest.mark.slow
+def test_llama_folder_compiled_trains_like_eager(llama, tmp_path):
+    path, reference = llama
+    close(train(path, tmp_path, "compiled", dp=2, compile=True), reference, rtol=1e-4)
+
+
 FACTORY = '''
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM

@@ -87,7 +87,7 @@ def find_cycles(graph: dict[str, dict[str, int]]) -> list[list[str]]:
 def test_import_graph_sees_imports_inside_functions():
     graph, _ = import_graph()
     assert "paratrain.layout" in graph["paratrain.planner.cost"]  # module level
-    assert "paratrain.data" in graph["paratrain.config"]  # inside validate's data check
+    assert "paratrain.sources" in graph["paratrain.config"]  # inside validate's data check
     assert "paratrain.planner.calibrate" in graph["paratrain.planner.search"]  # inside run_plan
 
 
