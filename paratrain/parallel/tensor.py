@@ -76,16 +76,17 @@ class _ReduceFromRegion(torch.autograd.Function):
 
 
 class _GatherFromRegion(torch.autograd.Function):
-    """Forward: concatenate the last-dim shards. Backward: keep this rank's shard."""
+    """Forward: concatenate the shards along `dim` (the last: features; 1: the sequence, for a
+    replicated module after sequence parallelism). Backward: keep this rank's shard."""
 
     @staticmethod
-    def forward(ctx, x, tp: TPGroup):
-        ctx.tp = tp
-        return all_gather(x, tp.group, tp.stats, dim=-1)
+    def forward(ctx, x, tp: TPGroup, dim: int = -1):
+        ctx.tp, ctx.dim = tp, dim
+        return all_gather(x, tp.group, tp.stats, dim=dim)
 
     @staticmethod
     def backward(ctx, g):
-        return g.chunk(ctx.tp.size, dim=-1)[ctx.tp.rank].contiguous(), None
+        return g.chunk(ctx.tp.size, dim=ctx.dim)[ctx.tp.rank].contiguous(), None, None
 
 
 class _ScatterToRegion(torch.autograd.Function):
@@ -138,20 +139,6 @@ class _ScatterToSequence(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         return all_gather(g, ctx.tp.group, ctx.tp.stats, dim=1), None
-
-
-class _GatherSequenceToReplicated(torch.autograd.Function):
-    """Sequence parallel, leaving it for a replicated module (a head outside the plan): all-gather
-    the sequence shards; every rank then computes the same, so backward keeps this rank's shard."""
-
-    @staticmethod
-    def forward(ctx, x, tp: TPGroup):
-        ctx.tp = tp
-        return all_gather(x, tp.group, tp.stats, dim=1)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g.chunk(ctx.tp.size, dim=1)[ctx.tp.rank].contiguous(), None
 
 
 def copy_to_region(x, tp: TPGroup):
@@ -465,7 +452,7 @@ def _convert(m: nn.Module, style: str, tp: TPGroup, sp: bool, in_region: bool,
         m.register_forward_pre_hook(_hidden_states_hook(lambda x: scatter_to_sequence(x, tp)), with_kwargs=True)
     elif style == "sequence_end" and sp:
         m.register_forward_pre_hook(
-            _hidden_states_hook(lambda x: _GatherSequenceToReplicated.apply(x, tp)), with_kwargs=True)
+            _hidden_states_hook(lambda x: _GatherFromRegion.apply(x, tp, 1)), with_kwargs=True)
     elif style == "sequence_dropout" and sp:
         m.forward = functools.partial(_run_forked, m.forward, rng)
     return m
