@@ -20,7 +20,6 @@ from tqdm.std import TqdmDefaultWriteLock
 
 from paratrain.checkpoint import PREFIX
 from paratrain.config import format_layout
-from paratrain.mesh import coords_of
 from paratrain.metrics import MetricsLog, check_report_to
 from paratrain.parallel.pipeline.timeline import write_run_timeline
 from paratrain.planner import gpu_peak_flops
@@ -48,11 +47,15 @@ class StepStats:
     idle_per_rank: list[float] | None = None  # pipeline: measured idle fraction of each rank
     loss_scale: float | None = None  # fp16
     skipped: bool = False  # fp16: the step overflowed and was skipped
+    comm_bytes_inter_node: int | None = None  # across nodes: of comm_bytes, those sent to another node
 
     def as_metrics(self) -> dict:
         extra = {"pipeline_idle": sum(self.idle_per_rank) / len(self.idle_per_rank)} if self.idle_per_rank else {}
         if self.loss_scale is not None:
             extra.update(loss_scale=self.loss_scale, skipped=self.skipped)
+        if self.comm_bytes_inter_node is not None:
+            extra.update(comm_bytes_inter_node=self.comm_bytes_inter_node,
+                         comm_bytes_intra_node=self.comm_bytes - self.comm_bytes_inter_node)
         return {"step": self.step, "loss": self.loss, "tokens": self.tokens, "step_time_s": self.step_time_s,
                 "tokens_per_s": self.tokens / self.step_time_s, "peak_mem_bytes": self.peak_mem_bytes,
                 "comm_bytes": self.comm_bytes, "grad_norm": self.grad_norm, "lr": self.lr, **extra}
@@ -217,7 +220,7 @@ def end_summary(t, steps: list, val: float | None) -> dict:
 def pipeline_report(t, steps: list) -> dict:
     """Measured idle fraction per pipeline stage (mean over the given steps and over the
     dp x tp ranks of that stage) beside the schedule's theoretical bubble."""
-    stage_of_rank = [coords_of(r, t.mesh.shape)["pp"] for r in range(t.mesh.world_size)]
+    stage_of_rank = [t.mesh.coords(r)["pp"] for r in range(t.mesh.world_size)]
     per_stage = []
     for stage in range(t.mesh.size("pp")):
         ranks = [r for r, s in enumerate(stage_of_rank) if s == stage]

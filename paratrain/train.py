@@ -331,7 +331,7 @@ class Trainer:
         idle = self.pipeline.executor.idle_fraction() if self.pipeline else 0.0
         # the last column: a stop signal (SIGTERM, SIGINT) any rank received, for all to stop after this step
         g = self._gather([loss_value, self.mesh.comm.bytes, peak_memory_bytes(self.device), dt, idle, items,
-                          float(requested_signal())])
+                          float(requested_signal()), self.mesh.comm.inter_bytes])
         self.peak_per_rank = [int(x) for x in g[:, 2]]
         self.agreed_signal = int(g[:, 6].max())
         loss = float(g[:, 0].sum())
@@ -341,7 +341,8 @@ class Trainer:
                          step_time_s=float(g[:, 3].max()), peak_mem_bytes=max(self.peak_per_rank),
                          comm_bytes=int(g[:, 1].sum()), grad_norm=grad_norm, lr=lr,
                          idle_per_rank=[float(x) for x in g[:, 4]] if self.pipeline else None,
-                         loss_scale=scale if self.scaler.enabled else None, skipped=self.skipped)
+                         loss_scale=scale if self.scaler.enabled else None, skipped=self.skipped,
+                         comm_bytes_inter_node=int(g[:, 7].sum()) if self.mesh.node_size else None)
 
     @torch.no_grad()
     def evaluate(self, batches: int | None = None) -> float | None:

@@ -72,3 +72,38 @@ def test_process_groups_match_the_layout(world):
                 expected = next(g for g in axis_groups(shape, axis) if rank in g)
                 assert ranks == expected, (shape, axis, rank)
                 assert coord == coords_of(rank, shape)[axis] and size == shape[axis]
+
+
+def test_across_nodes_tp_then_pp_stay_inside_a_node_and_dp_crosses():
+    """Nodes of 2 ranks: tp=2 is a node; pp=2 is a node; dp spans nodes (the only group that does)."""
+    from paratrain.mesh import NODE_AXES, node_order
+
+    assert node_order(4, 2) == NODE_AXES and node_order(4, 4) == AXES and node_order(4, None) == AXES
+    for shape in ({"pp": 1, "dp": 2, "tp": 2}, {"pp": 2, "dp": 2, "tp": 1}, {"pp": 2, "dp": 2, "tp": 2}):
+        for rank in range(8 if shape["tp"] * shape["pp"] == 4 else 4):
+            assert rank_of(coords_of(rank, shape, NODE_AXES), shape, NODE_AXES) == rank
+        node = 2 if shape["tp"] * shape["pp"] == 2 else 4
+        for axis in ("tp", "pp"):
+            assert all(len({r // node for r in g}) == 1 for g in axis_groups(shape, axis, NODE_AXES))
+        assert all(len({r // node for r in g}) == 2 for g in axis_groups(shape, "dp", NODE_AXES))
+
+
+def _node_mesh():
+    import torch
+
+    mesh = Mesh.build(dp=2, pp=2, node_size=2)
+    t = torch.ones(1000)
+    from paratrain.comm import all_reduce
+
+    all_reduce(t, mesh.group("dp"), mesh.comm)
+    pp_bytes = mesh.comm.bytes
+    all_reduce(t, mesh.group("pp"), mesh.comm)
+    return mesh.ranks("pp"), mesh.ranks("dp"), mesh.spans_nodes("dp"), mesh.spans_nodes("pp"), \
+        mesh.comm.inter_bytes, mesh.comm.bytes - pp_bytes
+
+
+def test_a_mesh_across_nodes_counts_the_bytes_that_leave_the_node():
+    for rank, (pp, dp, dp_spans, pp_spans, inter, pp_bytes) in enumerate(spawn(_node_mesh, 4)):
+        assert pp == [rank - rank % 2, rank - rank % 2 + 1] and dp == [rank % 2, rank % 2 + 2]
+        assert dp_spans and not pp_spans
+        assert inter == 4000 and pp_bytes == 4000  # the dp all-reduce crossed; the pp one stayed inside

@@ -42,21 +42,39 @@ class CommStats:
     bytes: int = 0
     calls: Counter = field(default_factory=Counter)
     flight: FlightRecorder = field(default_factory=FlightRecorder)  # fingerprints (hang diagnostics)
+    node_size: int | None = None  # ranks per node (consecutive ranks) when the mesh spans nodes
+    inter_bytes: int = 0  # of `bytes`, those sent to another node
+    _rings: dict = field(default_factory=dict, repr=False)  # group -> does my ring successor sit on another node
 
     def record(self, op: str, tensor: torch.Tensor, group: dist.ProcessGroup | None,
-               label: str | None = None) -> Fingerprint:
-        """Count `op` and its bytes; the fingerprint names it `label` (e.g. `send to 3`) or `op`."""
+               label: str | None = None, peer: int | None = None) -> Fingerprint:
+        """Count `op` and its bytes; the fingerprint names it `label` (e.g. `send to 3`) or `op`.
+        Across nodes, the bytes go to another node when the peer (a send's destination, a ring
+        collective's successor) is on one."""
         fp = self.flight.record(label or op, tensor, group)
         n = dist.get_world_size(group)
         if n == 1:
             return fp  # a group of one sends nothing
-        size = tensor.numel() * tensor.element_size()
-        self.bytes += round(size * RING_FACTOR[op](n))
+        size = round(tensor.numel() * tensor.element_size() * RING_FACTOR[op](n))
+        self.bytes += size
         self.calls[op] += 1
+        if self.node_size and self._crosses(group, peer):
+            self.inter_bytes += size
         return fp
 
+    def _crosses(self, group: dist.ProcessGroup | None, peer: int | None) -> bool:
+        me = dist.get_rank()
+        if peer is not None:
+            return peer // self.node_size != me // self.node_size
+        key = id(group)
+        if key not in self._rings:
+            ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
+            nxt = ranks[(ranks.index(me) + 1) % len(ranks)]
+            self._rings[key] = nxt // self.node_size != me // self.node_size
+        return self._rings[key]
+
     def reset(self) -> None:
-        self.bytes = 0
+        self.bytes = self.inter_bytes = 0
         self.calls.clear()
 
 
@@ -116,14 +134,14 @@ def reduce_scatter(tensor: torch.Tensor, group: dist.ProcessGroup, stats: CommSt
 @opaque
 def send(tensor: torch.Tensor, dst: int, group: dist.ProcessGroup | None, stats: CommStats, tag: int = 0) -> None:
     """Blocking send to global rank `dst`."""
-    fp = stats.record("send", tensor, group, f"send to {dst}")
+    fp = stats.record("send", tensor, group, f"send to {dst}", peer=dst)
     _issue(stats, fp, lambda: dist.send(tensor, dst=dst, group=group, tag=tag), False)
 
 
 @opaque
 def isend(tensor: torch.Tensor, dst: int, group: dist.ProcessGroup | None, stats: CommStats, tag: int = 0):
     """Non-blocking send to global rank `dst`; returns the work handle."""
-    fp = stats.record("send", tensor, group, f"send to {dst}")
+    fp = stats.record("send", tensor, group, f"send to {dst}", peer=dst)
     return _issue(stats, fp, lambda: dist.isend(tensor, dst=dst, group=group, tag=tag), True)
 
 

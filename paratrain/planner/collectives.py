@@ -12,7 +12,7 @@ import functools
 import math
 
 from paratrain.comm.collectives import RING_FACTOR
-from paratrain.mesh import axis_groups
+from paratrain.mesh import axis_groups, node_order
 from paratrain.planner.hardware import Link
 
 STEPS = {"all_reduce": lambda n: 2 * (n - 1), "reduce_scatter": lambda n: n - 1, "all_gather": lambda n: n - 1}
@@ -60,8 +60,10 @@ def p2p_time(nbytes: float, link: Link) -> float:
 
 @functools.lru_cache(maxsize=None)
 def crosses_node(dp: int, tp: int, pp: int, axis: str, gpus_per_node: int) -> bool:
-    """Does any group along `axis` span two nodes (nodes hold consecutive ranks)?"""
+    """Does any group along `axis` span two nodes (nodes hold consecutive ranks, laid out as
+    `mesh.Mesh` lays them across nodes: tp, then pp, inside a node, dp across)?"""
     shape = {"pp": pp, "dp": dp, "tp": tp}
     if shape[axis] == 1 or dp * tp * pp <= gpus_per_node:
         return False
-    return any(len({r // gpus_per_node for r in g}) > 1 for g in axis_groups(shape, axis))
+    order = node_order(dp * tp * pp, gpus_per_node)
+    return any(len({r // gpus_per_node for r in g}) > 1 for g in axis_groups(shape, axis, order))
