@@ -35,6 +35,8 @@ FLAGS: dict[str, tuple[str, str, type, str]] = {
     "--max-restarts": ("train", "max_restarts", int, "restart the workers up to R times after a failure"),
     "--max-skipped-steps": ("train", "max_skipped_steps", int, "fp16: stop after N overflowed (skipped) steps in a row (0: never)"),
     "--compress": ("train", "compress", str, "gradient compression: none, fp16, bf16, topk:R, powersgd:R"),
+    "--allreduce": ("train", "allreduce", str, "the dp gradient all-reduce: backend (default), ring, tree, "
+                    "hierarchical (inside each node, then across), or auto (per bucket, by the link model)"),
     "--compress-warmup": ("train", "compress_warmup", int, "steps over which compression ramps in (top-k density 1 -> R; PowerSGD uncompressed until then)"),
     "--sync": ("train", "sync", str, "allreduce or ps (parameter server)"),
     "--servers": ("train", "servers", int, "parameter servers with --sync ps"),

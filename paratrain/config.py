@@ -56,6 +56,7 @@ class TrainConfig:
     metrics: str | None = None
     max_restarts: int = 0
     compress: str = "none"
+    allreduce: str = "backend"  # the dp gradient all-reduce: backend, ring, tree, hierarchical, auto (comm/algorithms.py)
     compress_warmup: int = 40  # steps over which compression ramps in (see comm/compress.py)
     sync: str = "allreduce"
     servers: int = 0
@@ -121,6 +122,7 @@ class RunConfig:
 # SIGKILL or SIGSTOP that rank while it writes the checkpoint of that step
 FAULTS = ("", "kill", "save-kill", "save-freeze")
 SECTIONS = ("model", "layout", "train", "data", "checkpoint")
+ALLREDUCE = ("backend", "ring", "tree", "hierarchical", "auto")
 MAX_WAIT_S = 7 * 24 * 3600  # --collective-timeout: a week; below 1 s a busy rank looks hung
 MAX_STRAGGLER_S = 3600  # --simulate-straggler: an hour's sleep per step is already a hang
 
@@ -371,6 +373,11 @@ def _validate_precision_and_device(cfg: RunConfig, world_size: int | None) -> No
         parse_compress(tr.compress)
     except ValueError as e:
         raise ConfigError(f"--compress: {e}") from None
+    if tr.allreduce not in ALLREDUCE:
+        raise ConfigError(f"--allreduce: must be one of {', '.join(ALLREDUCE)}, got {tr.allreduce!r}")
+    if tr.allreduce != "backend" and (tr.compress != "none" or tr.sync == "ps"):
+        raise ConfigError("--allreduce: chooses the all-reduce of uncompressed dp gradients; leave it out with "
+                          "--compress or --sync ps")
     if tr.compress_warmup < 0:
         raise ConfigError(f"--compress-warmup: must be at least 0, got {tr.compress_warmup}")
     if tr.device not in ("cpu", "cuda"):

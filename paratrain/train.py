@@ -127,7 +127,7 @@ class Trainer:
             blocks=self.spec.blocks, stages=self.spec.stages, bucket_mb=tr.bucket_mb, compressor=self.compressor,
             seed=tr.seed, schedule=lay.schedule, microbatches=lay.microbatches, virtual_stages=lay.virtual_stages,
             compile=tr.compile, broadcast_buffers=tr.broadcast_buffers, sync_batchnorm=tr.sync_batchnorm,
-            device=self.device)
+            device=self.device, allreduce=tr.allreduce)
         self.model, self.pipeline = self.par.engine, self.par.pipeline
         self.zero = self.par.zero
         tp = TPGroup.from_mesh(self.mesh) if self.mesh.size("tp") > 1 else None
@@ -158,6 +158,8 @@ class Trainer:
         who, _, seconds = (tr.simulate_straggler or "-1:0").partition(":")
         self.straggle = float(seconds) if int(who) == self.rank else 0.0
         self.watchdog = Watchdog(self.mesh.comm.flight, tr.collective_timeout) if tr.collective_timeout > 0 else None
+        if self.watchdog and getattr(self.model, "reduction", None) is not None:
+            self.watchdog.also(self.model.reduction.flight)  # the --allreduce thread's steps
         self.resumed_from = None
         self._ckpts: dict[str, Checkpointer] = {}
         self.ckpt = self._checkpointer(ck.dir) if ck.dir else None

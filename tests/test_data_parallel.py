@@ -92,3 +92,16 @@ def test_gradients_equal_single_process_reference(world, microbatches, bucket_mb
         assert during_accumulation == [0] * (microbatches - 1)  # no_sync sends nothing
         # every bucket was launched from a gradient hook during backward (overlap), none later
         assert launched == n_buckets and (n_buckets > 1) == (bucket_mb < 1)
+
+
+@pytest.mark.parametrize("algorithm", ["tree", pytest.param("ring", marks=pytest.mark.slow),
+                                       pytest.param("hierarchical", marks=pytest.mark.slow),
+                                       pytest.param("auto", marks=pytest.mark.slow)])
+def test_our_allreduce_algorithms_train_like_the_backend(algorithm):
+    """--allreduce ring/tree/...: the buckets reduced on the communication thread give the
+    backend's losses (the summation order differs: rtol 1e-5)."""
+    from helpers import run_tiny
+
+    reference = run_tiny(steps=3, global_batch=8, dp=2)
+    ours = run_tiny(steps=3, global_batch=8, dp=2, allreduce=algorithm)
+    torch.testing.assert_close(torch.tensor(ours["losses"]), torch.tensor(reference["losses"]), rtol=1e-5, atol=0)

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from paratrain.comm import Compressor, all_reduce, broadcast
+from paratrain.comm import Compressor, broadcast
+from paratrain.comm.reduction import GradientAllReduce
 from paratrain.mesh import Mesh
 from paratrain.parallel.batchnorm import broadcast_buffers
 from paratrain.parallel.roles import role_of
@@ -79,7 +80,7 @@ def sync_module_states(module: nn.Module, mesh: Mesh) -> None:
 
 class DataParallel(SyncSwitch, nn.Module):
     def __init__(self, module: nn.Module, mesh: Mesh, bucket_mb: float = 25.0, average: bool = False,
-                 compressor: Compressor | None = None, broadcast_buffers: bool = True):
+                 compressor: Compressor | None = None, broadcast_buffers: bool = True, allreduce: str = "backend"):
         super().__init__()
         self.module = module
         self.broadcast_buffers = broadcast_buffers
@@ -90,6 +91,7 @@ class DataParallel(SyncSwitch, nn.Module):
         self.dp = mesh.size("dp")
         self.average = average
         self.require_sync = True
+        self.reduction = GradientAllReduce(allreduce, mesh)  # --allreduce: the backend's, or ours on a thread
         params = [p for p in module.parameters() if p.requires_grad]
         sync_module_states(module, mesh)
         self.buckets: list[Bucket] = []
@@ -143,7 +145,7 @@ class DataParallel(SyncSwitch, nn.Module):
             b = self.buckets[self._next_to_launch]
             if b.pending > 0 and not force:
                 return
-            b.handle = all_reduce(b.buffer, self.group, self.mesh.comm, async_op=True)
+            b.handle = self.reduction.start(b.buffer)
             self._next_to_launch += 1
 
     def finish_grad_sync(self) -> None:

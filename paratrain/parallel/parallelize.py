@@ -64,7 +64,7 @@ def apply_strategies(model: nn.Module, mesh: Mesh, *, zero: int = 0, precision: 
                      stages: Callable | None = None, bucket_mb: float = 25.0, compressor: Compressor | None = None,
                      seed: int = 0, schedule: str = "1f1b", microbatches: int = 1, virtual_stages: int = 2,
                      compile: bool = False, broadcast_buffers: bool = True, sync_batchnorm: bool = False,
-                     device: torch.device | None = None) -> Parallel:
+                     device: torch.device | None = None, allreduce: str = "backend") -> Parallel:
     """`model` (built alike on every rank) under the mesh's strategies. `blocks(module)`: the
     repeated layers of a model or stage (default: its `blocks`, or its longest ModuleList of one
     type); `stages(model, n)`: the n pipeline stage modules."""
@@ -96,10 +96,10 @@ def apply_strategies(model: nn.Module, mesh: Mesh, *, zero: int = 0, precision: 
     if zero > 0 or dtype != torch.float32:  # ZeRO's stage 0 keeps fp32 masters for mixed precision
         engine: nn.Module = ZeroDataParallel(model, mesh, zero, dtype, tops, activation_checkpointing,
                                              compressor=compressor, names=names, find_blocks=find_blocks,
-                                             broadcast_buffers=broadcast_buffers)
+                                             broadcast_buffers=broadcast_buffers, allreduce=allreduce)
     else:
         engine = DataParallel(model, mesh, bucket_mb=bucket_mb, compressor=compressor,
-                              broadcast_buffers=broadcast_buffers)
+                              broadcast_buffers=broadcast_buffers, allreduce=allreduce)
     if activation_checkpointing:
         checkpoint_blocks(tops, [b for top in tops for b in find_blocks(top)])
     if pipeline is not None:

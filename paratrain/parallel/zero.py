@@ -39,6 +39,7 @@ import torch
 import torch.nn as nn
 
 from paratrain.comm import Compressor, all_gather_flat, all_reduce, reduce_scatter_flat
+from paratrain.comm.reduction import GradientAllReduce
 from paratrain.mesh import Mesh
 from paratrain.parallel.data import SyncSwitch, sync_module_states
 from paratrain.parallel.roles import ParamRole, role_of, set_role
@@ -215,7 +216,7 @@ class ZeroDataParallel(SyncSwitch, nn.Module):
                  tops: list[nn.Module] | None = None, activation_checkpointing: bool = False,
                  compressor: Compressor | None = None, names: dict[int, str] | None = None,
                  find_blocks: Callable[[nn.Module], list[nn.Module]] | None = None,
-                 broadcast_buffers: bool = True):
+                 broadcast_buffers: bool = True, allreduce: str = "backend"):
         """`tops`: the modules whose forward is a whole model or pipeline chunk (each has a
         `blocks` container); default `[module]`. `compressor`: compress the gradient reduction.
         `names`: id(parameter) -> global name, kept with each slot for checkpoints.
@@ -228,6 +229,7 @@ class ZeroDataParallel(SyncSwitch, nn.Module):
         self.names = names or {}
         self.compressor = compressor
         self.group, self.dp, self.dp_rank = mesh.group("dp"), mesh.size("dp"), mesh.coord("dp")
+        self.reduction = GradientAllReduce(allreduce, mesh)  # stage 0's all-reduce (--allreduce)
         self.require_sync = True
         self.live: dict[int, tuple[Unit, int]] = {}  # storage -> gathered unit (stage 3)
         self.pending: list = []  # in-flight gradient reductions: (group, out, handle)
@@ -397,7 +399,7 @@ class ZeroDataParallel(SyncSwitch, nn.Module):
                     g.grad_shard.copy_(out)
             elif self.stage == 0:
                 flat = g.full_grad.float()
-                all_reduce(flat, self.group, self.mesh.comm)
+                self.reduction.run(flat)
                 g.full_grad.copy_(flat)
             else:
                 out = torch.empty(g.shard_size, dtype=torch.float32, device=g.full_grad.device)

@@ -1,0 +1,319 @@
+"""A cluster on one machine: network namespaces as nodes, joined by rate-limited veth links on a bridge.
+
+Node k is the namespace `{prefix}node{k}-{pid}` with the link `pt{k}` at 10.213.0.{100+k}/24; the bridge
+lives in a namespace of its own (`{prefix}br-{pid}`), so the host's interfaces and routes are never
+touched. Every link carries a `tbf` qdisc at `rate` on both of its ends (what a node sends and what
+it receives); ranks of one node talk over the namespace's loopback, unlimited. `Cluster.run` starts
+one `torchrun` agent per node (c10d rendezvous hosted by node 0) and returns what each printed. The
+rendezvous ranks nodes by the text of their address, all of three digits here: node k holds the
+global ranks k*R .. k*R+R-1 (R ranks per node).
+Root only: `available()` says why a cluster cannot be built here.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+
+SUBNET = "10.213.0"
+FIRST_HOST = 100  # node k is SUBNET.(100+k): addresses of one length sort as the nodes do
+MAX_NODES = 155
+RDZV_PORT = 29400
+TBF = ["burst", "128kb", "latency", "10ms"]
+_RATE = re.compile(r"^\d+(\.\d+)?([kmgt]?(bit|bps))$")
+_LIVE: set[Cluster] = set()
+
+
+def _cmd(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run `argv` (ip, tc); raise RuntimeError with its stderr when `check` and it fails."""
+    out = subprocess.run(argv, capture_output=True, text=True)
+    if check and out.returncode:
+        raise RuntimeError(f"{' '.join(argv)}: {out.stderr.strip()}")
+    return out
+
+
+def namespaces() -> list[str]:
+    """The names of the network namespaces that exist now."""
+    out = _cmd("ip", "netns", "list", check=False).stdout
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+def netns_pids(name: str) -> list[int]:
+    """The pids of the processes living in namespace `name`."""
+    return [int(p) for p in _cmd("ip", "netns", "pids", name, check=False).stdout.split()]
+
+
+def kill_netns(name: str) -> None:
+    """SIGKILL every process of namespace `name` (torchrun's workers run in sessions of their own,
+    so killing the agent alone would leave them), until none is left."""
+    for _ in range(50):
+        pids = netns_pids(name)
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.02)
+
+
+def remove_netns(name: str) -> None:
+    """Kill the processes of namespace `name`, then delete it (and the links inside it)."""
+    kill_netns(name)
+    _cmd("ip", "netns", "del", name, check=False)
+
+
+@functools.cache
+def available() -> str | None:
+    """None when a cluster can be built here, else one line saying why not."""
+    if os.geteuid() != 0:
+        return "a cluster on one machine needs root (network namespaces)"
+    for tool in ("ip", "tc"):
+        if shutil.which(tool) is None:
+            return f"a cluster on one machine needs `{tool}` (iproute2)"
+    probe = f"ptprobe-{os.getpid()}"
+    steps = [("create a network namespace", ["ip", "netns", "add", probe]),
+             ("create a bridge", ["ip", "-n", probe, "link", "add", "b0", "type", "bridge"]),
+             ("create a veth pair", ["ip", "-n", probe, "link", "add", "v0", "type", "veth", "peer", "name", "v1"]),
+             ("add a tbf qdisc", ["tc", "-n", probe, "qdisc", "add", "dev", "v0", "root", "tbf", "rate", "1gbit",
+                                  *TBF])]
+    try:
+        for what, argv in steps:
+            out = _cmd(*argv, check=False)
+            if out.returncode:
+                return f"cannot {what} here: {out.stderr.strip() or f'exit status {out.returncode}'}"
+    finally:
+        _cmd("ip", "netns", "del", probe, check=False)
+    return None
+
+
+def cleanup_stale(name_prefix: str = "pt") -> list[str]:
+    """Remove the namespaces of clusters whose process is gone (named `{prefix}node{k}-{pid}` or
+    `{prefix}br-{pid}`); return their names."""
+    pattern = re.compile(rf"^{re.escape(name_prefix)}(node\d+|br)-(\d+)$")
+    removed = []
+    for name in namespaces():
+        match = pattern.match(name)
+        if match and not _alive(int(match.group(2))):
+            remove_netns(name)
+            removed.append(name)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass
+class NodeResult:
+    """What one node's torchrun agent left: exit status (None if it was killed at the timeout) and output."""
+
+    node: int
+    returncode: int | None
+    stdout: str
+    stderr: str
+
+
+@dataclass
+class ClusterRun:
+    """The result of `Cluster.run`: one NodeResult per node, whether the timeout struck, the wall time."""
+
+    nodes: list[NodeResult]
+    timed_out: bool
+    wall_s: float
+
+    @property
+    def ok(self) -> bool:
+        return not self.timed_out and all(n.returncode == 0 for n in self.nodes)
+
+    def summary(self) -> str:
+        """Every node's status and the end of its stderr, for an assertion message."""
+        head = "timed out; " if self.timed_out else ""
+        return head + "\n".join(f"node {n.node}: exit status {n.returncode}\n{n.stderr[-3000:]}" for n in self.nodes)
+
+
+class Cluster:
+    """`nodes` namespaces of `ranks_per_node` ranks each, linked at `rate` (a tc rate such as "1gbit",
+    or None for no limit). A context manager: everything it built is removed on leaving it."""
+
+    def __init__(self, nodes: int = 2, ranks_per_node: int = 2, rate: str | None = "1gbit",
+                 name_prefix: str = "pt"):
+        if not 1 <= nodes <= MAX_NODES or ranks_per_node < 1:
+            raise ValueError(f"a cluster needs 1 to {MAX_NODES} nodes and ranks_per_node >= 1, "
+                             f"not {nodes} and {ranks_per_node}")
+        if rate is not None and not _RATE.match(rate):
+            raise ValueError(f"rate {rate!r} is not a tc rate (e.g. 1gbit, 100mbit, 125mbps)")
+        if not re.fullmatch(r"[a-z][a-z0-9]{0,11}", name_prefix):
+            raise ValueError(f"name_prefix {name_prefix!r}: use 1-12 lower-case letters and digits")
+        self.nodes, self.ranks_per_node, self.rate = nodes, ranks_per_node, rate
+        pid = os.getpid()
+        self.names = [f"{name_prefix}node{k}-{pid}" for k in range(nodes)]
+        self.bridge = f"{name_prefix}br-{pid}"
+        self._runs = 0
+
+    def addr(self, k: int) -> str:
+        """Node k's address."""
+        return f"{SUBNET}.{FIRST_HOST + k}"
+
+    def ifname(self, k: int) -> str:
+        """Node k's link (the one GLOO_SOCKET_IFNAME names)."""
+        return f"pt{k}"
+
+    def __enter__(self) -> Cluster:
+        taken = set(self.names + [self.bridge]) & set(namespaces())
+        if taken:
+            raise RuntimeError(f"namespaces {sorted(taken)} exist already: another cluster of this process "
+                               f"uses this name_prefix")
+        _LIVE.add(self)
+        _install_safety_net()
+        try:
+            self._up()
+        except BaseException:
+            self.down()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.down()
+
+    def _up(self) -> None:
+        br = self.bridge
+        _cmd("ip", "netns", "add", br)
+        _cmd("ip", "-n", br, "link", "add", "br0", "type", "bridge")
+        _cmd("ip", "-n", br, "link", "set", "br0", "up")
+        for k, ns in enumerate(self.names):
+            link, port = self.ifname(k), f"port{k}"
+            _cmd("ip", "netns", "add", ns)
+            _cmd("ip", "-n", ns, "link", "set", "lo", "up")
+            _cmd("ip", "-n", ns, "link", "add", link, "type", "veth", "peer", "name", port, "netns", br)
+            _cmd("ip", "-n", br, "link", "set", port, "master", "br0")
+            _cmd("ip", "-n", br, "link", "set", port, "up")
+            _cmd("ip", "-n", ns, "addr", "add", f"{self.addr(k)}/24", "dev", link)
+            _cmd("ip", "-n", ns, "link", "set", link, "up")
+            if self.rate:  # what node k sends (its link) and what it receives (its bridge port)
+                _cmd("tc", "-n", ns, "qdisc", "add", "dev", link, "root", "tbf", "rate", self.rate, *TBF)
+                _cmd("tc", "-n", br, "qdisc", "add", "dev", port, "root", "tbf", "rate", self.rate, *TBF)
+
+    def down(self) -> None:
+        """Kill every process of the nodes, then delete the namespaces (their links go with them)."""
+        for name in self.names + [self.bridge]:
+            remove_netns(name)
+        _LIVE.discard(self)
+
+    def pids(self, k: int) -> list[int]:
+        """The pids living in node k now."""
+        return netns_pids(self.names[k])
+
+    def kill_node(self, k: int) -> None:
+        """SIGKILL every process of node k (a node that fails)."""
+        kill_netns(self.names[k])
+
+    def popen(self, k: int, argv: list[str], env: dict | None = None, **kw) -> subprocess.Popen:
+        """Start `argv` inside node k, with GLOO_SOCKET_IFNAME set to its link and this paratrain importable."""
+        full = {**os.environ, "GLOO_SOCKET_IFNAME": self.ifname(k), **(env or {})}
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        full["PYTHONPATH"] = os.pathsep.join(p for p in (root, full.get("PYTHONPATH")) if p)
+        return subprocess.Popen(["ip", "netns", "exec", self.names[k], *argv], env=full, **kw)
+
+    def torchrun_argv(self, k: int, args: list[str], module: str | None, launcher_args: list[str]) -> list[str]:
+        """The torchrun command of node k for this run (`module` None: args[0] is a script). No
+        --node-rank: the c10d rendezvous ignores it and orders the nodes by address."""
+        return [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(self.nodes),
+                "--nproc-per-node", str(self.ranks_per_node),
+                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{self.addr(0)}:{RDZV_PORT + self._runs}",
+                "--rdzv-id", f"paratrain-{os.getpid()}-{self._runs}", "--local-addr", self.addr(k),
+                "--rdzv-conf", f"is_host={int(k == 0)}", *launcher_args,
+                *(["-m", module] if module else []), *args]
+
+    def start(self, args: list[str], module: str | None = "paratrain", env: dict | None = None,
+              launcher_args: list[str] = ()) -> Launch:
+        """Start one torchrun agent per node running `python -m module ARGS` (or the script args[0]);
+        `launcher_args` go to torchrun (a later `--nnodes` overrides the cluster's)."""
+        self._runs += 1
+        procs, files = [], []
+        for k in range(self.nodes):
+            out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+            argv = self.torchrun_argv(k, list(args), module, list(launcher_args))
+            procs.append(self.popen(k, argv, env=env, stdout=out, stderr=err, stdin=subprocess.DEVNULL))
+            files.append((out, err))
+        return Launch(self, procs, files)
+
+    def run(self, args: list[str], timeout: float = 300, module: str | None = "paratrain",
+            env: dict | None = None, launcher_args: list[str] = ()) -> ClusterRun:
+        """`start(...)` then `wait(timeout)`: at the timeout every process of every node is killed."""
+        return self.start(args, module, env, launcher_args).wait(timeout)
+
+
+class Launch:
+    """The torchrun agents of one `Cluster.start`, one per node."""
+
+    def __init__(self, cluster: Cluster, procs: list[subprocess.Popen], files: list):
+        self.cluster, self.procs, self.files = cluster, procs, files
+        self.started = time.monotonic()
+
+    def poll(self) -> bool:
+        """True once every agent has exited."""
+        return all(p.poll() is not None for p in self.procs)
+
+    def wait(self, timeout: float = 300) -> ClusterRun:
+        """Wait for every agent up to `timeout` seconds; past it, kill every process of every node."""
+        deadline = time.monotonic() + timeout
+        timed_out = False
+        for p in self.procs:
+            try:
+                p.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                break
+        if timed_out:
+            for k in range(self.cluster.nodes):
+                self.cluster.kill_node(k)
+            for p in self.procs:
+                p.wait()
+        return ClusterRun([self._result(k, timed_out) for k in range(len(self.procs))], timed_out,
+                          time.monotonic() - self.started)
+
+    def _result(self, k: int, timed_out: bool) -> NodeResult:
+        texts = []
+        for f in self.files[k]:
+            f.seek(0)
+            texts.append(f.read())
+            f.close()
+        code = self.procs[k].returncode
+        return NodeResult(k, None if timed_out and code == -signal.SIGKILL else code, *texts)
+
+
+def _down_all() -> None:
+    for cluster in list(_LIVE):
+        cluster.down()
+
+
+def _on_sigterm(signum, frame) -> None:
+    _down_all()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+@functools.cache
+def _install_safety_net() -> None:
+    """Once per process: tear every live cluster down at exit, and on SIGTERM when nothing else handles it."""
+    atexit.register(_down_all)
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _on_sigterm)
