@@ -317,3 +317,32 @@ def _install_safety_net() -> None:
     atexit.register(_down_all)
     if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m paratrain.cluster [--nodes N] [--ranks-per-node R] [--rate 1gbit] ARGS...`: run
+    `paratrain ARGS` (e.g. `train --dp 4`) across N namespaces of this machine, print each node's
+    output, tear the cluster down, and exit with the first failing node's status (2 if it cannot run)."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m paratrain.cluster", description=main.__doc__.split("\n")[0])
+    p.add_argument("--nodes", type=int, default=2)
+    p.add_argument("--ranks-per-node", type=int, default=2)
+    p.add_argument("--rate", default="1gbit", help="the link of each node, as tc says it (none: unlimited)")
+    p.add_argument("--timeout", type=float, default=3600)
+    p.add_argument("args", nargs=argparse.REMAINDER, help="paratrain's arguments, e.g. train --dp 4")
+    a = p.parse_args(argv)
+    why = available()
+    if why or not a.args:
+        print(f"paratrain.cluster: error: {why or 'give paratrain arguments, e.g. train --dp 4'}", file=sys.stderr)
+        return 2
+    with Cluster(a.nodes, a.ranks_per_node, None if a.rate == "none" else a.rate) as cluster:
+        result = cluster.run(a.args, timeout=a.timeout)
+    for node in result.nodes:
+        print(f"--- node {node.node} (exit {node.returncode})\n{node.stdout}{node.stderr}", end="")
+    return next((n.returncode or 1 for n in result.nodes if n.returncode != 0), 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
