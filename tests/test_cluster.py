@@ -52,13 +52,21 @@ def train_across(cluster, tmp_path, *layout) -> list[float]:
 
 @pytest.mark.parametrize("layout", [
     ["--dp", "4"],
+    ["--dp", "4", "--allreduce", "hierarchical"],
     pytest.param(["--dp", "2", "--tp", "2"], marks=pytest.mark.slow),
     pytest.param(["--dp", "2", "--pp", "2", "--microbatches", "2"], marks=pytest.mark.slow),
-], ids=["dp4", "dp2-tp2", "dp2-pp2"])
+    pytest.param(["--dp", "4", "--allreduce", "auto"], marks=pytest.mark.slow),
+    pytest.param(["--dp", "2", "--tp", "2", "--allreduce", "ring"], marks=pytest.mark.slow),
+    pytest.param(["--dp", "4", "--zero", "1", "--allreduce", "tree"], marks=pytest.mark.slow),
+], ids=["dp4", "dp4-hierarchical", "dp2-tp2", "dp2-pp2", "dp4-auto", "dp2-tp2-ring", "dp4-zero1-tree"])
 def test_two_nodes_train_the_losses_of_one_process(cluster, reference, tmp_path, layout):
     got = train_across(cluster, tmp_path, *layout)
     assert len(got) == len(reference) == 3
     assert got == pytest.approx(reference, rel=1e-5)
+    steps = [json.loads(line) for line in open(tmp_path / "metrics.jsonl") if '"event"' not in line]
+    for r in steps:  # the dp reduction crosses the nodes, tp and pp stay inside
+        assert 0 < r["comm_bytes_inter_node"] < r["comm_bytes"]
+        assert r["comm_bytes_intra_node"] + r["comm_bytes_inter_node"] == r["comm_bytes"]
 
 
 def test_a_cluster_is_two_namespaces_and_a_bridge_and_nothing_is_left_after_an_error():
