@@ -51,7 +51,7 @@ def train_across(cluster, tmp_path, *layout) -> list[float]:
 
 
 @pytest.mark.parametrize("layout", [
-    ["--dp", "4"],
+    pytest.param(["--dp", "4"], marks=pytest.mark.slow),
     ["--dp", "4", "--allreduce", "hierarchical"],
     pytest.param(["--dp", "2", "--tp", "2"], marks=pytest.mark.slow),
     pytest.param(["--dp", "2", "--pp", "2", "--microbatches", "2"], marks=pytest.mark.slow),

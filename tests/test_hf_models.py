@@ -115,7 +115,8 @@ def test_weights_saved_with_save_pretrained_give_the_models_own_first_loss(llama
     assert math.isclose(reference[0], float(own), rel_tol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["qwen2", pytest.param("qwen3", marks=pytest.mark.slow),
+@pytest.mark.parametrize("kind", [pytest.param("qwen2", marks=pytest.mark.slow),
+                                  pytest.param("qwen3", marks=pytest.mark.slow),
                                   pytest.param("mistral", marks=pytest.mark.slow)])
 def test_other_families_under_their_own_plans_with_dp_and_tp_match_one_process(tmp_path, kind):
     """Qwen2 (q/k/v biases), Qwen3 (per-head q/k norms: replicated_with_grad_allreduce), Mistral."""
