@@ -62,6 +62,8 @@ BAD = [
     (["--schedule", "zigzag"], "--schedule"),
     (["--precision", "fp8"], "--precision"),
     (["--compress", "zip"], "--compress"),
+    (["--allreduce", "butterfly"], "--allreduce: must be one of backend, ring, tree, hierarchical, auto"),
+    (["--allreduce", "ring", "--compress", "fp16"], "--allreduce"),
     (["--compress", "topk:0"], "--compress"),
     (["--compress", "powersgd:x"], "--compress"),
     (["--device", "tpu"], "--device"),
