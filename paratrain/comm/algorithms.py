@@ -15,7 +15,8 @@
 Every send is counted by `CommStats.record("send", ...)` and fingerprinted as `send to R`, every
 receive as `recv from R`, so comm_bytes and the hang reports see them; the ring's bytes are exactly
 `RING_FACTOR["all_reduce"]` of the payload when n divides it (and summed over ranks, always
-2(n-1) S, for the tree too). The hierarchical one runs collectives.py's counted collectives.
+2(n-1) S, for the tree too). The hierarchical one takes the ring's steps inside the node and the
+backend's counted all-reduce across nodes.
 All functions reduce `t` in place (sum), are synchronous, and create no process group: they may
 run on a communication thread. One thread at a time per group: two threads must not interleave
 their collectives on the same group.
@@ -29,10 +30,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from paratrain.comm.collectives import CommStats, all_gather_flat, all_reduce, opaque, reduce_scatter_flat
+from paratrain.comm.collectives import CommStats, all_reduce, opaque
 
 ALGORITHMS = ("backend", "ring", "tree", "hierarchical")
 TREE_CHUNK_BYTES = 1 << 20  # pipeline chunk of the tree algorithm
+HIER_CHUNK_BYTES = 4 << 20  # pipeline piece of the hierarchical algorithm
 
 
 # ------------------------------------------------------------------ point-to-point steps
@@ -116,10 +118,18 @@ def ring_all_reduce(t: torch.Tensor, group: dist.ProcessGroup | None, stats: Com
     Yuan 2009). Chunk i is the i-th of n near-equal parts (empty ones when t has fewer than n
     elements); after the reduce-scatter rank r holds the full sum of chunk r+1."""
     group, ranks, me = _members(group)
-    n = len(ranks)
-    if n == 1 or t.numel() == 0:
+    if len(ranks) == 1 or t.numel() == 0:
         return t
     flat = _flat(t)
+    _ring(flat, group, stats, reduce=True, gather=True)
+    return _unflat(t, flat)
+
+
+def _ring(flat: torch.Tensor, group: dist.ProcessGroup, stats: CommStats, reduce: bool, gather: bool) -> None:
+    """The ring's reduce-scatter (`reduce`: rank r ends with the sum of chunk r+1 of the n chunks
+    of `flat`) and/or its all-gather (`gather`: chunk r+1 of each rank r reaches every rank)."""
+    group, ranks, me = _members(group)
+    n = len(ranks)
     bounds = _bounds(flat.numel(), n)
 
     def chunk(i: int) -> torch.Tensor:
@@ -128,17 +138,18 @@ def ring_all_reduce(t: torch.Tensor, group: dist.ProcessGroup | None, stats: Com
 
     nxt, prv = (me + 1) % n, (me - 1) % n
     p2p = _P2P(stats, group, ranks)
-    scratch = torch.empty(bounds[1], dtype=flat.dtype, device=flat.device)  # the first chunk is the largest
-    for s in range(n - 1):  # reduce-scatter: chunk me-s-1 gains the partial sum of s+1 ranks before us
-        incoming = chunk(me - s - 1)
-        buf = scratch[:incoming.numel()]
-        p2p.step([(chunk(me - s), nxt)], [(buf, prv)])
-        incoming.add_(buf)
-    p2p.flush()  # the all-gather receives into the chunks sent so far
-    for s in range(n - 1):  # all-gather: pass the finished chunks on
-        p2p.step([(chunk(me + 1 - s), nxt)], [(chunk(me - s), prv)])
-    p2p.flush()
-    return _unflat(t, flat)
+    if reduce:
+        scratch = torch.empty(bounds[1], dtype=flat.dtype, device=flat.device)  # the first chunk is the largest
+        for s in range(n - 1):  # chunk me-s-1 gains the partial sum of s+1 ranks before us
+            incoming = chunk(me - s - 1)
+            buf = scratch[:incoming.numel()]
+            p2p.step([(chunk(me - s), nxt)], [(buf, prv)])
+            incoming.add_(buf)
+        p2p.flush()  # the all-gather receives into the chunks sent so far
+    if gather:
+        for s in range(n - 1):  # pass the finished chunks on
+            p2p.step([(chunk(me + 1 - s), nxt)], [(chunk(me - s), prv)])
+        p2p.flush()
 
 
 # ------------------------------------------------------------------ trees
@@ -338,8 +349,8 @@ def group_node_size(ranks: list[int], ranks_per_node: int) -> int | None:
 
 @opaque
 def hierarchical_all_reduce(t: torch.Tensor, group: dist.ProcessGroup | None, stats: CommStats,
-                            node_size: int | None) -> torch.Tensor:
-    """Sum `t` over `group` in place, Horovod's way: reduce-scatter inside the node, all-reduce
+                            node_size: int | None, chunk_bytes: int = HIER_CHUNK_BYTES) -> torch.Tensor:
+    """Sum `t` over `group` in place, Horovod's way: the ring's reduce-scatter inside the node, all-reduce
     of this rank's 1/node_size shard across nodes, all-gather inside the node (the tensor padded
     to a multiple of node_size). A group of one level (see `Hierarchy.build`) takes the backend's
     all-reduce instead. The same bytes as a ring over the group: (L-1)/L + 2(N-1)/(N L) + (L-1)/L
@@ -355,10 +366,22 @@ def hierarchical_all_reduce(t: torch.Tensor, group: dist.ProcessGroup | None, st
     flat = _flat(t)
     pad = -flat.numel() % node_size
     buf = flat if not pad else torch.cat([flat, flat.new_zeros(pad)])
-    shard = buf.new_empty(buf.numel() // node_size)
-    reduce_scatter_flat(shard, buf, h.intra, stats)
-    all_reduce(shard, h.inter, stats)
-    all_gather_flat(buf, shard, h.intra, stats)
+    # Pipelined in pieces of about `chunk_bytes`: piece p crosses the nodes (the backend's
+    # all-reduce, asynchronous) while the node reduces piece p+1 and gathers piece p-1, with the
+    # ring's point-to-point steps (gloo's reduce_scatter and all_gather collectives take several
+    # times as long for the same bytes over loopback).
+    units = buf.numel() // node_size
+    cuts = _bounds(units, max(1, min(units, math.ceil(buf.numel() * buf.element_size() / chunk_bytes))))
+    pieces = [buf[a * node_size:b * node_size] for a, b in zip(cuts, cuts[1:])]
+    held = (dist.get_rank(h.intra) + 1) % node_size  # the chunk of a piece this rank holds summed over its node
+    crossing = []
+    for piece in pieces:
+        _ring(piece, h.intra, stats, reduce=True, gather=False)
+        size = piece.numel() // node_size
+        crossing.append(all_reduce(piece[held * size:(held + 1) * size], h.inter, stats, async_op=True))
+    for piece, work in zip(pieces, crossing):
+        work.wait()
+        _ring(piece, h.intra, stats, reduce=False, gather=True)
     if pad:
         flat.copy_(buf[:flat.numel()])
     return _unflat(t, flat)

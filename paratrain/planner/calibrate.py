@@ -151,6 +151,44 @@ def reference_step_time(steps: int = 6) -> float:
     return median_time(step, steps)
 
 
+def time_collectives(group, pair: tuple[int, int] | None, sizes: list[int] = SIZES) -> dict[str, dict[int, float]]:
+    """Median seconds of all-reduce, reduce-scatter and all-gather over `group` (None: the world),
+    and of one send/recv message between the global ranks `pair` (None: none), by bytes of the full
+    tensor (all-gather's output, reduce-scatter's input). Every rank of the world calls it at once."""
+    import torch
+    import torch.distributed as dist
+
+    n = dist.get_world_size(group)
+    _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    rank, (a, b) = dist.get_rank(), pair or (-1, -1)
+    times: dict[str, dict[int, float]] = {"all_reduce": {}, "reduce_scatter": {}, "all_gather": {}}
+    for s in sizes:
+        count = max(n, s // 4 // n * n)
+        full, shard = torch.zeros(count), torch.zeros(count // n)
+        runs = {
+            "all_reduce": lambda: dist.all_reduce(full, group=group),
+            "reduce_scatter": lambda: _reduce_scatter(shard, full, group=group),
+            "all_gather": lambda: _all_gather(full, shard, group=group),
+        }
+        repeat = 21 if s <= 1 << 20 else 7
+        for op, fn in runs.items():
+            dist.barrier()  # groups measured side by side start together
+            times[op][s] = median_time(fn, repeat)
+
+        def ping():  # a send and its receipt, then the same back: two messages
+            if rank == a:
+                dist.send(full, b)
+                dist.recv(full, b)
+            elif rank == b:
+                dist.recv(full, a)
+                dist.send(full, a)
+        if pair:
+            dist.barrier()
+            times.setdefault("p2p", {})[s] = median_time(ping, repeat) / 2
+    return times
+
+
 def _gloo_worker(rank: int, world: int, init_file: str, out: str) -> None:
     """One of the calibration processes: the worker baseline, collective and send/recv timings,
     then the reference step run by all of them at once."""
@@ -171,28 +209,7 @@ def _gloo_worker(rank: int, world: int, init_file: str, out: str) -> None:
     load_corpus("stdlib")
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     dist.barrier()
-    _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-    times: dict[str, dict[int, float]] = {"all_reduce": {}, "reduce_scatter": {}, "all_gather": {}, "p2p": {}}
-    for s in SIZES:  # s: bytes of the full tensor (all_gather's output, reduce_scatter's input)
-        n = max(world, s // 4 // world * world)
-        full, shard = torch.zeros(n), torch.zeros(n // world)
-        runs = {
-            "all_reduce": lambda: dist.all_reduce(full),
-            "reduce_scatter": lambda: _reduce_scatter(shard, full),
-            "all_gather": lambda: _all_gather(full, shard),
-        }
-        for op, fn in runs.items():
-            times[op][s] = median_time(fn, 21 if s <= 1 << 20 else 7)
-
-        def ping():  # a send and its receipt, then the same back: two messages
-            if rank == 0:
-                dist.send(full, 1)
-                dist.recv(full, 1)
-            elif rank == 1:
-                dist.recv(full, 0)
-                dist.send(full, 0)
-        times["p2p"][s] = median_time(ping, 21 if s <= 1 << 20 else 7) / 2
+    times = time_collectives(None, (0, 1))
     dist.barrier()
     step = reference_step_time()  # every worker at once, as data-parallel workers compute
     gathered = [None] * world
@@ -216,6 +233,21 @@ def fit_alpha_beta(times: dict[int, float]) -> tuple[float, float]:
     return a, slope
 
 
+def fit_links(times: dict[str, dict], n: int) -> dict[str, dict[str, float]]:
+    """Per-step alpha and per-rank beta of each op measured over n ranks (`time_collectives`), by the
+    ring convention, S the full tensor: all-reduce 2(n-1) alpha + 2(n-1)/n S / beta, reduce-scatter
+    and all-gather (n-1) alpha + (n-1)/n S / beta, send alpha + S / beta."""
+    links = {}
+    for op, (steps, share) in {"all_reduce": (2 * (n - 1), 2 * (n - 1) / n),
+                               "reduce_scatter": (n - 1, (n - 1) / n), "all_gather": (n - 1, (n - 1) / n),
+                               "p2p": (1, 1.0)}.items():
+        if op not in times:
+            continue
+        a, slope = fit_alpha_beta({int(k): v for k, v in times[op].items()})
+        links[op] = {"alpha": a / steps, "beta": share / slope}
+    return links
+
+
 def measure_gloo(world: int = 2) -> dict:
     """`world` local gloo processes: alpha and beta of each collective and of send/recv, worker
     baseline memory, and the reference step time with `world` workers busy at once."""
@@ -228,17 +260,8 @@ def measure_gloo(world: int = 2) -> dict:
         mp.spawn(_gloo_worker, args=(world, os.path.join(tmp, "init"), out), nprocs=world)
         with open(out) as fh:
             raw = json.load(fh)
-    n = world
-    links = {}
-    # ring convention, S the full tensor: all-reduce 2(n-1) alpha + 2(n-1)/n S / beta,
-    # reduce-scatter and all-gather (n-1) alpha + (n-1)/n S / beta, send alpha + S / beta
-    for op, (steps, share) in {"all_reduce": (2 * (n - 1), 2 * (n - 1) / n),
-                               "reduce_scatter": (n - 1, (n - 1) / n), "all_gather": (n - 1, (n - 1) / n),
-                               "p2p": (1, 1.0)}.items():
-        a, slope = fit_alpha_beta({int(k): v for k, v in raw["times"][op].items()})
-        links[op] = {"alpha": a / steps, "beta": share / slope}
-    return {"collectives": links, "baseline_bytes": raw["baseline"], "reference_step_s": {str(world): raw["step"]},
-            "raw_times_s": raw["times"]}
+    return {"collectives": fit_links(raw["times"], world), "baseline_bytes": raw["baseline"],
+            "reference_step_s": {str(world): raw["step"]}, "raw_times_s": raw["times"]}
 
 
 def _reference_prediction(hw: Hardware, workers: int) -> float:
@@ -315,3 +338,122 @@ def calibrate(path: str | None = None, log=print) -> Hardware:
         f"{op} {v['alpha'] * 1e6:.0f} us {v['beta'] / 1e9:.2f} GB/s" for op, v in c.items())
         + f"; worker baseline {gloo['baseline_bytes'] / 2**20:.0f} MiB")
     return hw
+
+
+# --------------------------------------------------------------------- a cluster on this machine
+# Up to 4 MiB: tens of milliseconds a message at 1 Gbit/s, enough for the slope (tbf lets the first
+# 128 kB of a burst through at the veth's speed, so small messages see the latency, not the rate).
+CLUSTER_SIZES = [4, 1 << 12, 1 << 16, 1 << 18, 1 << 20, 4 << 20]
+WORKER_SCRIPT = ("import sys\nfrom paratrain.planner.calibrate import cluster_worker\n"
+                 "cluster_worker(sys.argv[1], [int(s) for s in sys.argv[2].split(',')], sys.argv[3] == '1')\n")
+
+
+def cluster_worker(out: str, sizes: list[int], reference: bool = True) -> None:
+    """One rank of the cluster calibration, under torchrun in a node of paratrain.cluster (node k holds
+    the ranks kR .. kR+R-1): the collectives of every node's ranks side by side over loopback
+    ("intra"), of the world (a ring through every node: one transfer at a time on each node's link,
+    "inter"), and of the R groups of the ranks with the same local index, side by side ("rails": R
+    transfers share each node's link, as dp groups do; no send/recv: pings of two pairs fall out of
+    step and stop sharing). Then the reference step of `calibrate`, on every rank at once. Rank 0
+    writes the slowest rank's times."""
+    import torch
+    import torch.distributed as dist
+
+    from paratrain.group import threads_per_worker
+
+    rank, world, R = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"))
+    torch.set_num_threads(threads_per_worker(R))
+    dist.init_process_group("gloo")
+    node, local = divmod(rank, R)
+    # every rank creates every group, in the same order
+    nodes = [dist.new_group(list(range(k * R, (k + 1) * R))) for k in range(world // R)] if R > 1 else []
+    rails = [dist.new_group(list(range(i, world, R))) for i in range(R)] if R > 1 else []
+    times = {"inter": time_collectives(None, (0, R), sizes)}
+    if R > 1:
+        times["intra"] = time_collectives(nodes[node], (node * R, node * R + 1), sizes)
+        times["rails"] = time_collectives(rails[local], None, sizes)
+    dist.barrier()
+    step = reference_step_time() if reference else None  # every rank of every node at once
+    gathered = [None] * world
+    dist.all_gather_object(gathered, (times, step))
+    if rank == 0:
+        worst = {kind: {op: {s: max(g[kind][op][s] for g, _ in gathered) for s in by_size}
+                        for op, by_size in ops.items()} for kind, ops in times.items()}
+        with open(out, "w") as fh:
+            json.dump({"times": worst, "reference_step_s": max(s for _, s in gathered) if reference else None}, fh)
+    dist.destroy_process_group()
+
+
+def measure_cluster(nodes: int = 2, ranks_per_node: int = 2, rate: str | None = "1gbit", cluster=None,
+                    sizes: list[int] = CLUSTER_SIZES, reference: bool = True, timeout: float = 300) -> dict:
+    """Run `cluster_worker` on every rank of `cluster` (or of a new paratrain.cluster.Cluster of
+    `nodes` x `ranks_per_node` linked at `rate`); return the alpha-beta lines of "inter", and of
+    "intra" and "rails" with more than one rank per node, the raw times and the reference step."""
+    import tempfile
+
+    from paratrain.cluster import Cluster
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out, script = os.path.join(tmp, "times.json"), os.path.join(tmp, "worker.py")
+        with open(script, "w") as fh:
+            fh.write(WORKER_SCRIPT)
+        argv = [script, out, ",".join(map(str, sizes)), str(int(reference))]
+        if cluster is None:
+            with Cluster(nodes, ranks_per_node, rate, name_prefix="ptcal") as c:
+                result = c.run(argv, module=None, timeout=timeout)
+        else:
+            result = cluster.run(argv, module=None, timeout=timeout)
+        if not result.ok:
+            raise RuntimeError(f"cluster calibration failed: {result.summary()}")
+        with open(out) as fh:
+            raw = json.load(fh)
+    if cluster is not None:
+        nodes, ranks_per_node, rate = cluster.nodes, cluster.ranks_per_node, cluster.rate
+    groups = {"inter": nodes * ranks_per_node, "intra": ranks_per_node, "rails": nodes}
+    return {"nodes": nodes, "ranks_per_node": ranks_per_node, "rate": rate,
+            "links": {kind: fit_links(t, groups[kind]) for kind, t in raw["times"].items()},
+            "raw_times_s": raw["times"], "reference_step_s": raw["reference_step_s"]}
+
+
+def calibrate_cluster(nodes: int = 2, ranks_per_node: int = 2, rate: str | None = "1gbit", path: str | None = None,
+                      log=print, cluster=None) -> Hardware:
+    """Measure the links of a cluster on this machine (paratrain.cluster; root; well under a minute)
+    and save them for `cpu-cluster` (whose compute is cpu-local's); return it. ValueError (one line)
+    when no cluster can be built here or the shape is not one."""
+    from paratrain.cluster import Cluster, available
+    from paratrain.planner.hardware import cluster_cache_path, cpu_cluster
+
+    if cluster is None:
+        if nodes < 2 or ranks_per_node < 1:
+            raise ValueError(f"--nodes: a cluster calibration needs at least 2 nodes of at least 1 rank, "
+                             f"not {nodes} x {ranks_per_node}")
+        try:
+            Cluster(nodes, ranks_per_node, rate)  # checks the shape and the rate; builds nothing
+        except ValueError as e:
+            raise ValueError(f"--calibrate --nodes: {e}") from None
+        why = available()
+        if why:
+            raise ValueError(f"--calibrate --nodes: {why}")
+    log(f"calibrate: gloo collectives and send/recv inside and between {nodes} nodes of {ranks_per_node} "
+        f"rank(s) linked at {rate or 'no limit'}")
+    t0 = time.perf_counter()
+    data = measure_cluster(nodes, ranks_per_node, rate, cluster=cluster)
+    data.update(cores=local_cores(), when=time.strftime("%Y-%m-%d %H:%M"), machine=platform.node(),
+                seconds=round(time.perf_counter() - t0, 1),
+                load_average=os.getloadavg()[0] if hasattr(os, "getloadavg") else None)
+    path = path or cluster_cache_path()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as fh:
+        json.dump(data, fh, indent=1)
+    # compute with every rank of every node busy on this machine's cores: measured / op-by-op model
+    world, hw = data["nodes"] * data["ranks_per_node"], cpu_cluster(path)
+    data["efficiency"] = {str(hw.threads(world)): _reference_prediction(hw, world) / data["reference_step_s"]}
+    with open(path, "w") as fh:
+        json.dump(data, fh, indent=1)
+    log(f"calibrate: saved {path} ({data['seconds']:.0f} s)")
+    for kind, links in data["links"].items():
+        log(f"  {kind}: " + ", ".join(f"{op} {v['alpha'] * 1e6:.0f} us {v['beta'] / 1e6:.0f} MB/s"
+                                      for op, v in links.items()))
+    log(f"  reference step on {world} ranks at once: {data['reference_step_s']:.3f} s, "
+        + ", ".join(f"compute factor {v:.2f} at {t} thread(s)" for t, v in data["efficiency"].items()))
+    return cpu_cluster(path)

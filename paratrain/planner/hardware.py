@@ -1,10 +1,14 @@
-"""What the planner prices layouts on: GPU presets from vendor datasheets, and `cpu-local`.
+"""What the planner prices layouts on: GPU presets from vendor datasheets, `cpu-local` and `cpu-cluster`.
 
 A `Hardware` is one device (a GPU, or one local CPU worker process) and the links between
 devices. The GPU figures are datasheet numbers, named with their sources next to them. The
 `cpu-local` figures are measured on this machine by `paratrain plan --calibrate` (calibrate.py)
 and saved as JSON (`cache_path()`: `$PARATRAIN_CACHE/cpu-local.json`, default
 `~/.cache/paratrain/`); without that file `cpu-local` uses conservative defaults and says so.
+`cpu-cluster` is cpu-local's compute with the links of a cluster on this machine (paratrain.cluster:
+namespaces as nodes, rate-limited links) measured by `paratrain plan --calibrate --nodes N`
+(`cluster_cache_path()`, `cpu-cluster.json`): loopback gloo inside a node, the node's one link
+between nodes, which the node's ranks share.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 GB = 1e9
 GiB = 2**30
@@ -41,6 +45,10 @@ class Hardware:
     overlap: bool              # can communication run alongside compute?
     algorithms: tuple[str, ...] = ("ring", "tree")  # all-reduce algorithms the backend picks between
     p2p: Link | None = None    # point-to-point link if it differs from `intra` (cpu-local: measured)
+    inter_p2p: Link | None = None  # point-to-point between nodes if it differs from `inter` (cpu-cluster)
+    # one link per node that its ranks share (cpu-cluster), not one NIC per device (the GPU presets):
+    # groups crossing a node's link at once split its bandwidth
+    shared_nic: bool = False
     shared_memory: bool = False  # cpu-local: the workers share `memory_bytes`
     calibrated: bool = True
     note: str = ""
@@ -51,45 +59,51 @@ class Hardware:
     elem: dict[int, dict[str, float]] = field(default_factory=dict)  # threads -> {op: seconds per element}
     efficiency: dict[int, float] = field(default_factory=dict)  # threads -> measured / op-by-op model
     collectives: dict[str, Link] = field(default_factory=dict)  # per-op alpha-beta where they differ
+    inter_collectives: dict[str, Link] = field(default_factory=dict)  # the same between nodes (cpu-cluster)
 
     # ---------------------------------------------------------------- rates
     def threads(self, world: int) -> int:
-        """Threads of one worker: paratrain gives each local worker an equal share of the cores."""
-        return max(1, self.cores // max(1, world)) if self.cores else 1
+        """Threads of one worker: paratrain gives each worker an equal share of the cores among the
+        ranks of its node (cpu-local: all of them; cpu-cluster: the node's, though every node runs
+        on this machine's cores, which `oversubscription` counts)."""
+        return max(1, self.cores // max(1, min(world, self.gpus_per_node))) if self.cores else 1
 
-    def oversubscription(self, world: int) -> float:
-        """> 1 when a machine runs more busy threads than it has cores (cpu-local only)."""
+    def oversubscription(self, world: int, busy: float | None = None) -> float:
+        """> 1 when a machine runs more busy threads than it has cores (cpu-local, cpu-cluster);
+        `busy`: the workers computing at once, on average (default all `world`: a pipeline's
+        bubble leaves some idle, and their cores to the others)."""
         if not self.cores:
             return 1.0
-        return max(1.0, world * self.threads(world) / self.cores)
+        return max(1.0, (world if busy is None else busy) * self.threads(world) / self.cores)
 
-    def gemm_rate(self, flops: float, world: int = 1) -> float:
+    def gemm_rate(self, flops: float, world: int = 1, busy: float | None = None) -> float:
         """FLOP/s of a GEMM of `flops` FLOPs as training runs it (forward, gradient of the input,
         gradient of the weight): GPUs a fixed fraction of peak; cpu-local the measured rate at
         that size (log-linear between measured sizes, clamped at the ends)."""
         points = self.gemm.get(self.threads(world)) if self.gemm else None
         if not points:
-            return self.peak_flops * self.matmul_efficiency / self.oversubscription(world)
-        return _interp_log(points, flops) / self.oversubscription(world)
+            return self.peak_flops * self.matmul_efficiency / self.oversubscription(world, busy)
+        return _interp_log(points, flops) / self.oversubscription(world, busy)
 
-    def attention_rate(self, forward_flops: float, world: int = 1) -> float:
+    def attention_rate(self, forward_flops: float, world: int = 1, busy: float | None = None) -> float:
         """FLOP/s of fused attention (forward and backward) whose forward costs `forward_flops`."""
         points = self.attn.get(self.threads(world)) if self.attn else None
         if not points:
-            return self.peak_flops * self.matmul_efficiency / self.oversubscription(world)
-        return _interp_log(points, forward_flops) / self.oversubscription(world)
+            return self.peak_flops * self.matmul_efficiency / self.oversubscription(world, busy)
+        return _interp_log(points, forward_flops) / self.oversubscription(world, busy)
 
-    def elementwise_bw(self, world: int = 1) -> float:
+    def elementwise_bw(self, world: int = 1, busy: float | None = None) -> float:
         t = self.threads(world)
         bw = self.elem[t]["bw"] if t in self.elem else self.mem_bw
-        return bw / self.oversubscription(world)
+        return bw / self.oversubscription(world, busy)
 
-    def elementwise_time(self, op: str, n: float, world: int = 1, elem_bytes: int = 4) -> float:
+    def elementwise_time(self, op: str, n: float, world: int = 1, elem_bytes: int = 4,
+                         busy: float | None = None) -> float:
         """Seconds for forward + backward of `op` over n elements (`adamw`: one step over n
         parameters). cpu-local: measured; GPUs: the bytes the op moves at memory bandwidth."""
         t = self.threads(world)
         if t in self.elem and op in self.elem[t]:
-            return n * self.elem[t][op] * self.oversubscription(world)
+            return n * self.elem[t][op] * self.oversubscription(world, busy)
         return n * OP_BYTES[op](elem_bytes) / self.mem_bw
 
 
@@ -97,13 +111,23 @@ class Hardware:
         """What a real training step adds to the op-by-op compute model (cpu-local: calibrated)."""
         return 1.0 / self.efficiency.get(self.threads(world), 1.0)
 
-    def link(self, cross_node: bool, op: str = "all_reduce") -> Link:
+    def link(self, cross_node: bool | int, op: str = "all_reduce") -> Link:
         """The link a collective `op` crosses: the NIC between nodes, else NVLink (or, on
-        cpu-local, gloo's measured line for that op)."""
-        return self.inter if cross_node else self.collectives.get(op, self.intra)
+        cpu-local, gloo's measured line for that op). `cross_node`: False inside a node, else the
+        groups that cross one node's link at once (True: one); they share it on `shared_nic`."""
+        if not cross_node:
+            return self.collectives.get(op, self.intra)
+        return self._per_flow(self.inter_collectives.get(op, self.inter), cross_node)
 
-    def p2p_link(self, cross_node: bool) -> Link:
-        return self.inter if cross_node else (self.p2p or self.intra)
+    def p2p_link(self, cross_node: bool | int) -> Link:
+        if not cross_node:
+            return self.p2p or self.intra
+        return self._per_flow(self.inter_p2p or self.inter, cross_node)
+
+    def _per_flow(self, link: Link, flows: bool | int) -> Link:
+        """One of `flows` transfers through a node's link at once: its share of a shared link."""
+        flows = max(1, int(flows))
+        return Link(link.alpha, link.beta / flows) if self.shared_nic and flows > 1 else link
 
     def capacity(self, world: int) -> float:
         """Memory one device (worker) may use."""
@@ -180,14 +204,18 @@ H100_80GB = Hardware(
 )
 
 GPU_PRESETS = {h.name: h for h in (A100_80GB, H100_80GB)}
-NAMES = (*GPU_PRESETS, "cpu-local")
+NAMES = (*GPU_PRESETS, "cpu-local", "cpu-cluster")
 
 
 # --------------------------------------------------------------------- cpu-local
-def cache_path() -> str:
+def cache_path(name: str = "cpu-local") -> str:
     root = os.environ.get("PARATRAIN_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "paratrain")
-    return os.path.join(root, "cpu-local.json")
+    return os.path.join(root, f"{name}.json")
+
+
+def cluster_cache_path() -> str:
+    return cache_path("cpu-cluster")
 
 
 def local_cores() -> int:
@@ -277,6 +305,54 @@ def cpu_local(path: str | None = None) -> Hardware:
     )
 
 
+# An uncalibrated cpu-cluster: nodes of 2 ranks, 1 Gbit/s (125 MB/s) between them with a TCP
+# round trip's latency; inside a node, cpu-local's loopback.
+CLUSTER_DEFAULTS = {"ranks_per_node": 2, "inter": {"alpha": 1e-3, "beta": 0.125 * GB}}
+CLUSTER_OPS = ("all_reduce", "reduce_scatter", "all_gather", "p2p")
+
+
+def _links(measured: dict) -> dict[str, Link]:
+    return {op: Link(float(v["alpha"]), float(v["beta"])) for op, v in measured.items()}
+
+
+def cpu_cluster(path: str | None = None) -> Hardware:
+    """cpu-local's compute with the links a cluster on this machine measured (`cluster_cache_path()`):
+    loopback gloo inside a node (cpu-local's when the nodes held one rank), and between nodes one
+    link per node that its ranks share; and the compute of the cluster's reference step, every rank
+    of every node busy on this machine's cores at once, as the framework efficiency at the thread
+    count of its workers (for layouts of the calibrated cluster's shape: another world size keeps the
+    factor, not the contention it measured). Without the file: CLUSTER_DEFAULTS (`calibrated=False`)."""
+    local = cpu_local()
+    path = path or cluster_cache_path()
+    how = "`paratrain plan --calibrate --nodes 2 --ranks-per-node 2 --rate 1gbit`"
+    data, why = None, f"links not measured: assumed 1 Gbit/s between nodes of 2; run {how}"
+    if os.path.isfile(path):
+        try:
+            with open(path) as fh:
+                data = json.load(fh)
+            if data.get("cores") != local.cores or "links" not in data or "ranks_per_node" not in data:
+                data, why = None, f"cluster calibration in {path} is not this machine's or this version's: {why}"
+        except (OSError, ValueError):
+            data, why = None, f"cluster calibration {path} is unreadable: {why}"
+    if data is None:
+        links = {"inter": {op: CLUSTER_DEFAULTS["inter"] for op in CLUSTER_OPS}}
+        ranks = CLUSTER_DEFAULTS["ranks_per_node"]
+    else:
+        links, ranks = data["links"], int(data["ranks_per_node"])
+        why = (f"links measured on {data['nodes']} nodes x {ranks} ranks at {data.get('rate') or 'no limit'} "
+               f"{data.get('when', '?')} ({path})")
+    intra = _links(links["intra"]) if "intra" in links else {**local.collectives, "p2p": local.p2p or local.intra}
+    inter = _links(links["inter"])
+    return replace(
+        local, name="cpu-cluster", intra=intra["all_reduce"], p2p=intra["p2p"],
+        collectives={op: v for op, v in intra.items() if op != "p2p"},
+        inter=inter["all_reduce"], inter_p2p=inter["p2p"],
+        inter_collectives={op: v for op, v in inter.items() if op != "p2p"},
+        gpus_per_node=ranks, shared_nic=True, calibrated=local.calibrated and data is not None,
+        efficiency={**local.efficiency, **{int(t): float(v) for t, v in (data or {}).get("efficiency", {}).items()}},
+        note=f"{why}; compute: {local.note}")
+
+
 # Dense bf16 (and fp16) peaks by the name CUDA gives the device (torch.cuda.get_device_name),
 # most specific first: the PCIe and NVL H100s run lower clocks than the SXM part of H100_80GB.
 GPU_PEAK_BF16 = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", H100_80GB.peak_flops),
@@ -291,6 +367,8 @@ def gpu_peak_flops(device_name: str) -> float | None:
 def get_hardware(name: str) -> Hardware:
     if name == "cpu-local":
         return cpu_local()
+    if name == "cpu-cluster":
+        return cpu_cluster()
     if name not in GPU_PRESETS:
         raise ValueError(f"--gpu: unknown hardware {name!r}; choose one of {', '.join(NAMES)}")
     return GPU_PRESETS[name]
