@@ -26,6 +26,7 @@ from paratrain.models.gpt import GPTConfig
 from paratrain.models.llama import LlamaConfig
 from paratrain.models.spec import ModelSpec, token_cross_entropy, vocab_parallel_loss
 from paratrain.parallel.pipeline.partition import balanced_partition
+from paratrain.parallel.tensor import under_base_model
 from paratrain.planner.cost import flops_per_token
 
 INSTALL = "pip install 'paratrain[hf]'"
@@ -148,12 +149,8 @@ def translate_plan(model: nn.Module, plan: dict[str, str] | None = None, vocab_h
     if unknown:
         raise ValueError(f"--tp: {type(model).__name__}'s plan uses {unknown}, which paratrain does not split; "
                          f"it splits {sorted(STYLE_OF)}")
-    prefix = getattr(model, "base_model_prefix", "")
-    names = dict(model.named_modules())
-    out = {}
-    for k, v in hf.items():  # a base model's plan (`layers.*`) under the model's prefix
-        k = k if prefix not in names or any(fnmatch.fnmatchcase(n, k) for n in names) else f"{prefix}.{k}"
-        out[k] = "vocab_head" if vocab_head and v == "colwise_gather_output" else STYLE_OF.get(v, v)
+    hf = under_base_model(model, hf, dict(model.named_modules()))  # a base model's plan (`layers.*`) under its prefix
+    out = {k: "vocab_head" if vocab_head and v == "colwise_gather_output" else STYLE_OF.get(v, v) for k, v in hf.items()}
     fam = family_of(model.config)
     if fam is not None and hasattr(model, fam.base):
         layers = f"{fam.base}.{fam.layers}"

@@ -372,7 +372,7 @@ def parallelize_tensor(model: nn.Module, mesh: Mesh, plan: dict[str, str] = GPT_
         raise ValueError(f"tensor-parallel plan: unknown style {sorted(unknown)}; known: {sorted(STYLES)}")
     rng = TensorParallelRNG(seed, tp.rank, device or next(model.parameters()).device)
     named = dict(model.named_modules())
-    plan = _under_base_model(model, plan, named)
+    plan = under_base_model(model, plan, named)
     ties = _shared_parameters(model)
     used: set[str] = set()
     regions = [n for n in named if _style_of(n, plan) == "region"]
@@ -396,7 +396,7 @@ def parallelize_tensor(model: nn.Module, mesh: Mesh, plan: dict[str, str] = GPT_
     return model
 
 
-def _under_base_model(model: nn.Module, plan: dict[str, str], named: dict[str, nn.Module]) -> dict[str, str]:
+def under_base_model(model: nn.Module, plan: dict[str, str], named: dict[str, nn.Module]) -> dict[str, str]:
     """A plan written for the base model (Hugging Face's `config.base_model_tp_plan`, `layers.*...`)
     applies under the model's `base_model_prefix` (`model.layers.*...`) where it matches nothing."""
     prefix = getattr(model, "base_model_prefix", "")
