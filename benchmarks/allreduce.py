@@ -22,9 +22,10 @@ B bytes/s, and as a bus bandwidth S / t_min * 2(n-1)/n = B (2(n-1)/n) / (2(N-1)/
 step crosses it), so its bus bandwidth is at most B; Horovod's hierarchical scheme sends 2(N-1)/N S,
 the limit, plus its steps inside the node.
 
-`auto` is `choose("auto", ...)` with links measured in the same run, not `reduction.link_model`
-(this machine's calibration knows one machine: intra = inter); what link_model would pick is
-printed too. A link is measured by one-way transfers (send / recv) from rank 0: intra to rank 1
+`auto` is what `paratrain train --allreduce auto` runs (comm/tuning.py): at each size the Tuner
+times every candidate on the group before the samples and keeps the fastest; its calls are timed
+with the others. Beside it, what the alpha-beta model (`choose("auto", ...)`, the planner's) picks
+with links measured in the same run. A link is measured by one-way transfers (send / recv) from rank 0: intra to rank 1
 (node 0), inter to the first rank of node 1; alpha is the transfer time at the smallest size, beta
 the extra bytes over the extra time at the largest (16 MiB at least). One way, because gloo
 carries the two directions between one pair of ranks at about half the rate each (an exchange
@@ -47,7 +48,6 @@ import statistics
 import sys
 import tempfile
 import time
-from types import SimpleNamespace
 
 ALGOS = ("backend", "ring", "tree", "hierarchical", "auto")
 FIXED = ALGOS[:-1]
@@ -165,6 +165,7 @@ def worker(args: argparse.Namespace) -> None:
 
     from paratrain.comm.algorithms import Hierarchy, all_reduce_with, choose
     from paratrain.comm.collectives import CommStats
+    from paratrain.comm.tuning import Tuner
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -174,10 +175,12 @@ def worker(args: argparse.Namespace) -> None:
     all_sizes = sizes(args)
     links = measure_links(node_size, all_sizes[0], max(all_sizes[-1], LINK_BYTES))
     times = {a: {} for a in ALGOS}
-    chosen = {}
+    chosen, modelled = {}, {}
+    tuner = Tuner(dist.group.WORLD, node_size, CommStats())
     for s in all_sizes:
         t = torch.zeros(s // 4)  # zeros stay zeros: no overflow however often they are summed
-        chosen[s] = choose("auto", s, n, node_size, links)
+        chosen[s] = tuner.pick("all_reduce", t)
+        modelled[s] = choose("auto", s, n, node_size, links)
         calls = {a: (lambda algo=(chosen[s] if a == "auto" else a): all_reduce_with(t, None, stats, algo, node_size))
                  for a in ALGOS}
         got = time_size(calls, samples_for(s, args))
@@ -188,7 +191,7 @@ def worker(args: argparse.Namespace) -> None:
             print(f"{s:>10} B  " + "  ".join(f"{a} {got[a] * 1e3:.2f} ms" for a in ALGOS), flush=True)
     if dist.get_rank() == 0:
         with open(args.worker, "w") as fh:
-            json.dump({"n": n, "node_size": node_size, "links": links, "sizes": all_sizes, "chosen": chosen,
+            json.dump({"n": n, "node_size": node_size, "links": links, "sizes": all_sizes, "chosen": chosen, "modelled": modelled,
                        "times": {a: {str(s): v for s, v in d.items()} for a, d in times.items()}}, fh)
     dist.destroy_process_group()
 
@@ -222,11 +225,7 @@ def table(res: dict, nodes: int) -> list[dict]:
     """One row per size: bus bandwidths (MB/s), the limit, the ratios. `choice/best` is the time of
     the algorithm auto chose, measured as that fixed choice, over the best fixed choice (how good
     the choice is); `auto/best` times auto's own calls (the choice plus the noise between calls)."""
-    from paratrain.comm.algorithms import choose
-    from paratrain.comm.reduction import link_model
-
-    n, node_size, beta = res["n"], res["node_size"], res["links"]["inter"][1]
-    model = link_model(SimpleNamespace(device_type="cpu"))  # what `paratrain train --allreduce auto` uses here
+    n, beta = res["n"], res["links"]["inter"][1]
     rows = []
     for s in res["sizes"]:
         t = {a: res["times"][a][str(s)] for a in ALGOS}
@@ -236,7 +235,8 @@ def table(res: dict, nodes: int) -> list[dict]:
                      "seconds": t, "limit_MBps": busbw(s, lim, n) / 1e6,
                      "hier_vs_limit": lim / t["hierarchical"], "hier_vs_gloo": t["backend"] / t["hierarchical"],
                      "auto_chose": pick, "best_fixed": best, "choice_vs_best": t[pick] / t[best],
-                     "auto_vs_best": t["auto"] / t[best], "link_model_chooses": choose("auto", s, n, node_size, model)})
+                     "auto_vs_best": t["auto"] / t[best], "model_chooses": res["modelled"][str(s)],
+                     "model_vs_best": t[res["modelled"][str(s)]] / t[best]})
     return rows
 
 
@@ -261,11 +261,8 @@ def print_table(rows: list[dict], res: dict, args: argparse.Namespace) -> None:
           f"{big['hier_vs_gloo']:.2f}x gloo (goal >= 1.3x)")
     print(f"auto against the best fixed choice, worst size: choice {max(r['choice_vs_best'] for r in rows) - 1:+.1%}, "
           f"auto's own calls {max(r['auto_vs_best'] for r in rows) - 1:+.1%} (goal <= +5%)")
-    picks = [f"{r['link_model_chooses']} at {label(r['bytes'])}" for r in rows]
-    if len({r["link_model_chooses"] for r in rows}) == 1:
-        picks = [f"{rows[0]['link_model_chooses']} at every size"]
-    print("reduction.link_model (this machine's one-node calibration, what `paratrain train --allreduce auto` "
-          f"uses) would choose: {', '.join(picks)}")
+    picks = [f"{r['model_chooses']} at {label(r['bytes'])} ({r['model_vs_best']:.2f}x best)" for r in rows]
+    print(f"the alpha-beta model with the measured links (the planner's) would choose: {', '.join(picks)}")
 
 
 def main() -> None:

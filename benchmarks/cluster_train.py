@@ -31,7 +31,6 @@ import statistics
 import sys
 import tempfile
 import time
-from types import SimpleNamespace
 
 CONTENDERS = ("backend", "auto", "ring", "hierarchical", "powersgd:4", "topk:0.01")
 
@@ -76,17 +75,11 @@ def read_metrics(paths: list[str], warmup: int) -> dict:
             "last_loss": runs[0][-1]["loss"]}
 
 
-def auto_choice(args: argparse.Namespace) -> str:
-    """What `--allreduce auto` picks for the model's gradients in one bucket (`small`'s 13 MB fit
-    in the default 25 MB bucket), by `reduction.link_model` on this machine."""
-    from paratrain.comm.algorithms import choose
-    from paratrain.comm.reduction import link_model
-    from paratrain.models.gpt import build_model
-
-    nbytes = sum(p.numel() * p.element_size() for p in build_model(args.model, 0).parameters())
-    n = args.nodes * args.ranks_per_node
-    picked = choose("auto", nbytes, n, args.ranks_per_node, link_model(SimpleNamespace(device_type="cpu")))
-    return f"{picked} for {nbytes / 1e6:.1f} MB"
+def auto_choices(path: str) -> str:
+    """What `--allreduce auto` measured fastest, from the end record of a run's metrics file."""
+    end = [r for r in map(json.loads, filter(str.strip, open(path))) if r.get("event") == "end"]
+    picks = end[0].get("allreduce_auto", []) if end else []
+    return ", ".join(f"{p['chose']} for the {p['bytes'] / 1e6:.1f} MB {p['op']}" for p in picks) or "nothing recorded"
 
 
 def run_all(args: argparse.Namespace, contenders: list[str]) -> dict:
@@ -107,7 +100,10 @@ def run_all(args: argparse.Namespace, contenders: list[str]) -> dict:
                 paths[name].append(path)
                 print(f"round {r + 1}, {name}: {read_metrics([path], args.warmup)['step_time_s']:.3f} s/step, "
                       f"wall {run.wall_s:.0f} s", flush=True)
-        return {name: read_metrics(paths[name], args.warmup) for name in contenders}
+        results = {name: read_metrics(paths[name], args.warmup) for name in contenders}
+        if "auto" in paths:
+            results["auto"]["auto_chose"] = auto_choices(paths["auto"][0])
+        return results
 
 
 def print_table(results: dict, args: argparse.Namespace) -> None:
@@ -123,7 +119,8 @@ def print_table(results: dict, args: argparse.Namespace) -> None:
         print(f"{name:<14} {r['step_time_s']:>7.3f} {speed:>11.2f}x {r['comm_bytes']:>16,.0f} "
               f"{r['comm_bytes_inter_node']:>16,.0f} {inter:>15.3f}x {r['last_loss']:>9.4f}  "
               + ", ".join(f"{x:.3f}" for x in r["per_run_s"]))
-    print(f"--allreduce auto picks {auto_choice(args)} by reduction.link_model on this machine")
+    if "auto" in results:
+        print(f"--allreduce auto measured and chose: {results['auto']['auto_chose']}")
 
 
 def main() -> None:

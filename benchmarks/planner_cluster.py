@@ -5,14 +5,18 @@ groups cross nodes, and compare predicted with measured step time.
     python benchmarks/planner_cluster.py [--steps 12] [--rounds 2] [--rate 1gbit] [--no-calibrate] [--algorithms]
                                          [--json out.json] [--measured out.json]
 
-Root only (network namespaces). Compute is priced by cpu-local's calibration (measured first when
-there is none) and the cluster's reference step; the links by the cluster's calibration, measured
-here in the same cluster as the runs. Measured time: the median `step_time_s` over steps 3.. of
-every round (the first two steps of a run pay for warm-up); `--rounds` runs every layout once per
-round, round after round.
-`--algorithms` adds dp=4 with our ring and hierarchical all-reduce (`--allreduce`), which the
-planner does not tell apart from the backend's: shown, not counted in the error. Every node runs
-on this machine's cores, so machines shared with other jobs are noisy: the load average is printed.
+Root only (network namespaces); run it under the harness lock (`flock /tmp/paratrain-harness.lock ...`).
+Compute is priced by cpu-local's calibration (measured first when there is none) and the cluster's
+reference step; the links by the cluster's calibration, measured here in the same cluster as the
+runs. Measured time: the median `step_time_s` over steps 3.. of every round (the first two steps of
+a run pay for warm-up); `--rounds` runs every layout once per round, round after round.
+The layouts: dp=4 with the backend's all-reduce and ZeRO-1/2/3, dp=2 x tp=2 (tp inside a node,
+with and without sequence parallelism), tp=4 (across nodes), dp=2 x pp=2 (dp across nodes), tp=2 x
+pp=2 (pp across nodes), and dp=4 with our ring, tree and hierarchical all-reduce (`--allreduce`),
+which the planner prices by comm/algorithms.py's model; all counted. `--algorithms` adds dp=4 with
+`--allreduce auto`, shown, not counted: `paratrain train` makes that choice at run time by its own
+means (comm/), which the planner does not reproduce; the planner's `auto` is the cheapest by the model. Every node
+runs on this machine's cores, so machines shared with other jobs are noisy: the load average is printed.
 `--measured FILE` prices the runs of an earlier `--json FILE` again (after a recalibration or a
 change to the planner) without running anything.
 """
@@ -45,14 +49,19 @@ LAYOUTS = [
     (["--dp", "4", "--zero", "3"], Candidate(dp=4, zero=3), True),
     (["--dp", "2", "--tp", "2"], Candidate(dp=2, tp=2), True),
     (["--dp", "2", "--tp", "2", "--sequence-parallel"], Candidate(dp=2, tp=2, sequence_parallel=True), True),
+    (["--tp", "4"], Candidate(tp=4), True),
     (["--dp", "2", "--pp", "2", "--schedule", "1f1b", "--microbatches", "2"],
      Candidate(dp=2, pp=2, schedule="1f1b", microbatches=2), True),
     (["--tp", "2", "--pp", "2", "--schedule", "1f1b", "--microbatches", "4"],
      Candidate(tp=2, pp=2, schedule="1f1b", microbatches=4), True),
+    (["--dp", "4", "--allreduce", "ring"], Candidate(dp=4, allreduce="ring"), True),
+    (["--dp", "4", "--allreduce", "tree"], Candidate(dp=4, allreduce="tree"), True),
+    (["--dp", "4", "--allreduce", "hierarchical"], Candidate(dp=4, allreduce="hierarchical"), True),
 ]
+# `paratrain train --allreduce auto` chooses at run time by its own means (comm/), the planner's `auto` by the
+# model's cheapest: shown, not counted
 ALGORITHM_LAYOUTS = [
-    (["--dp", "4", "--allreduce", "ring"], Candidate(dp=4), False),
-    (["--dp", "4", "--allreduce", "hierarchical"], Candidate(dp=4), False),
+    (["--dp", "4", "--allreduce", "auto"], Candidate(dp=4, allreduce="auto"), False),
 ]
 
 
@@ -69,8 +78,9 @@ def describe(flags: list[str]) -> str:
     return " ".join(out)
 
 
-def measure(cluster: Cluster, flags: list[str], steps: int) -> tuple[float, list[float], float]:
-    """(median step seconds over steps 3.., every step's seconds, bytes sent between nodes per step)."""
+def measure(cluster: Cluster, flags: list[str], steps: int) -> tuple[float, list[float], float, float | None]:
+    """(median step seconds over steps 3.., every step's seconds, bytes sent between nodes per step, the
+    pipeline's measured idle fraction or None)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "m.jsonl")  # the namespaces share the file system
         args = ["train", "--model", MODEL, "--steps", str(steps), "--global-batch", str(GLOBAL_BATCH), "--seq-len",
@@ -82,7 +92,8 @@ def measure(cluster: Cluster, flags: list[str], steps: int) -> tuple[float, list
     steps_ = [r for r in records if "step" in r and "event" not in r and "step_time_s" in r]
     times = [r["step_time_s"] for r in steps_ if r["step"] >= 3]
     inter = statistics.median(r.get("comm_bytes_inter_node") or 0 for r in steps_)
-    return statistics.median(times), times, inter
+    idle = [r["pipeline_idle"] for r in steps_ if r["step"] >= 3 and "pipeline_idle" in r]
+    return statistics.median(times), times, inter, statistics.median(idle) if idle else None
 
 
 def run_layouts(args, log) -> tuple[list[dict], object]:
@@ -96,7 +107,9 @@ def run_layouts(args, log) -> tuple[list[dict], object]:
         hw = cpu_cluster() if args.no_calibrate else calibrate_cluster(cluster=cluster, log=log)
         for k in range(args.rounds):  # rounds, not repeats in a row: a change of load falls on every layout
             for row, (flags, _, _) in zip(rows, layouts):
-                t, times, row["inter_node_bytes"] = measure(cluster, flags, args.steps)
+                t, times, row["inter_node_bytes"], idle = measure(cluster, flags, args.steps)
+                if idle is not None:
+                    row.setdefault("pipeline_idle", []).append(idle)
                 row["steps_s"] += times
                 row["round_s"].append(t)
                 log(f"  round {k + 1}: {row['layout']:<32} {t:.3f} s (steps {min(times):.3f}-{max(times):.3f})")
@@ -131,7 +144,7 @@ def report(rows: list[dict], rate: str) -> float:
     median = statistics.median(errors)
     print()
     print(f"median |error| of step time over {len(errors)} layouts: {median:.1%} (goal: within 20%)"
-          + ("; * not counted: the planner prices the backend's all-reduce" if len(errors) < len(rows) else ""))
+          + ("; * not counted (see the docstring)" if len(errors) < len(rows) else ""))
     print("meas s: the median over every round's steps; rounds: each round's median; MB/step: bytes sent "
           "between nodes per step, as the ranks count them (all ranks)")
     return median
@@ -143,7 +156,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2, help="runs of every layout, one round after another")
     ap.add_argument("--rate", default="1gbit", help="each node's link, as tc says it")
     ap.add_argument("--no-calibrate", action="store_true", help="use the saved cpu-local and cpu-cluster calibrations")
-    ap.add_argument("--algorithms", action="store_true", help="also dp=4 with --allreduce ring and hierarchical")
+    ap.add_argument("--algorithms", action="store_true", help="also dp=4 with --allreduce auto (not counted)")
     ap.add_argument("--measured", help="re-price the measured rows of an earlier --json file (runs nothing)")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()

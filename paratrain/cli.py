@@ -74,6 +74,15 @@ def fail(message: str):
     sys.exit(2)
 
 
+PLAN_EXAMPLES = """examples:
+  paratrain plan --model gpt2 --gpus 64 --gpu h100-80gb --gpus-per-node 8
+  paratrain plan --calibrate                      measure this machine (cpu-local)
+  paratrain plan --calibrate --nodes 2 --ranks-per-node 2 --rate 1gbit
+                                                  measure a cluster of this machine (root): cpu-cluster
+  paratrain plan --model small --gpu cpu-cluster --gpus 4 --gpus-per-node 2 --allreduce auto
+                                                  price layouts on it, the dp all-reduce the cheapest of ours"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="paratrain", description="Distributed training on torch.distributed.")
     sub = parser.add_subparsers(dest="command", parser_class=OneLineParser)
@@ -108,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--to", required=True, help="output: a .safetensors or .pt file (the model's own names), or "
                                                     "a folder for a Hugging Face model (config.json + model.safetensors)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
-    plan = sub.add_parser("plan", help="rank layouts by predicted step time and memory (starts no processes)")
+    plan = sub.add_parser("plan", help="rank layouts by predicted step time and memory (starts no processes)",
+                          formatter_class=argparse.RawDescriptionHelpFormatter, epilog=PLAN_EXAMPLES)
     plan.add_argument("--model", help="a preset (tiny, small, gpt2, gpt2-medium, llama-tiny, llama-small, llama-1b, "
                                        "llama-7b), a Hugging Face model folder, or the shape flags")
     for flag, help_ in (("--layers", "transformer blocks"), ("--hidden", "hidden size"), ("--heads", "attention heads"),
@@ -116,11 +126,21 @@ def build_parser() -> argparse.ArgumentParser:
                         ("--global-batch", "sequences per optimizer step"), ("--gpus", "devices (cpu-local: workers)"),
                         ("--gpus-per-node", "devices per node"), ("--top", "layouts to show (default 10)")):
         plan.add_argument(flag, type=int, default=10 if flag == "--top" else None, help=help_)
-    plan.add_argument("--gpu", help="a100-80gb, h100-80gb or cpu-local (default: cpu-local)")
-    plan.add_argument("--precision", help="fp32, bf16 or fp16 (default: bf16 on GPUs, fp32 on cpu-local)")
+    plan.add_argument("--gpu", help="a100-80gb, h100-80gb, cpu-local (this machine) or cpu-cluster (this machine's "
+                                     "cores with the links `--calibrate --nodes` measured; default: cpu-local)")
+    plan.add_argument("--precision", help="fp32, bf16 or fp16 (default: bf16 on GPUs, fp32 on cpu-local/cpu-cluster)")
     plan.add_argument("--allow-cross-node-tp", action="store_true", help="let tensor-parallel groups span nodes")
+    plan.add_argument("--allreduce", default="backend",
+                      help="the data-parallel all-reduce to price, as `train --allreduce` runs it: backend (default), "
+                           "ring, tree, hierarchical, or auto (the cheapest of the three)")
     plan.add_argument("--json", action="store_true", help="print the ranked layouts as JSON")
-    plan.add_argument("--calibrate", action="store_true", help="measure this machine for cpu-local and save it")
+    plan.add_argument("--calibrate", action="store_true",
+                      help="measure this machine for cpu-local and save it; with --nodes, a cluster on this machine "
+                           "(network namespaces, root) for cpu-cluster")
+    plan.add_argument("--nodes", type=int, help="with --calibrate: nodes of the cluster to build and measure (>= 2)")
+    plan.add_argument("--ranks-per-node", type=int, help="with --calibrate --nodes: ranks on each node (default 2)")
+    plan.add_argument("--rate", help="with --calibrate --nodes: each node's link, as tc says it (default 1gbit; "
+                                     "none: no limit)")
     return parser
 
 

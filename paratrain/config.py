@@ -378,6 +378,9 @@ def _validate_precision_and_device(cfg: RunConfig, world_size: int | None) -> No
     if tr.allreduce != "backend" and (tr.compress != "none" or tr.sync == "ps"):
         raise ConfigError("--allreduce: chooses the all-reduce of uncompressed dp gradients; leave it out with "
                           "--compress or --sync ps")
+    if tr.allreduce == "tree" and lay.zero > 0:
+        raise ConfigError("--allreduce tree: the tree reduces to one root and has no reduce-scatter for ZeRO-1/2/3; "
+                          "choose backend, ring, hierarchical or auto")
     if tr.compress_warmup < 0:
         raise ConfigError(f"--compress-warmup: must be at least 0, got {tr.compress_warmup}")
     if tr.device not in ("cpu", "cuda"):

@@ -214,7 +214,13 @@ def end_summary(t, steps: list, val: float | None) -> dict:
             "mfu": mfu, "peak_mem_bytes_per_rank": t.peak_per_rank,
             "param_bytes_per_rank": [m["params"] for m in memory],
             "memory_per_rank": memory, "checkpoints": t.ckpt.events if t.ckpt else [], "resumed_from": t.resumed_from,
-            "layout": format_layout(t.cfg.layout), "sample": t.sample(), **pipe}
+            "layout": format_layout(t.cfg.layout), "sample": t.sample(), **pipe, **allreduce_report(t)}
+
+
+def allreduce_report(t) -> dict:
+    """`--allreduce auto`: the algorithm it measured fastest for each collective shape it met."""
+    reduction = getattr(t.model, "reduction", None)
+    return {"allreduce_auto": reduction.choices()} if reduction is not None and reduction.tuner else {}
 
 
 def pipeline_report(t, steps: list) -> dict:

@@ -64,6 +64,7 @@ BAD = [
     (["--compress", "zip"], "--compress"),
     (["--allreduce", "butterfly"], "--allreduce: must be one of backend, ring, tree, hierarchical, auto"),
     (["--allreduce", "ring", "--compress", "fp16"], "--allreduce"),
+    (["--allreduce", "tree", "--zero", "1", "--dp", "2"], "--allreduce tree: the tree reduces to one root"),
     (["--compress", "topk:0"], "--compress"),
     (["--compress", "powersgd:x"], "--compress"),
     (["--device", "tpu"], "--device"),

@@ -136,9 +136,10 @@ def test_model_state_bytes_follow_the_zero_formulas():
             check_zero_formula(stage, n, [r])
 
 
-def _zero_grads(stage: int, microbatches: int):
+def _zero_grads(stage: int, microbatches: int, allreduce: str = "backend", node_size: int | None = None):
     """In a spawned rank: one accumulated backward under ZeRO; every parameter's full gradient
-    reassembled from the owned shards (one all-gather per flat group), and the comm calls."""
+    reassembled from the owned shards (one all-gather per flat group), and the comm calls.
+    `allreduce`: the algorithm of the reduce-scatters and all-gathers, on nodes of `node_size`."""
     import torch.distributed as dist
     import torch.nn.functional as F
 
@@ -148,15 +149,26 @@ def _zero_grads(stage: int, microbatches: int):
     from paratrain.parallel.zero import ZeroDataParallel
 
     world = dist.get_world_size()
-    mesh = Mesh.build(dp=world)
+    mesh = Mesh.build(dp=world, node_size=node_size)
     model = build_model("tiny", 11)
     names = {id(m): n for n, m in model.named_modules()}
-    engine = ZeroDataParallel(model, mesh, stage)
+    engine = ZeroDataParallel(model, mesh, stage, allreduce=allreduce)
     local = TokenLoader(load_corpus("stdlib", max_bytes=1 << 20), 32, 8, 11).local_batch(1, mesh.coord("dp"), world)
     for i, (x, y) in enumerate(zip(local.inputs.chunk(microbatches), local.targets.chunk(microbatches))):
         with torch.enable_grad() if i == microbatches - 1 else engine.no_sync():
             F.cross_entropy(engine(x).flatten(0, 1), y.flatten(), reduction="sum").div(8 * 32).backward()
     engine.finish_grad_sync()
+    if allreduce != "backend":  # and the all-gather after the update: every rank's parameters back
+        engine.publish()
+        params = {}
+        for u in engine.units:
+            for g, full in zip(u.groups, u.wait() if stage == 3 else [g.full for g in u.groups]):
+                for s, v in zip(g.slots, g.views(full)):
+                    m, attr = s.refs[0]
+                    params[f"{names[id(m)]}.{attr}".lstrip(".")] = v.clone()
+            u.release()
+    else:
+        params = None
     engine.unscale_grads(1.0)
     grads = {}
     for g in engine.groups:
@@ -165,7 +177,7 @@ def _zero_grads(stage: int, microbatches: int):
         for s in g.slots:
             m, attr = s.refs[0]
             grads[f"{names[id(m)]}.{attr}".lstrip(".")] = full[s.offset : s.offset + s.numel].view(s.shape)
-    return grads, dict(mesh.comm.calls), engine.memory_bytes()
+    return grads, dict(mesh.comm.calls), engine.memory_bytes(), params
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
@@ -180,7 +192,7 @@ def test_gradient_shards_equal_single_process_reference(stage):
     batch = TokenLoader(load_corpus("stdlib", max_bytes=1 << 20), 32, 8, 11).batch(1)
     F.cross_entropy(model(batch.inputs).flatten(0, 1), batch.targets.flatten()).backward()
     expected = {n: p.grad for n, p in model.named_parameters()}
-    for grads, calls, memory in spawn(_zero_grads, 2, stage, 2):
+    for grads, calls, memory, _ in spawn(_zero_grads, 2, stage, 2):
         assert set(grads) == set(expected)
         for name, g in grads.items():
             torch.testing.assert_close(g, expected[name], rtol=1e-5, atol=1e-7, msg=name)
@@ -193,6 +205,37 @@ def test_gradient_shards_equal_single_process_reference(stage):
         # shard is the only copy of the parameters (counted as optimizer state)
         params, grads = memory["params"], memory["grads"]
         assert {1: grads == params, 2: 2 * grads < params + 1000, 3: params == 0}[stage]
+
+
+@pytest.mark.parametrize("stage,algorithm", [
+    (1, "ring"), (2, "hierarchical"), (3, "hierarchical"),
+    pytest.param(1, "hierarchical", marks=pytest.mark.slow), pytest.param(2, "ring", marks=pytest.mark.slow),
+    pytest.param(3, "ring", marks=pytest.mark.slow), pytest.param(2, "auto", marks=pytest.mark.slow),
+    pytest.param(3, "auto", marks=pytest.mark.slow)])
+def test_our_algorithms_reduce_scatter_and_all_gather_like_the_backend(stage, algorithm):
+    """--allreduce ring / hierarchical / auto under ZeRO: 4 ranks on nodes of 2, the gradient
+    shards of the one-process reference, through point-to-point steps only; the all-gathers
+    (publish; stage 3's gathers) give every rank the parameters whole."""
+    import torch.nn.functional as F
+
+    from helpers import spawn
+    from paratrain.data import TokenLoader, load_corpus
+    from paratrain.models.gpt import build_model
+
+    model = build_model("tiny", 11)
+    batch = TokenLoader(load_corpus("stdlib", max_bytes=1 << 20), 32, 8, 11).batch(1)
+    F.cross_entropy(model(batch.inputs).flatten(0, 1), batch.targets.flatten()).backward()
+    expected = {n: p.grad for n, p in model.named_parameters()}
+    results = spawn(_zero_grads, 4, stage, 2, algorithm, 2)
+    for grads, calls, _memory, params in results:
+        for name, g in grads.items():
+            torch.testing.assert_close(g, expected[name], rtol=1e-5, atol=1e-7, msg=name)
+        if algorithm != "auto":  # ours send point to point; the backend's collectives do not run
+            assert calls.get("send", 0) > 0 and "reduce_scatter" not in calls and "all_gather" not in calls, calls
+        assert set(params) == set(expected)
+        initial = dict(model.named_parameters())  # no step was taken: the gathered parameters are the first ones
+        for name, p in params.items():
+            assert torch.equal(p, initial[name].detach()), name
 
 
 def test_loss_scaler_backs_off_on_overflow_and_grows_after_a_window():

@@ -59,7 +59,7 @@ class _P2P:
         ops, sent, fp = [], None, None
         for buf, peer in sends:
             if buf.numel():
-                sent = self.stats.record("send", buf, self.group, f"send to {self.ranks[peer]}")
+                sent = self.stats.record("send", buf, self.group, f"send to {self.ranks[peer]}", self.ranks[peer])
                 ops.append(dist.P2POp(dist.isend, buf, self.ranks[peer], self.group))
         k = len(ops)
         for buf, peer in recvs:
@@ -121,25 +121,27 @@ def ring_all_reduce(t: torch.Tensor, group: dist.ProcessGroup | None, stats: Com
     if len(ranks) == 1 or t.numel() == 0:
         return t
     flat = _flat(t)
-    _ring(flat, group, stats, reduce=True, gather=True)
+    ring_phases(flat, group, stats, reduce=True, gather=True)
     return _unflat(t, flat)
 
 
-def _ring(flat: torch.Tensor, group: dist.ProcessGroup, stats: CommStats, reduce: bool, gather: bool) -> None:
-    """The ring's reduce-scatter (`reduce`: rank r ends with the sum of chunk r+1 of the n chunks
-    of `flat`) and/or its all-gather (`gather`: chunk r+1 of each rank r reaches every rank)."""
+def ring_phases(flat: torch.Tensor, group: dist.ProcessGroup, stats: CommStats, reduce: bool, gather: bool,
+          shift: int = 0) -> None:
+    """The ring's reduce-scatter (`reduce`: rank r ends with the sum of chunk r+1+shift of the n
+    chunks of `flat`) and/or its all-gather (`gather`: chunk r+1+shift of each rank r reaches every
+    rank). shift=-1 gives rank r chunk r, the shard ZeRO's reduce-scatter owes it."""
     group, ranks, me = _members(group)
     n = len(ranks)
     bounds = _bounds(flat.numel(), n)
 
     def chunk(i: int) -> torch.Tensor:
-        i %= n
+        i = (i + shift) % n
         return flat[bounds[i]:bounds[i + 1]]
 
     nxt, prv = (me + 1) % n, (me - 1) % n
     p2p = _P2P(stats, group, ranks)
     if reduce:
-        scratch = torch.empty(bounds[1], dtype=flat.dtype, device=flat.device)  # the first chunk is the largest
+        scratch = torch.empty(bounds[1], dtype=flat.dtype, device=flat.device)  # no chunk is longer than the first
         for s in range(n - 1):  # chunk me-s-1 gains the partial sum of s+1 ranks before us
             incoming = chunk(me - s - 1)
             buf = scratch[:incoming.numel()]
@@ -376,12 +378,12 @@ def hierarchical_all_reduce(t: torch.Tensor, group: dist.ProcessGroup | None, st
     held = (dist.get_rank(h.intra) + 1) % node_size  # the chunk of a piece this rank holds summed over its node
     crossing = []
     for piece in pieces:
-        _ring(piece, h.intra, stats, reduce=True, gather=False)
+        ring_phases(piece, h.intra, stats, reduce=True, gather=False)
         size = piece.numel() // node_size
         crossing.append(all_reduce(piece[held * size:(held + 1) * size], h.inter, stats, async_op=True))
     for piece, work in zip(pieces, crossing):
         work.wait()
-        _ring(piece, h.intra, stats, reduce=False, gather=True)
+        ring_phases(piece, h.intra, stats, reduce=False, gather=True)
     if pad:
         flat.copy_(buf[:flat.numel()])
     return _unflat(t, flat)

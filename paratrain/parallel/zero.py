@@ -38,7 +38,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from paratrain.comm import Compressor, all_gather_flat, all_reduce, reduce_scatter_flat
+from paratrain.comm import Compressor, all_reduce
 from paratrain.comm.reduction import GradientAllReduce
 from paratrain.mesh import Mesh
 from paratrain.parallel.data import SyncSwitch, sync_module_states
@@ -137,7 +137,7 @@ class Unit:
         bufs, handles = [], []
         for g in self.groups:
             full = torch.empty(g.padded, dtype=g.dtype, device=g.shard.device)
-            handles.append(all_gather_flat(full, g.shard, e.group, e.mesh.comm, async_op=True))
+            handles.append(e.reduction.start_all_gather(full, g.shard))
             bufs.append(full)
         self.inflight = (bufs, handles)
 
@@ -229,7 +229,8 @@ class ZeroDataParallel(SyncSwitch, nn.Module):
         self.names = names or {}
         self.compressor = compressor
         self.group, self.dp, self.dp_rank = mesh.group("dp"), mesh.size("dp"), mesh.coord("dp")
-        self.reduction = GradientAllReduce(allreduce, mesh)  # stage 0's all-reduce (--allreduce)
+        # --allreduce: stage 0's all-reduce, or the reduce-scatters and all-gathers of stages 1-3
+        self.reduction = GradientAllReduce(allreduce, mesh, sharded=stage > 0)
         self.require_sync = True
         self.live: dict[int, tuple[Unit, int]] = {}  # storage -> gathered unit (stage 3)
         self.pending: list = []  # in-flight gradient reductions: (group, out, handle)
@@ -367,7 +368,7 @@ class ZeroDataParallel(SyncSwitch, nn.Module):
             g.grad_shard.add_(out.to(g.dtype))  # done: the compressed round is synchronous
             return
         out = torch.empty(g.shard_size, dtype=torch.float32, device=flat.device)
-        handle = reduce_scatter_flat(out, flat, self.group, self.mesh.comm, async_op=True)
+        handle = self.reduction.start_reduce_scatter(out, flat)
         self.pending.append((g, out, handle))
         self._retire(self.MAX_IN_FLIGHT)
 
@@ -403,7 +404,10 @@ class ZeroDataParallel(SyncSwitch, nn.Module):
                 g.full_grad.copy_(flat)
             else:
                 out = torch.empty(g.shard_size, dtype=torch.float32, device=g.full_grad.device)
-                reduce_scatter_flat(out, g.full_grad.float(), self.group, self.mesh.comm)
+                flat = g.full_grad.float()
+                if flat is g.full_grad and self.reduction.pool is not None:
+                    flat = flat.clone()  # our algorithms work in their input: keep the local gradients
+                self.reduction.reduce_scatter(out, flat)
                 g.grad_shard.copy_(out)
 
     def all_reduce_grads(self, flag: str, group) -> None:
@@ -466,7 +470,7 @@ class ZeroDataParallel(SyncSwitch, nn.Module):
                 g.full[g.lo : g.hi].copy_(g.master)
             if self.stage > 0 and self.dp > 1:
                 mine = g.full[g.lo : g.hi].clone()
-                all_gather_flat(g.full, mine, self.group, self.mesh.comm)
+                self.reduction.all_gather(g.full, mine)
 
     def memory_bytes(self, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
         """Bytes of model states this rank holds: the parameters compute uses, gradients, and

@@ -415,25 +415,32 @@ def measure_cluster(nodes: int = 2, ranks_per_node: int = 2, rate: str | None = 
             "raw_times_s": raw["times"], "reference_step_s": raw["reference_step_s"]}
 
 
+def check_cluster(nodes: int, ranks_per_node: int, rate: str | None) -> None:
+    """ValueError (one line) unless a cluster of `nodes` x `ranks_per_node` linked at `rate` can be
+    calibrated here: at least 2 nodes, a tc rate, root and the kernel's namespaces. Builds nothing."""
+    from paratrain.cluster import Cluster, available
+
+    if nodes < 2 or ranks_per_node < 1:
+        raise ValueError(f"--nodes: a cluster calibration needs at least 2 nodes of at least 1 rank, "
+                         f"not {nodes} x {ranks_per_node}")
+    try:
+        Cluster(nodes, ranks_per_node, rate)  # checks the shape and the rate; builds nothing
+    except ValueError as e:
+        raise ValueError(f"--calibrate --nodes: {e}") from None
+    why = available()
+    if why:
+        raise ValueError(f"--calibrate --nodes: {why}")
+
+
 def calibrate_cluster(nodes: int = 2, ranks_per_node: int = 2, rate: str | None = "1gbit", path: str | None = None,
                       log=print, cluster=None) -> Hardware:
     """Measure the links of a cluster on this machine (paratrain.cluster; root; well under a minute)
     and save them for `cpu-cluster` (whose compute is cpu-local's); return it. ValueError (one line)
     when no cluster can be built here or the shape is not one."""
-    from paratrain.cluster import Cluster, available
     from paratrain.planner.hardware import cluster_cache_path, cpu_cluster
 
     if cluster is None:
-        if nodes < 2 or ranks_per_node < 1:
-            raise ValueError(f"--nodes: a cluster calibration needs at least 2 nodes of at least 1 rank, "
-                             f"not {nodes} x {ranks_per_node}")
-        try:
-            Cluster(nodes, ranks_per_node, rate)  # checks the shape and the rate; builds nothing
-        except ValueError as e:
-            raise ValueError(f"--calibrate --nodes: {e}") from None
-        why = available()
-        if why:
-            raise ValueError(f"--calibrate --nodes: {why}")
+        check_cluster(nodes, ranks_per_node, rate)
     log(f"calibrate: gloo collectives and send/recv inside and between {nodes} nodes of {ranks_per_node} "
         f"rank(s) linked at {rate or 'no limit'}")
     t0 = time.perf_counter()

@@ -65,7 +65,9 @@ unit ahead of use (prefetch) and reduce-scatters during backward, every micro-ba
 priced by an alpha-beta model on the link its group crosses (NVLink inside a node, the NIC
 between nodes; ranks are laid out pp x dp x tp with tp fastest; on cpu-local gloo's measured line
 for that collective): ring, or the cheaper of ring and tree for all-reduce where the backend has
-both (NCCL), ring only on gloo.
+both (NCCL), ring only on gloo; groups that cross a node's shared link at once split it. The
+data-parallel all-reduce may instead be one of our own (`Candidate.allreduce`: ring, tree,
+hierarchical, or auto's cheapest), priced by comm/algorithms.py's model (`dp_all_reduce_time`).
 """
 
 from __future__ import annotations
@@ -75,16 +77,31 @@ from dataclasses import dataclass, field
 
 from paratrain.layout import LayoutConfig, format_layout
 from paratrain.models.gpt import GPTConfig
-from paratrain.parallel.pipeline.partition import block_weights
 # The pricing of collectives and the pipeline's structure have modules of their own; their names stay
 # importable from here.
 from paratrain.planner.collectives import (  # noqa: F401
     all_reduce_time,
+    axis_node_size,
     collective_time,
     crosses_node,
+    dp_all_reduce_time,
+    node_flows,
     p2p_time,
     ring_time,
     tree_all_reduce_time,
+)
+from paratrain.planner.counts import (  # noqa: F401
+    block_vectors,
+    activation_bytes_per_layer,
+    block_params,
+    checkpointed_bytes_per_layer,
+    flops_per_token,
+    matmul_params,
+    model_state_bytes,
+    pad_vocab,
+    param_count,
+    rank_params,
+    sharded_activations,
 )
 from paratrain.planner.hardware import Hardware
 from paratrain.planner.pipeline import TABLE_LIMIT, RankStages, schedule_info, stage_plan  # noqa: F401
@@ -112,6 +129,7 @@ class Candidate:
     activation_checkpointing: bool = False
     precision: str = "fp32"
     virtual_stages: int = 2
+    allreduce: str = "backend"  # the data-parallel all-reduce: backend, ring, tree, hierarchical or auto
 
     @property
     def world(self) -> int:
@@ -129,106 +147,6 @@ class Candidate:
     @property
     def label(self) -> str:
         return format_layout(self.layout())
-
-
-# --------------------------------------------------------------------- parameters and FLOPs
-def pad_vocab(vocab: int, multiple: int = 128) -> int:
-    """Megatron-LM pads the vocabulary to a multiple of 128 so that tp can split it."""
-    return -(-vocab // multiple) * multiple
-
-
-def _block_vectors(cfg: GPTConfig) -> tuple[int, int]:
-    """(split by tp, replicated) parameters of a block outside its matrices: biases of q, k, v and the
-    MLP's input side split; the outputs' biases and the norms replicated. GPT (7h, 6h), Llama (0, 2h)."""
-    h, norms = cfg.d_model, 2 * cfg.d_model * (2 if cfg.bias else 1)
-    if not cfg.bias:
-        return 0, norms
-    kv = cfg.n_kv_head * (h // cfg.n_head)
-    return h + 2 * kv + (2 if cfg.gated_mlp else 1) * cfg.d_mlp, 2 * h + norms
-
-
-def block_params(cfg: GPTConfig) -> int:
-    return block_weights(cfg) + sum(_block_vectors(cfg))
-
-
-def param_count(cfg: GPTConfig) -> int:
-    """Parameters of models/gpt.py's GPT or models/llama.py's Llama: blocks, token (and position)
-    tables, final norm, head."""
-    h = cfg.d_model
-    head = 0 if cfg.tie_embeddings else cfg.vocab_size * h
-    positions = cfg.max_seq_len * h if cfg.learned_positions else 0
-    return cfg.n_layer * block_params(cfg) + cfg.vocab_size * h + positions + (2 * h if cfg.bias else h) + head
-
-
-def matmul_params(cfg: GPTConfig) -> int:
-    """N of the FLOP formula: the weights that take part in matrix products (the head's, not the lookup's)."""
-    return cfg.n_layer * block_weights(cfg) + cfg.vocab_size * cfg.d_model
-
-
-def flops_per_token(cfg: GPTConfig, seq_len: int, recompute: bool = False) -> float:
-    """Training FLOPs per token: 6N + 12 L T h, plus 2 (L x block weights) + 4 L T h (GPT: 24 L h^2 +
-    4 L T h) when blocks are recomputed."""
-    L, h = cfg.n_layer, cfg.d_model
-    flops = 6 * matmul_params(cfg) + 12 * L * seq_len * h
-    if recompute:
-        flops += 2 * L * block_weights(cfg) + 4 * L * seq_len * h
-    return float(flops)
-
-
-def rank_params(cfg: GPTConfig, blocks: int, first: bool, last: bool, tp: int, pp: int) -> float:
-    """Parameters held by one rank: its blocks' shards, and the embedding (first stage) and the
-    head (last stage; with tied embeddings a second copy only when they are on different stages)."""
-    h, t, V = cfg.d_model, tp, cfg.vocab_size
-    split, replicated = _block_vectors(cfg)
-    n = blocks * (block_weights(cfg) / t + (split / t + replicated))
-    if first:
-        n += V * h / t + (cfg.max_seq_len * h if cfg.learned_positions else 0)
-    if last:
-        n += (2 * h if cfg.bias else h)
-        if not cfg.tie_embeddings or (pp > 1 and not first):
-            n += V * h / t
-    return n
-
-
-def model_state_bytes(n_params: float, zero: int, dp: int, precision: str) -> dict[str, float]:
-    """Bytes of parameters, gradients and optimizer state for `n_params` on one rank (ZeRO paper's
-    accounting as parallel/zero.py implements it)."""
-    if precision == "fp32":
-        p, g, o = 4.0, 4.0, 8.0  # Adam's two moments; the master is the parameter itself
-    else:
-        p, g, o = 2.0, 2.0, 12.0  # fp32 master + two moments
-    if zero >= 1:
-        o /= dp
-    if zero >= 2:
-        g /= dp
-    if zero >= 3:
-        p /= dp
-    return {"params": n_params * p, "grads": n_params * g, "optimizer": n_params * o}
-
-
-# --------------------------------------------------------------------- activations
-def sharded_activations(cfg: GPTConfig) -> float:
-    """a: the tensors of sbh elements a block keeps that tp shards (see the module docstring):
-    GPT 12; a Llama block 2 + 2g/h + 4f/h."""
-    h, g = cfg.d_model, cfg.n_kv_head * (cfg.d_model // cfg.n_head)
-    return 2 + 2 * g / h + (4 if cfg.gated_mlp else 2) * cfg.d_mlp / h
-
-
-def activation_bytes_per_layer(seq: int, micro: int, hidden: int, tp: int, sequence_parallel: bool,
-                               elem: int, sharded: float = 12) -> float:
-    """Bytes one block keeps for backward for one micro-batch (see the module docstring); `sharded`:
-    the block's a (GPT's 12 by default)."""
-    sbh = seq * micro * hidden * elem
-    if tp == 1:
-        return (4 + sharded) * sbh
-    if sequence_parallel:
-        return sbh * (2 + (2 + sharded) / tp)
-    return sbh * (4 + sharded / tp)
-
-
-def checkpointed_bytes_per_layer(seq: int, micro: int, hidden: int, tp: int, sequence_parallel: bool,
-                                 elem: int) -> float:
-    return seq * micro * hidden * elem / (tp if sequence_parallel else 1)
 
 
 # --------------------------------------------------------------------- the estimate
@@ -252,6 +170,7 @@ class Estimate:
     capacity_bytes: float = 0.0
     fits: bool = True
     reason: str = ""
+    allreduce: str = "backend"  # the data-parallel all-reduce run (auto: the one it picks)
 
     def as_dict(self) -> dict:
         c = self.candidate
@@ -262,7 +181,8 @@ class Estimate:
             "sequence_parallel": c.sequence_parallel, "activation_checkpointing": c.activation_checkpointing,
             "precision": c.precision, "step_time_s": self.step_time_s, "tflops_per_gpu": self.tflops_per_gpu,
             "mfu": self.mfu, "peak_mem_bytes": int(self.peak_mem_bytes), "capacity_bytes": int(self.capacity_bytes),
-            "fits": self.fits, "reason": self.reason, "bubble_fraction": self.bubble_fraction,
+            "fits": self.fits, "reason": self.reason, "allreduce": self.allreduce,
+            "bubble_fraction": self.bubble_fraction,
             "time_breakdown_s": {k: getattr(self, k) for k in
                                  ("compute_s", "tp_comm_s", "pp_comm_s", "dp_comm_s", "bubble_s", "other_s")},
             "memory_breakdown_bytes": {k: int(v) for k, v in self.memory.items()},
@@ -284,7 +204,8 @@ class _Step:
     s: int                  # sequence length
     b: int                  # micro-batch size (sequences)
     e: int                  # bytes per element of the compute dtype
-    cross: dict[str, bool]  # per mesh axis: does one of its groups span two nodes?
+    cross: dict[str, int]   # per mesh axis: its groups that share a node's link (0: none spans two nodes)
+    G: int                  # devices per node
 
     @property
     def tokens(self) -> int:
@@ -298,6 +219,12 @@ class _Step:
     def coll(self, op: str, full_bytes: float, n: int, axis: str, calls: int = 1) -> float:
         """`calls` collectives on the link that a group along `axis` crosses."""
         return collective_time(op, full_bytes, n, self.hw.link(self.cross[axis], op), calls, self.hw.algorithms)
+
+    def dp_all_reduce(self, nbytes: float, calls: int) -> tuple[float, str]:
+        """(seconds, algorithm) of the data-parallel gradient all-reduce by the candidate's `allreduce`."""
+        c = self.c
+        node_size = axis_node_size(c.dp, c.tp, c.pp, "dp", self.G) if self.cross["dp"] else None
+        return dp_all_reduce_time(c.allreduce, nbytes, c.dp, calls, self.hw, self.cross["dp"], node_size)
 
     def ew(self, op: str, n: float) -> float:
         return self.hw.elementwise_time(op, n, world=self.c.world, elem_bytes=self.e)
@@ -403,21 +330,22 @@ def _pipeline_time(st: _Step, per_rank: list, est: Estimate) -> tuple[float, flo
     return pipe, m * (zf + zb)
 
 
-def _gradient_sync_time(st: _Step, r: RankStages, tb_rank: float) -> float:
+def _gradient_sync_time(st: _Step, r: RankStages, tb_rank: float) -> tuple[float, str]:
     """After the micro-batches, on one rank: the data-parallel reduction and ZeRO's all-gather not
-    hidden behind backward, the tied embedding's two copies, and sequence-parallel gradients."""
+    hidden behind backward, the tied embedding's two copies, and sequence-parallel gradients; and
+    the all-reduce algorithm the reduction runs."""
     cfg, c = st.cfg, st.c
     t, p, d, e = c.tp, c.pp, c.dp, st.e
     n, k = rank_params(cfg, r.blocks, r.first, r.last, t, p), _zero_groups(st, r)
     grad = 4 * n
-    dp_s = 0.0
+    dp_s, algorithm = 0.0, "backend" if c.zero or d == 1 else c.allreduce
     if d > 1:
         if c.zero == 0 and c.precision == "fp32":  # DataParallel: buckets overlap the last backward
-            comm = st.coll("all_reduce", grad, d, "dp", math.ceil(grad / BUCKET_BYTES))
+            comm, algorithm = st.dp_all_reduce(grad, math.ceil(grad / BUCKET_BYTES))
             window = tb_rank / c.v
             dp_s = comm if not st.hw.overlap else max(comm * min(1.0, BUCKET_BYTES / grad), comm - window)
         elif c.zero == 0:
-            dp_s = st.coll("all_reduce", grad, d, "dp", k)
+            dp_s, algorithm = st.dp_all_reduce(grad, k)
         elif c.zero == 1:
             dp_s = st.coll("reduce_scatter", grad, d, "dp", k)
         if c.zero in (1, 2):
@@ -425,8 +353,8 @@ def _gradient_sync_time(st: _Step, r: RankStages, tb_rank: float) -> float:
     if p > 1 and cfg.tie_embeddings and (r.first or r.last):  # the tied embedding's two copies
         dp_s += st.coll("all_reduce", 4 * cfg.vocab_size * cfg.d_model / t, 2, "pp")
     if st.sp:  # the norms' and row biases' gradients, summed over tp
-        dp_s += st.coll("all_reduce", 4 * _block_vectors(cfg)[1] * r.blocks, t, "tp")
-    return dp_s
+        dp_s += st.coll("all_reduce", 4 * block_vectors(cfg)[1] * r.blocks, t, "tp")
+    return dp_s, algorithm
 
 
 def _optimizer_time(st: _Step, r: RankStages) -> float:
@@ -488,14 +416,14 @@ def estimate(cfg: GPTConfig, seq_len: int, global_batch: int, c: Candidate, hw: 
     G = gpus_per_node or hw.gpus_per_node
     e = ELEMENT_BYTES[c.precision]
     b = global_batch // (c.dp * c.microbatches)
-    cross = {axis: crosses_node(c.dp, c.tp, c.pp, axis, G) for axis in ("tp", "dp", "pp")}
-    st = _Step(cfg, c, hw, seq_len, b, e, cross)
+    cross = {axis: node_flows(c.dp, c.tp, c.pp, axis, G) for axis in ("tp", "dp", "pp")}
+    st = _Step(cfg, c, hw, seq_len, b, e, cross, G)
     est = Estimate(candidate=c, micro_batch=b)
     stages = stage_plan(cfg, seq_len, c.pp, c.v)
     per_rank = _rank_times(st, stages)
     pipe, zero_inner_s = _pipeline_time(st, per_rank, est)
-    tails = [(_gradient_sync_time(st, r, tb_r), _optimizer_time(st, r)) for r, _, tb_r, _, _ in per_rank]
-    dp_s, other = max(tails, key=lambda x: x[0] + x[1])
+    tails = [(*_gradient_sync_time(st, r, tb_r), _optimizer_time(st, r)) for r, _, tb_r, _, _ in per_rank]
+    dp_s, est.allreduce, other = max(tails, key=lambda x: x[0] + x[2])
     est.dp_comm_s = zero_inner_s + dp_s
     est.other_s = other
     est.step_time_s = pipe + dp_s + other

@@ -60,6 +60,7 @@ class Hardware:
     efficiency: dict[int, float] = field(default_factory=dict)  # threads -> measured / op-by-op model
     collectives: dict[str, Link] = field(default_factory=dict)  # per-op alpha-beta where they differ
     inter_collectives: dict[str, Link] = field(default_factory=dict)  # the same between nodes (cpu-cluster)
+    nodes: int = 0  # cpu-cluster: the nodes of the cluster it was calibrated on (the default of `plan --gpus`)
 
     # ---------------------------------------------------------------- rates
     def threads(self, world: int) -> int:
@@ -307,7 +308,7 @@ def cpu_local(path: str | None = None) -> Hardware:
 
 # An uncalibrated cpu-cluster: nodes of 2 ranks, 1 Gbit/s (125 MB/s) between them with a TCP
 # round trip's latency; inside a node, cpu-local's loopback.
-CLUSTER_DEFAULTS = {"ranks_per_node": 2, "inter": {"alpha": 1e-3, "beta": 0.125 * GB}}
+CLUSTER_DEFAULTS = {"nodes": 2, "ranks_per_node": 2, "inter": {"alpha": 1e-3, "beta": 0.125 * GB}}
 CLUSTER_OPS = ("all_reduce", "reduce_scatter", "all_gather", "p2p")
 
 
@@ -348,7 +349,8 @@ def cpu_cluster(path: str | None = None) -> Hardware:
         collectives={op: v for op, v in intra.items() if op != "p2p"},
         inter=inter["all_reduce"], inter_p2p=inter["p2p"],
         inter_collectives={op: v for op, v in inter.items() if op != "p2p"},
-        gpus_per_node=ranks, shared_nic=True, calibrated=local.calibrated and data is not None,
+        gpus_per_node=ranks, nodes=int((data or CLUSTER_DEFAULTS)["nodes"]), shared_nic=True,
+        calibrated=local.calibrated and data is not None,
         efficiency={**local.efficiency, **{int(t): float(v) for t, v in (data or {}).get("efficiency", {}).items()}},
         note=f"{why}; compute: {local.note}")
 

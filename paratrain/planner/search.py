@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 from paratrain.config import ConfigError, LayoutConfig, RunConfig
 from paratrain.models.gpt import PRESETS, GPTConfig
-from paratrain.planner.collectives import crosses_node
+from paratrain.planner.collectives import ALLREDUCE, crosses_node
 from paratrain.planner.cost import Candidate, Estimate, estimate, pad_vocab, param_count
 from paratrain.planner.hardware import NAMES, Hardware, get_hardware
 
@@ -121,15 +121,17 @@ def candidates(cfg: GPTConfig | LlamaConfig, seq_len: int, global_batch: int, gp
 
 def plan(cfg: GPTConfig | LlamaConfig, seq_len: int, global_batch: int, gpus: int, hw: Hardware,
          gpus_per_node: int | None = None, precision: str | None = None, allow_cross_node_tp: bool = False,
-         fixed: dict | None = None) -> PlanResult:
-    """Price every candidate layout of `gpus` devices; rank those that fit."""
+         fixed: dict | None = None, allreduce: str = "backend") -> PlanResult:
+    """Price every candidate layout of `gpus` devices, its data-parallel all-reduce by `allreduce`
+    (backend, ring, tree, hierarchical or auto); rank those that fit."""
     t0 = time.perf_counter()
     G = gpus_per_node or hw.gpus_per_node
-    precision = precision or ("fp32" if hw.name == "cpu-local" else "bf16")
+    precision = precision or ("fp32" if hw.name.startswith("cpu-") else "bf16")
     res = PlanResult(ranked=[])
     fixed = dict(fixed or {})
     want_ac = fixed.pop("activation_checkpointing", None)
     for c in candidates(cfg, seq_len, global_batch, gpus, precision, G, allow_cross_node_tp, res.rejected, fixed):
+        c = replace(c, allreduce=allreduce) if allreduce != "backend" else c
         tries = [c] if not want_ac else []
         if want_ac is not False:
             tries.append(replace(c, activation_checkpointing=True))
@@ -206,10 +208,12 @@ def _slower(other: Estimate, best: Estimate) -> str:
 
 
 # --------------------------------------------------------------------- output
-def table(rows: list[Estimate]) -> str:
+def table(rows: list[Estimate], allreduce: bool = False) -> str:
+    """The ranked rows; `allreduce`: a last column with the data-parallel all-reduce each one runs."""
     head = (f"{'#':>3}  {'layout':<24} {'schedule':<11} {'m':>4} {'mb':>3} {'SP':>2} {'AC':>2} "
             f"{'step s':>8} {'TFLOP/s':>8} {'MFU':>5} {'mem GiB':>8}   "
-            f"{'compute':>8} {'tp':>7} {'pp':>7} {'dp':>7} {'bubble':>7} {'other':>7}")
+            f"{'compute':>8} {'tp':>7} {'pp':>7} {'dp':>7} {'bubble':>7} {'other':>7}"
+            + (f" {'ar':<12}" if allreduce else ""))
     lines = [head]
     for i, e in enumerate(rows, 1):
         c = e.candidate
@@ -219,7 +223,7 @@ def table(rows: list[Estimate]) -> str:
             f"{'y' if c.sequence_parallel else '-':>2} {'y' if c.activation_checkpointing else '-':>2} "
             f"{e.step_time_s:>8.3g} {e.tflops_per_gpu:>8.3g} {e.mfu:>5.0%} {e.peak_mem_bytes / GiB:>8.1f}   "
             f"{e.compute_s:>8.3g} {e.tp_comm_s:>7.2g} {e.pp_comm_s:>7.2g} {e.dp_comm_s:>7.2g} "
-            f"{e.bubble_s:>7.2g} {e.other_s:>7.2g}")
+            f"{e.bubble_s:>7.2g} {e.other_s:>7.2g}" + (f" {e.allreduce:<12}" if allreduce else ""))
     return "\n".join(lines)
 
 
@@ -288,24 +292,80 @@ def model_from_args(args: argparse.Namespace) -> tuple[GPTConfig | LlamaConfig, 
     return cfg, args.seq_len, desc
 
 
+CLUSTER_FLAGS = ("nodes", "ranks_per_node", "rate")
+
+
+def _check_calibration(args: argparse.Namespace) -> None:
+    """ConfigError (one line) for `--calibrate` flags that cannot work, before anything is measured:
+    --nodes/--ranks-per-node/--rate without --calibrate --nodes, a --gpu that is not the one
+    measured, and a cluster that cannot be built here (fewer than 2 nodes, not a tc rate, not root)."""
+    given = [f for f in CLUSTER_FLAGS if getattr(args, f, None) is not None]
+    if given and not args.calibrate:
+        raise ConfigError(f"--{given[0].replace('_', '-')}: builds a cluster on this machine for --calibrate; to "
+                          "price a cluster use --gpu cpu-cluster --gpus N --gpus-per-node R")
+    nodes = getattr(args, "nodes", None)
+    if given and nodes is None:
+        raise ConfigError(f"--{given[0].replace('_', '-')}: describes the cluster of --calibrate --nodes N; "
+                          "give --nodes")
+    if not args.calibrate:
+        return
+    want = "cpu-cluster" if nodes is not None else "cpu-local"
+    if args.gpu not in (None, want):
+        raise ConfigError(f"--calibrate: measures this machine ({want}{' with --nodes' if nodes else ''}); "
+                          f"drop --gpu or use --gpu {want}")
+    if nodes is not None:
+        from paratrain.planner.calibrate import check_cluster
+
+        try:
+            check_cluster(nodes, _ranks_per_node(args), _rate(args))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+
+def _ranks_per_node(args: argparse.Namespace) -> int:
+    return args.ranks_per_node if getattr(args, "ranks_per_node", None) is not None else 2
+
+
+def _rate(args: argparse.Namespace) -> str | None:
+    rate = getattr(args, "rate", None) or "1gbit"
+    return None if rate == "none" else rate
+
+
+def _calibrate(args: argparse.Namespace, out) -> None:
+    """`--calibrate`: this machine for cpu-local; with --nodes, first cpu-local if it has no
+    calibration yet, then a cluster of this machine for cpu-cluster."""
+    from paratrain.planner.calibrate import calibrate, calibrate_cluster
+    from paratrain.planner.hardware import cpu_local
+
+    log = lambda msg: print(f"paratrain: {msg}", file=sys.stderr if args.json else out, flush=True)  # noqa: E731
+    nodes = getattr(args, "nodes", None)
+    if nodes is None or not cpu_local().calibrated:
+        calibrate(log=log)
+    if nodes is not None:
+        calibrate_cluster(nodes, _ranks_per_node(args), _rate(args), log=log)
+
+
 def run_plan(args: argparse.Namespace, out=None) -> int:
     """`paratrain plan`. Raises ConfigError (one line) on bad input."""
     out = out or sys.stdout
-    if args.calibrate:
-        from paratrain.planner.calibrate import calibrate
-
-        calibrate(log=lambda msg: print(f"paratrain: {msg}", file=sys.stderr if args.json else out, flush=True))
-        if args.model is None and args.layers is None:
-            return 0
-        args.gpu = args.gpu or "cpu-local"
-    gpu = args.gpu or "cpu-local"
+    _check_calibration(args)
+    allreduce = getattr(args, "allreduce", None) or "backend"
+    if allreduce not in ALLREDUCE:
+        raise ConfigError(f"--allreduce: must be one of {', '.join(ALLREDUCE)}, got {allreduce!r}")
+    gpu = args.gpu or ("cpu-cluster" if args.calibrate and getattr(args, "nodes", None) else "cpu-local")
     if gpu not in NAMES:
         raise ConfigError(f"--gpu: unknown hardware {gpu!r}; choose one of {', '.join(NAMES)}")
-    if gpu != "cpu-local" and args.calibrate:
-        raise ConfigError("--calibrate: measures this machine (cpu-local); drop --gpu or use --gpu cpu-local")
+    wants_plan = args.model is not None or args.layers is not None
+    if wants_plan:
+        model_from_args(args)  # a bad model fails before anything is measured
+    if args.calibrate:
+        _calibrate(args, out)
+        if not wants_plan:
+            return 0
     cfg, seq, desc = model_from_args(args)
     hw = get_hardware(gpu)
-    gpus = args.gpus if args.gpus is not None else (min(hw.cores, 4) if gpu == "cpu-local" else hw.gpus_per_node)
+    gpus = args.gpus if args.gpus is not None else (
+        min(hw.cores, 4) if gpu == "cpu-local" else hw.gpus_per_node * max(1, hw.nodes))
     G = args.gpus_per_node if args.gpus_per_node is not None else (gpus if gpu == "cpu-local" else hw.gpus_per_node)
     batch = args.global_batch if args.global_batch is not None else RunConfig().train.global_batch
     for name, value in (("--gpus", gpus), ("--gpus-per-node", G), ("--global-batch", batch), ("--top", args.top)):
@@ -314,10 +374,10 @@ def run_plan(args: argparse.Namespace, out=None) -> int:
             raise ConfigError(f"{name}: must be " + (f"between 1 and {limit:,}" if limit else "at least 1") + f", got {value}")
     if gpus > G and gpus % G:
         raise ConfigError(f"--gpus: {gpus} GPUs do not fill nodes of {G}; use a multiple of --gpus-per-node {G}")
-    precision = args.precision or ("fp32" if gpu == "cpu-local" else "bf16")
+    precision = args.precision or ("fp32" if gpu.startswith("cpu-") else "bf16")
     if precision not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"--precision: must be fp32, bf16 or fp16, got {precision!r}")
-    res = plan(cfg, seq, batch, gpus, hw, G, precision, args.allow_cross_node_tp)
+    res = plan(cfg, seq, batch, gpus, hw, G, precision, args.allow_cross_node_tp, allreduce=allreduce)
     if args.json:
         rows = res.ranked[: args.top] + res.oom[: args.top]
         out.write(json.dumps([r.as_dict() for r in rows], indent=1) + "\n")
@@ -326,11 +386,14 @@ def run_plan(args: argparse.Namespace, out=None) -> int:
     size = f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
     print(f"paratrain plan: {desc}: {size} parameters; global batch {batch} x {seq} tokens, {precision}", file=out)
     print(f"  on {gpus} x {hw.name} ({G} per node); {hw.note}", file=out)
+    if allreduce != "backend":
+        print(f"  data-parallel all-reduce: {allreduce}" + (" (the cheapest by the alpha-beta model: column ar)"
+                                                           if allreduce == "auto" else ""), file=out)
     print(f"  priced {res.considered:,} layouts in {res.seconds:.1f} s (dp x tp x pp = {gpus}; micro-batch sizes "
           "powers of two; activation checkpointing only where needed)", file=out)
     if res.ranked:
         print(file=out)
-        print(table(res.ranked[: args.top]), file=out)
+        print(table(res.ranked[: args.top], allreduce=allreduce == "auto"), file=out)
         print(file=out)
         print(explain(res, cfg, hw, G), file=out)
     else:
