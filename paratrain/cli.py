@@ -8,12 +8,23 @@ import sys
 from paratrain.config import ConfigError, RunConfig, load_toml, merge, parse_layout, validate
 from paratrain.outputs import make_folder, prepare_outputs
 
+def dp_degree(text: str) -> int | str:
+    """--dp: a number, or auto."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number or auto, got {text!r}") from None
+
+
 # flag -> (section, setting, type). Every flag defaults to None: "not given", so that the
 # TOML file (--config) can supply a value and a flag overrides it.
 FLAGS: dict[str, tuple[str, str, type, str]] = {
     "--model": ("model", "name", str, "a preset (tiny, small, gpt2, gpt2-medium, llama-*), a Hugging Face model "
                 "folder (config.json, optional safetensors weights), or MODULE:FUNCTION returning a model"),
-    "--dp": ("layout", "dp", int, "data-parallel degree"),
+    "--dp": ("layout", "dp", dp_degree, "data-parallel degree, or auto: the world "
+             "over tp x pp (under torchrun --nnodes MIN:MAX, at every restart: elastic)"),
     "--tp": ("layout", "tp", int, "tensor-parallel degree"),
     "--pp": ("layout", "pp", int, "pipeline-parallel degree"),
     "--zero": ("layout", "zero", int, "ZeRO stage 0..3"),
@@ -163,6 +174,10 @@ def default_layout_dp(global_batch: int, device: str) -> int:
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     cfg = RunConfig()
     toml = load_toml(args.config) if args.config else {}
+    dp_auto = args.dp == "auto" or toml.get("layout", {}).get("dp") == "auto"
+    dp_given = args.dp is not None or "dp" in toml.get("layout", {}) or (args.layout not in (None, "auto"))
+    if toml.get("layout", {}).get("dp") == "auto":
+        del toml["layout"]["dp"]
     merge(cfg, toml, source=args.config)
     layout_given = "layout" in toml
     device_given = "device" in toml.get("train", {}) or args.device is not None
@@ -174,7 +189,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     overrides: dict[str, dict] = {}
     for flag, (section, name, _, _) in FLAGS.items():
         value = getattr(args, flag.lstrip("-").replace("-", "_"))
-        if value is not None:
+        if value is not None and not (flag == "--dp" and value == "auto"):
             overrides.setdefault(section, {})[name] = value
             layout_given = layout_given or flag in ("--dp", "--tp", "--pp")
     if args.sequence_parallel is not None:
@@ -198,9 +213,23 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         apply_auto_layout(cfg, {**overrides.get("layout", {}), **(
             {"activation_checkpointing": True} if args.activation_checkpointing else {})})
         layout_given = True
-    if not layout_given:
-        cfg.layout.dp = default_layout_dp(cfg.train.global_batch, cfg.train.device)
+    resolve_dp(cfg, dp_auto, dp_given and not auto, layout_given)
     return cfg
+
+
+def resolve_dp(cfg: RunConfig, dp_auto: bool, dp_given: bool, layout_given: bool) -> None:
+    """dp when none was given: under torchrun, the world over tp x pp at every start (elastic;
+    --dp auto says so outright); else, and for --dp auto outside torchrun, a local default."""
+    import os
+
+    from paratrain.group import under_torchrun
+
+    if under_torchrun() and (dp_auto or not dp_given):
+        from paratrain.elastic import derive_dp
+
+        derive_dp(cfg, int(os.environ["WORLD_SIZE"]))
+    elif dp_auto or not layout_given:
+        cfg.layout.dp = default_layout_dp(cfg.train.global_batch, cfg.train.device)
 
 
 def apply_auto_layout(cfg: RunConfig, fixed: dict) -> None:

@@ -68,10 +68,16 @@ def run(t) -> dict:
     bars_without_semaphore()
     log = MetricsLog(tr.metrics, check_report_to(tr.report_to), tr.log_dir, config=t.cfg.to_dict(), enabled=lead)
     try:
+        resumed = continues(t)
         log.start({"event": "start", "layout": format_layout(t.cfg.layout), "world_size": t.mesh.world_size,
-                   "params": t.n_params, "config": t.cfg.to_dict()}, resumed=continues(t))
+                   "params": t.n_params, "config": t.cfg.to_dict()}, resumed=resumed)
         if lead:
             print(start_line(t), flush=True)
+            if resumed and resumed.get("membership"):
+                m = resumed["membership"]
+                print(f"paratrain: membership changed: {m['world_size_from']} -> {m['world_size_to']} ranks, "
+                      f"{m['from']} -> {m['to']}, from the checkpoint of step {resumed['resumed_from_step']}",
+                      flush=True)
         steps, val_losses = train_loop(t, log)
         if t.ckpt:
             t.ckpt.close()  # the save in flight, then the folder's lock
@@ -99,9 +105,25 @@ def continues(t) -> dict | None:
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
     if attempt == 0 and t.resumed_from is None:
         return None
-    return {"event": "restart" if attempt else "resume", "attempt": attempt,
-            "resumed_from_step": t.position.step - 1, "layout": format_layout(t.cfg.layout),
-            "world_size": t.mesh.world_size}
+    record = {"event": "restart" if attempt else "resume", "attempt": attempt,
+              "resumed_from_step": t.position.step - 1, "layout": format_layout(t.cfg.layout),
+              "world_size": t.mesh.world_size}
+    change = membership_change(t)
+    return {**record, "membership": change} if change else record
+
+
+def membership_change(t) -> dict | None:
+    """{"from", "to"}: the layouts (with micro-batches) of the checkpoint resumed and of this
+    attempt, where the world changed size between them (an elastic restart); else None."""
+    from paratrain.checkpoint import read_manifest
+
+    if t.resumed_from is None:
+        return None
+    before = read_manifest(t.resumed_from)
+    if before.get("world_size") == t.mesh.world_size:
+        return None
+    return {"from": before.get("layout"), "to": t.layout_name, "world_size_from": before.get("world_size"),
+            "world_size_to": t.mesh.world_size}
 
 
 def bars_without_semaphore() -> None:

@@ -324,7 +324,7 @@ class RunHistory:
     def __init__(self):
         self.first: dict | None = None  # the first step record
         self.last: dict | None = None  # the latest step record
-        self.restarts = self.resumes = 0
+        self.restarts = self.resumes = self.membership_changes = 0
         self.time_lost = 0.0
 
     def add(self, record: dict) -> None:
@@ -337,10 +337,13 @@ class RunHistory:
             self.resumes += 1
         if event in ("restart", "resume") and is_number(record.get("time_lost_s")):
             self.time_lost += record["time_lost_s"]
+        if event in ("restart", "resume") and record.get("membership"):
+            self.membership_changes += 1
 
     def summary(self) -> dict:
         first = {"first_loss": self.first.get("loss"), "first_step": self.first["step"]} if self.first else {}
-        return {**first, "restarts": self.restarts, "resumes": self.resumes, "time_lost_s": round(self.time_lost, 3)}
+        return {**first, "restarts": self.restarts, "resumes": self.resumes, "time_lost_s": round(self.time_lost, 3),
+                "membership_changes": self.membership_changes}
 
 
 def is_number(value: object) -> bool:

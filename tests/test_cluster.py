@@ -56,11 +56,12 @@ def train_across(cluster, tmp_path, *layout) -> list[float]:
     pytest.param(["--dp", "2", "--tp", "2"], marks=pytest.mark.slow),
     pytest.param(["--dp", "2", "--pp", "2", "--microbatches", "2"], marks=pytest.mark.slow),
     pytest.param(["--dp", "4", "--allreduce", "auto"], marks=pytest.mark.slow),
+    pytest.param(["--dp", "4", "--allreduce", "tree"], marks=pytest.mark.slow),
     pytest.param(["--dp", "2", "--tp", "2", "--allreduce", "ring"], marks=pytest.mark.slow),
     pytest.param(["--dp", "4", "--zero", "1", "--allreduce", "hierarchical"], marks=pytest.mark.slow),
     pytest.param(["--dp", "4", "--zero", "3", "--allreduce", "auto"], marks=pytest.mark.slow),
     pytest.param(["--dp", "2", "--tp", "2", "--zero", "2", "--allreduce", "ring"], marks=pytest.mark.slow),
-], ids=["dp4", "dp4-hierarchical", "dp2-tp2", "dp2-pp2", "dp4-auto", "dp2-tp2-ring", "dp4-zero1-hierarchical",
+], ids=["dp4", "dp4-hierarchical", "dp2-tp2", "dp2-pp2", "dp4-auto", "dp4-tree", "dp2-tp2-ring", "dp4-zero1-hierarchical",
         "dp4-zero3-auto", "dp2-tp2-zero2-ring"])
 def test_two_nodes_train_the_losses_of_one_process(cluster, reference, tmp_path, layout):
     got = train_across(cluster, tmp_path, *layout)

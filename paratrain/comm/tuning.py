@@ -35,7 +35,7 @@ def candidates(op: str, n: int, node_size: int | None) -> list[str]:
 
 def repeats(nbytes: int) -> int:
     """Timed calls per candidate: more where a call is short and noisy."""
-    return 5 if nbytes <= 1 << 20 else 3 if nbytes <= 16 << 20 else 2
+    return 11 if nbytes <= 1 << 20 else 5 if nbytes <= 16 << 20 else 3
 
 
 class Tuner:
