@@ -58,7 +58,7 @@ def _run() -> dict:
     return out
 
 
-@pytest.fixture(scope="module", params=[2, 3, 4, pytest.param(6, marks=pytest.mark.slow),
+@pytest.fixture(scope="module", params=[2, pytest.param(3, marks=pytest.mark.slow), 4, pytest.param(6, marks=pytest.mark.slow),
                                         pytest.param(8, marks=pytest.mark.slow)])
 def world(request):
     return request.param, spawn(_run, request.param)

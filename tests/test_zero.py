@@ -208,8 +208,8 @@ def test_gradient_shards_equal_single_process_reference(stage):
 
 
 @pytest.mark.parametrize("stage,algorithm", [
-    (1, "ring"), (2, "hierarchical"), (3, "hierarchical"),
-    pytest.param(1, "hierarchical", marks=pytest.mark.slow), pytest.param(2, "ring", marks=pytest.mark.slow),
+    (3, "hierarchical"), pytest.param(1, "ring", marks=pytest.mark.slow),
+    pytest.param(2, "hierarchical", marks=pytest.mark.slow), pytest.param(1, "hierarchical", marks=pytest.mark.slow), pytest.param(2, "ring", marks=pytest.mark.slow),
     pytest.param(3, "ring", marks=pytest.mark.slow), pytest.param(2, "auto", marks=pytest.mark.slow),
     pytest.param(3, "auto", marks=pytest.mark.slow)])
 def test_our_algorithms_reduce_scatter_and_all_gather_like_the_backend(stage, algorithm):
