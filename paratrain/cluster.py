@@ -7,6 +7,12 @@ it receives); ranks of one node talk over the namespace's loopback, unlimited. `
 one `torchrun` agent per node (c10d rendezvous hosted by node 0) and returns what each printed. The
 rendezvous ranks nodes by the text of their address, all of three digits here: node k holds the
 global ranks k*R .. k*R+R-1 (R ranks per node).
+
+Elastic runs (`launcher_args` `--nnodes 1:N --max-restarts R`, `rdzv_conf=FAST_RDZV`,
+`env=ELASTIC_ENV`): `Launch.kill_node(k)` SIGKILLs node k's agent and workers while the others go
+on, `Launch.restart_node(k)` starts its agent again with the same command, so it rejoins at the
+next rendezvous. Node 0 hosts the rendezvous store: losing it ends an elastic torchrun run (the
+store is not replicated), so the node to lose is k > 0.
 Root only: `available()` says why a cluster cannot be built here.
 """
 
@@ -14,6 +20,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import json
 import os
 import re
 import shutil
@@ -23,7 +30,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 SUBNET = "10.213.0"
 FIRST_HOST = 100  # node k is SUBNET.(100+k): addresses of one length sort as the nodes do
@@ -32,6 +39,14 @@ RDZV_PORT = 29400
 TBF = ["burst", "128kb", "latency", "10ms"]
 _RATE = re.compile(r"^\d+(\.\d+)?([kmgt]?(bit|bps))$")
 _LIVE: set[Cluster] = set()
+# c10d rendezvous settings that notice a lost node in seconds (torch's defaults: keep-alive every 5 s,
+# dead after 3 missed, 30 s of last call, 600 s to join): a node is dead 3 s after its last keep-alive,
+# and a round with at least the minimum of nodes closes 2 s after the minimum joined.
+FAST_RDZV = {"join_timeout": 120, "last_call_timeout": 2, "keep_alive_interval": 1, "keep_alive_max_attempt": 3,
+             "close_timeout": 10}
+# A node that joins a later round has no copy of round 0's store address (torch shares the agent's
+# store only with the nodes of the first round): every round gets a store of its own instead.
+ELASTIC_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
 def _cmd(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -123,30 +138,37 @@ def _alive(pid: int) -> bool:
 
 @dataclass
 class NodeResult:
-    """What one node's torchrun agent left: exit status (None if it was killed at the timeout) and output."""
+    """What one node's torchrun agent left: exit status (None if it was killed at the timeout), output,
+    and whether `Launch.kill_node` killed it."""
 
     node: int
     returncode: int | None
     stdout: str
     stderr: str
+    killed: bool = False  # by Launch.kill_node, on purpose
 
 
 @dataclass
 class ClusterRun:
-    """The result of `Cluster.run`: one NodeResult per node, whether the timeout struck, the wall time."""
+    """The result of `Cluster.run`: one NodeResult per node (its last agent), whether the timeout struck,
+    the wall time, and the agents `Launch.restart_node` replaced."""
 
     nodes: list[NodeResult]
     timed_out: bool
     wall_s: float
+    replaced: list[NodeResult] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return not self.timed_out and all(n.returncode == 0 for n in self.nodes)
+        """No timeout, and every agent not killed on purpose (one at least) exited with status 0."""
+        alive = [n for n in self.nodes if not n.killed]
+        return not self.timed_out and bool(alive) and all(n.returncode == 0 for n in alive)
 
     def summary(self) -> str:
         """Every node's status and the end of its stderr, for an assertion message."""
         head = "timed out; " if self.timed_out else ""
-        return head + "\n".join(f"node {n.node}: exit status {n.returncode}\n{n.stderr[-3000:]}" for n in self.nodes)
+        return head + "\n".join(f"node {n.node}: exit status {n.returncode}{' (killed)' if n.killed else ''}\n"
+                                 f"{n.stderr[-3000:]}" for n in self.replaced + self.nodes)
 
 
 class Cluster:
@@ -232,45 +254,110 @@ class Cluster:
         full["PYTHONPATH"] = os.pathsep.join(p for p in (root, full.get("PYTHONPATH")) if p)
         return subprocess.Popen(["ip", "netns", "exec", self.names[k], *argv], env=full, **kw)
 
-    def torchrun_argv(self, k: int, args: list[str], module: str | None, launcher_args: list[str]) -> list[str]:
+    def torchrun_argv(self, k: int, args: list[str], module: str | None, launcher_args: list[str],
+                      rdzv_conf: dict | None = None) -> list[str]:
         """The torchrun command of node k for this run (`module` None: args[0] is a script). No
-        --node-rank: the c10d rendezvous ignores it and orders the nodes by address."""
+        --node-rank: the c10d rendezvous ignores it and orders the nodes by address. One --rdzv-conf:
+        `rdzv_conf` and any --rdzv-conf of `launcher_args` merged, `is_host` set by the harness."""
+        rest, conf = split_rdzv_conf(launcher_args)
+        conf = {**conf, **(rdzv_conf or {}), "is_host": int(k == 0)}
         return [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(self.nodes),
                 "--nproc-per-node", str(self.ranks_per_node),
                 "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{self.addr(0)}:{RDZV_PORT + self._runs}",
                 "--rdzv-id", f"paratrain-{os.getpid()}-{self._runs}", "--local-addr", self.addr(k),
-                "--rdzv-conf", f"is_host={int(k == 0)}", *launcher_args,
+                "--rdzv-conf", ",".join(f"{key}={value}" for key, value in conf.items()), *rest,
                 *(["-m", module] if module else []), *args]
 
     def start(self, args: list[str], module: str | None = "paratrain", env: dict | None = None,
-              launcher_args: list[str] = ()) -> Launch:
+              launcher_args: list[str] = (), rdzv_conf: dict | None = None) -> Launch:
         """Start one torchrun agent per node running `python -m module ARGS` (or the script args[0]);
-        `launcher_args` go to torchrun (a later `--nnodes` overrides the cluster's)."""
+        `launcher_args` go to torchrun (a later `--nnodes` overrides the cluster's, e.g. `1:2`),
+        `rdzv_conf` to its rendezvous (e.g. FAST_RDZV)."""
         self._runs += 1
-        procs, files = [], []
-        for k in range(self.nodes):
-            out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
-            argv = self.torchrun_argv(k, list(args), module, list(launcher_args))
-            procs.append(self.popen(k, argv, env=env, stdout=out, stderr=err, stdin=subprocess.DEVNULL))
-            files.append((out, err))
-        return Launch(self, procs, files)
+        argvs = [self.torchrun_argv(k, list(args), module, list(launcher_args), rdzv_conf) for k in range(self.nodes)]
+        return Launch(self, argvs, env)
 
     def run(self, args: list[str], timeout: float = 300, module: str | None = "paratrain",
-            env: dict | None = None, launcher_args: list[str] = ()) -> ClusterRun:
+            env: dict | None = None, launcher_args: list[str] = (), rdzv_conf: dict | None = None) -> ClusterRun:
         """`start(...)` then `wait(timeout)`: at the timeout every process of every node is killed."""
-        return self.start(args, module, env, launcher_args).wait(timeout)
+        return self.start(args, module, env, launcher_args, rdzv_conf).wait(timeout)
+
+
+def read_records(path: str) -> list[dict]:
+    """The whole JSON lines of a file another process may be writing (a torn last line left out)."""
+    try:
+        with open(path) as f:
+            lines = f.read().split("\n")
+    except FileNotFoundError:
+        return []
+    return [json.loads(line) for line in lines[:-1] if line.strip()]
+
+
+def split_rdzv_conf(launcher_args: list[str]) -> tuple[list[str], dict]:
+    """`launcher_args` without their --rdzv-conf options, and those options' KEY=VALUE pairs (the last wins)."""
+    rest, conf, it = [], {}, iter(launcher_args)
+    for arg in it:
+        flag, eq, value = arg.partition("=")
+        if flag not in ("--rdzv-conf", "--rdzv_conf"):
+            rest.append(arg)
+            continue
+        value = value if eq else next(it, "")
+        for pair in filter(None, value.split(",")):
+            key, _, v = pair.partition("=")
+            conf[key.strip()] = v.strip()
+    return rest, conf
 
 
 class Launch:
-    """The torchrun agents of one `Cluster.start`, one per node."""
+    """The torchrun agents of one `Cluster.start`, one per node; a node can be killed and started again."""
 
-    def __init__(self, cluster: Cluster, procs: list[subprocess.Popen], files: list):
-        self.cluster, self.procs, self.files = cluster, procs, files
+    def __init__(self, cluster: Cluster, argvs: list[list[str]], env: dict | None):
+        self.cluster, self.argvs, self.env = cluster, argvs, env
+        self.procs: list[subprocess.Popen] = [None] * len(argvs)  # type: ignore[list-item]
+        self.files: list = [None] * len(argvs)
+        self.killed: dict[int, float] = {}  # node -> time.time() of its kill, while it stays down
+        self.replaced: list[NodeResult] = []
         self.started = time.monotonic()
+        for k in range(len(argvs)):
+            self._spawn(k)
+
+    def _spawn(self, k: int) -> None:
+        out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        self.procs[k] = self.cluster.popen(k, self.argvs[k], env=self.env, stdout=out, stderr=err,
+                                           stdin=subprocess.DEVNULL)
+        self.files[k] = (out, err)
 
     def poll(self) -> bool:
         """True once every agent has exited."""
         return all(p.poll() is not None for p in self.procs)
+
+    def wait_until(self, predicate, timeout: float) -> bool:
+        """Poll `predicate()` every 0.1 s: True once it holds, False when every agent has exited or
+        `timeout` seconds passed first."""
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if self.poll() or time.monotonic() > deadline:
+                return bool(predicate())
+            time.sleep(0.1)
+        return True
+
+    def kill_node(self, k: int) -> float:
+        """SIGKILL node k's agent and workers (a node lost for good) while the others go on; the
+        wall-clock time (time.time()) just before the kill."""
+        at = time.time()
+        self.cluster.kill_node(k)
+        self.procs[k].wait()
+        self.killed[k] = at
+        return at
+
+    def restart_node(self, k: int) -> None:
+        """Start node k's agent again with its first command (killing what runs there first): it
+        joins the next rendezvous, and the agents that run grow the world to take it in."""
+        if self.procs[k].poll() is None:
+            self.kill_node(k)
+        self.replaced.append(self._result(k, False))
+        self.killed.pop(k, None)
+        self._spawn(k)
 
     def wait(self, timeout: float = 300) -> ClusterRun:
         """Wait for every agent up to `timeout` seconds; past it, kill every process of every node."""
@@ -288,7 +375,7 @@ class Launch:
             for p in self.procs:
                 p.wait()
         return ClusterRun([self._result(k, timed_out) for k in range(len(self.procs))], timed_out,
-                          time.monotonic() - self.started)
+                          time.monotonic() - self.started, self.replaced)
 
     def _result(self, k: int, timed_out: bool) -> NodeResult:
         texts = []
@@ -296,8 +383,9 @@ class Launch:
             f.seek(0)
             texts.append(f.read())
             f.close()
-        code = self.procs[k].returncode
-        return NodeResult(k, None if timed_out and code == -signal.SIGKILL else code, *texts)
+        code, killed = self.procs[k].returncode, k in self.killed
+        return NodeResult(k, None if timed_out and code == -signal.SIGKILL and not killed else code, *texts,
+                          killed=killed)
 
 
 def _down_all() -> None:
