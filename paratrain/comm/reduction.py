@@ -106,5 +106,5 @@ class GradientAllReduce:
         """What `auto` chose for each shape it met, with the seconds it measured (the same on every rank)."""
         if self.tuner is None:
             return []
-        return [{"op": op, "bytes": numel * torch.empty((), dtype=dtype).element_size(), "chose": self.tuner.picked[key],
-                 "seconds": self.tuner.timings[key]} for key in self.tuner.picked for op, numel, dtype in [key]]
+        return [{"op": op, "bytes": numel * dtype.itemsize, "chose": chose, "seconds": self.tuner.timings[op, numel, dtype]}
+                for (op, numel, dtype), chose in self.tuner.picked.items()]

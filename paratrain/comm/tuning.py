@@ -47,10 +47,10 @@ class Tuner:
         self.picked: dict[tuple, str] = {}
         self.timings: dict[tuple, dict[str, float]] = {}  # seconds per candidate, for reports and tests
 
-    def pick(self, op: str, like: torch.Tensor, numel: int | None = None) -> str:
-        """The algorithm for `op` on tensors like `like` (a reduce-scatter's input, an all-gather's
-        output, `numel` elements in all); times the candidates the first time (collective)."""
-        numel = like.numel() if numel is None else numel
+    def pick(self, op: str, like: torch.Tensor) -> str:
+        """The algorithm for `op` on tensors like `like` (an all-reduce's tensor, a reduce-scatter's
+        input, an all-gather's output); times the candidates the first time (collective)."""
+        numel = like.numel()
         key = (op, numel, like.dtype)
         if key not in self.picked:
             names = candidates(op, self.n, self.node_size)
