@@ -53,7 +53,9 @@ FLAGS: dict[str, tuple[str, str, type, str]] = {
     "--servers": ("train", "servers", int, "parameter servers with --sync ps"),
     "--staleness": ("train", "staleness", int, "bounded staleness for --sync ps (-1: asynchronous)"),
     "--collective-timeout": ("train", "collective_timeout", float, "seconds before a stuck collective is reported and the run stops (0: off)"),
-    "--simulate-failure": ("train", "simulate_failure", str, "testing aid: RANK:STEP raises there (first attempt only)"),
+    "--simulate-failure": ("train", "simulate_failure", str, "testing aid: RANK:STEP raises there (first attempt "
+                           "only); RANK:STEP:HOW with HOW kill, permanent (its node is lost for good: torchrun "
+                           "--nnodes MIN:MAX), or save-kill, save-permanent, save-freeze in that step's save"),
     "--timeline": ("train", "timeline", str, "with --pp: write the last step's pipeline timeline (JSON trace + PNG) here"),
     "--profile": ("train", "profile", str, "profile the last steps with torch.profiler; traces and tables per rank go here"),
     "--profile-steps": ("train", "profile_steps", int, "how many of the last steps --profile records (default 3)"),
@@ -70,6 +72,10 @@ FLAGS: dict[str, tuple[str, str, type, str]] = {
     "--checkpoint-dir": ("checkpoint", "dir", str, "checkpoint folder"),
     "--checkpoint-every": ("checkpoint", "every", int, "save every N steps"),
     "--keep-checkpoints": ("checkpoint", "keep", int, "how many checkpoints to keep (default 3)"),
+    "--snapshot-every": ("checkpoint", "snapshot_every", int, "keep the state in each node's memory every N steps; "
+                         "a restart that finds it newer than the disk checkpoint restores it"),
+    "--snapshot-dir": ("checkpoint", "snapshot_dir", str, "each node's snapshot folder (default "
+                       "/dev/shm/paratrain-snapshots: memory that outlives the workers, not the node)"),
 }
 
 
@@ -321,6 +327,8 @@ def check_checkpoint_dir(cfg: RunConfig) -> None:
         raise ConfigError(f"--resume: there is no checkpoint folder {ck.dir!r}; check --checkpoint-dir")
     if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
         return  # a restart under torchrun: rank 0 resumes the run's own checkpoints
+    if under_torchrun() and (os.environ.get("RANK") != "0" or runs.joins_running_job(ck.dir)):
+        return  # rank 0 chooses for every rank (checkpointer.open_run); a node joining an elastic run continues it
     run = runs.run_identity(cfg.to_dict(), model_identity(cfg))
     try:
         if not under_torchrun():  # first: a live run's folder is not read further

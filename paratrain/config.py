@@ -93,6 +93,8 @@ class CheckpointConfig:
     resume: bool = False  # load the newest good checkpoint of `dir` (restarts do so anyway)
     keep: int = 3  # checkpoints kept
     async_save: bool = False  # write in the background while training goes on
+    snapshot_every: int = 0  # in-memory snapshot every N steps, restored by restarts (0: none)
+    snapshot_dir: str | None = None  # where each node keeps its snapshots (default /dev/shm/paratrain-snapshots)
 
 
 @dataclass
@@ -118,9 +120,9 @@ class RunConfig:
         return cfg
 
 
-# --simulate-failure RANK:STEP[:HOW]: raise at the step; kill: SIGKILL there; save-kill, save-freeze:
-# SIGKILL or SIGSTOP that rank while it writes the checkpoint of that step
-FAULTS = ("", "kill", "save-kill", "save-freeze")
+# --simulate-failure RANK:STEP[:HOW]: raise at the step; kill: SIGKILL there; permanent: lose its node for
+# good (torchrun only); save-kill, save-permanent, save-freeze: the same, or a freeze, in that step's save
+FAULTS = ("", "kill", "permanent", "save-kill", "save-permanent", "save-freeze")
 SECTIONS = ("model", "layout", "train", "data", "checkpoint")
 ALLREDUCE = ("backend", "ring", "tree", "hierarchical", "auto")
 MAX_WAIT_S = 7 * 24 * 3600  # --collective-timeout: a week; below 1 s a busy rank looks hung
@@ -396,12 +398,22 @@ def _validate_precision_and_device(cfg: RunConfig, world_size: int | None) -> No
                 f"{torch.cuda.device_count()}; use torchrun across nodes or a smaller layout"
             )
     if tr.simulate_failure is not None:
-        rank, _, step = tr.simulate_failure.partition(":")
-        step, _, how = step.partition(":")
-        if not (rank.isdigit() and step.isdigit()) or int(rank) >= lay.world_size or how not in FAULTS:
-            raise ConfigError(
-                f"--simulate-failure: expected RANK:STEP with RANK < {lay.world_size}, got {tr.simulate_failure!r}"
-            )
+        _validate_simulate_failure(tr.simulate_failure, lay.world_size, world_size)
+
+
+def _validate_simulate_failure(text: str, ranks: int, world_size: int | None) -> None:
+    """RANK:STEP[:HOW] with a rank of the run and a HOW of FAULTS; a node lost for good (faults.lose_node)
+    only under torchrun, whose other agents go on (paratrain's own launcher is one node: the run would end)."""
+    rank, _, step = text.partition(":")
+    step, _, how = step.partition(":")
+    later = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"  # past the fault: the world may be smaller
+    if not (rank.isdigit() and step.isdigit()) or (int(rank) >= ranks and not later) or how not in FAULTS:
+        raise ConfigError(f"--simulate-failure: expected RANK:STEP[:HOW] with RANK < {ranks} and HOW one of "
+                          f"{', '.join(h for h in FAULTS if h)}, got {text!r}")
+    if how.endswith("permanent") and world_size is None:
+        raise ConfigError(f"--simulate-failure {text}: {how} loses the node of rank {rank} for good, which only an "
+                          f"elastic torchrun run survives; start it under torchrun --nnodes MIN:MAX, or use "
+                          f"{how.replace('permanent', 'kill')}")
 
 
 def _validate_data(cfg: RunConfig) -> None:
@@ -440,6 +452,13 @@ def _validate_checkpoint(cfg: RunConfig) -> None:
     if ck.dir and tr.sync == "ps" and tr.staleness != 0:
         raise ConfigError("--checkpoint-dir: parameter servers checkpoint synchronous runs only (--staleness 0); "
                           "with staleness they share no step to save at")
+    if ck.snapshot_every < 0:
+        raise ConfigError(f"--snapshot-every: must be at least 0, got {ck.snapshot_every}")
+    if ck.snapshot_every and not ck.dir:
+        raise ConfigError("--snapshot-every: snapshots stand in front of the disk checkpoints; give --checkpoint-dir DIR")
+    if ck.snapshot_every and tr.sync == "ps":
+        raise ConfigError("--snapshot-every: parameter-server runs restart from the disk checkpoint; leave it out "
+                          "with --sync ps")
     if ck.async_save and tr.sync == "ps":
         raise ConfigError("--async-checkpoint: parameter servers save synchronously; leave it out with --sync ps")
 

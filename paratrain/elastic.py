@@ -42,10 +42,11 @@ def derive_dp(cfg: RunConfig, world: int) -> None:
 def previous_micro_batch(cfg: RunConfig) -> int | None:
     """Sequences per micro-batch per rank of the newest checkpoint in --checkpoint-dir (its
     manifest's layout), when this start will resume from it; else None."""
+    from paratrain.checkpoint.runs import joins_running_job
     from paratrain.checkpoint.store import checkpoints, read_manifest
 
     ck = cfg.checkpoint
-    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0" or (ck.dir and joins_running_job(ck.dir))
     if not ck.dir or not (restart or ck.resume):
         return None
     for folder in checkpoints(ck.dir):

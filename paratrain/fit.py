@@ -69,18 +69,16 @@ def run(t) -> dict:
     log = MetricsLog(tr.metrics, check_report_to(tr.report_to), tr.log_dir, config=t.cfg.to_dict(), enabled=lead)
     try:
         resumed = continues(t)
-        log.start({"event": "start", "layout": format_layout(t.cfg.layout), "world_size": t.mesh.world_size,
-                   "params": t.n_params, "config": t.cfg.to_dict()}, resumed=resumed)
+        written = log.start({"event": "start", "layout": format_layout(t.cfg.layout), "world_size": t.mesh.world_size,
+                             "params": t.n_params, "config": t.cfg.to_dict()}, resumed=resumed)
         if lead:
             print(start_line(t), flush=True)
-            if resumed and resumed.get("membership"):
-                m = resumed["membership"]
-                print(f"paratrain: membership changed: {m['world_size_from']} -> {m['world_size_to']} ranks, "
-                      f"{m['from']} -> {m['to']}, from the checkpoint of step {resumed['resumed_from_step']}",
-                      flush=True)
+            print_membership(written or resumed)
         steps, val_losses = train_loop(t, log)
         if t.ckpt:
             t.ckpt.close()  # the save in flight, then the folder's lock
+        if getattr(t, "snapshots", None):
+            t.snapshots.close()
         if t.watchdog:
             t.watchdog.stop()
         if t.pipeline and tr.timeline:
@@ -107,14 +105,28 @@ def continues(t) -> dict | None:
         return None
     record = {"event": "restart" if attempt else "resume", "attempt": attempt,
               "resumed_from_step": t.position.step - 1, "layout": format_layout(t.cfg.layout),
-              "world_size": t.mesh.world_size}
+              "world_size": t.mesh.world_size, "microbatches": t.cfg.layout.microbatches,
+              "restored_from": getattr(t, "restored_from", None)}
     change = membership_change(t)
     return {**record, "membership": change} if change else record
 
 
+def print_membership(record: dict | None) -> None:
+    """One line for an elastic change of the world (the restart record's `membership`)."""
+    m = (record or {}).get("membership")
+    if not m:
+        return
+    lost = record.get("time_lost_s")
+    print(f"paratrain: membership changed: {m['world_size_from']} -> {m['world_size_to']} ranks, {m['from']} -> "
+          f"{m['to']}, from step {record['resumed_from_step']} ({record.get('restored_from') or 'checkpoint'})"
+          + (f"; {lost:.1f} s lost since the last step before the change" if lost is not None else ""), flush=True)
+
+
 def membership_change(t) -> dict | None:
     """{"from", "to"}: the layouts (with micro-batches) of the checkpoint resumed and of this
-    attempt, where the world changed size between them (an elastic restart); else None."""
+    attempt, where the world changed size between them (an elastic restart); else None. The
+    metrics file knows better (metrics.membership_change: the attempt before, even one that
+    saved nothing)."""
     from paratrain.checkpoint import read_manifest
 
     if t.resumed_from is None:
@@ -122,8 +134,8 @@ def membership_change(t) -> dict | None:
     before = read_manifest(t.resumed_from)
     if before.get("world_size") == t.mesh.world_size:
         return None
-    return {"from": before.get("layout"), "to": t.layout_name, "world_size_from": before.get("world_size"),
-            "world_size_to": t.mesh.world_size}
+    return {"step": t.position.step, "from": before.get("layout"), "to": t.layout_name,
+            "world_size_from": before.get("world_size"), "world_size_to": t.mesh.world_size}
 
 
 def bars_without_semaphore() -> None:
@@ -198,6 +210,8 @@ def after_step(t, log: MetricsLog, s: StepStats, val_losses: list) -> None:
             t.ckpt.save(k)
             log.event({"event": "checkpoint", "step": k, "async": ck.async_save,
                        **({"blocked_s": t.ckpt.events[-1]["blocked_s"]} if not t.ckpt.pending else {})})
+        elif getattr(t, "snapshots", None) and t.snapshots.due(k) and k != tr.steps:
+            t.snapshots.save(k)
 
 
 def preempt(t, step: int, signum: int) -> None:
@@ -236,6 +250,7 @@ def end_summary(t, steps: list, val: float | None) -> dict:
             "mfu": mfu, "peak_mem_bytes_per_rank": t.peak_per_rank,
             "param_bytes_per_rank": [m["params"] for m in memory],
             "memory_per_rank": memory, "checkpoints": t.ckpt.events if t.ckpt else [], "resumed_from": t.resumed_from,
+            "snapshots": t.snapshots.events if getattr(t, "snapshots", None) else [],
             "layout": format_layout(t.cfg.layout), "sample": t.sample(), **pipe, **allreduce_report(t)}
 
 

@@ -221,19 +221,19 @@ class MetricsLog:
             for tracker in self.trackers:
                 tracker.log(tags, step)
 
-    def start(self, record: dict, resumed: dict | None = None) -> None:
+    def start(self, record: dict, resumed: dict | None = None) -> dict | None:
         """The first line (`{"event": "start", ...}`), then open the trackers with `config` as hyper-parameters.
 
         `resumed` (`{"event": "restart" or "resume", "attempt": N, "resumed_from_step": S}`): this
-        attempt continues the file of the run it resumes instead (`carry_on`)."""
+        attempt continues the file of the run it resumes instead (`carry_on`, whose line it returns)."""
         if not self.enabled:
-            return
+            return None
+        written = self.carry_on(record, resumed) if resumed is not None else None
         if resumed is None:
             self.write(record)
-        else:
-            self.carry_on(record, resumed)
         for name in self.report_to:
             self.trackers.append(TRACKER_CLASSES[name](self.log_dir, self.run_name, self.config))
+        return written
 
     def step(self, record: dict) -> None:
         """One optimizer step's line; its numbers as `train/<key>` at step `record["step"]`."""
@@ -262,12 +262,13 @@ class MetricsLog:
         self.ended = True
         self.close()
 
-    def carry_on(self, start: dict, resumed: dict) -> None:
+    def carry_on(self, start: dict, resumed: dict) -> dict:
         """Keep the records up to the resumed step S of the file an earlier attempt wrote (rewritten
         through a temporary file and os.replace), append from there, and write the `resumed` line
         with `steps_redone` (the steps after S that had records) and `time_lost_s` (for a restart,
         the wall time from the last record kept to now: the redone steps, the failure and the
-        restart; for --resume, the wall time of the redone steps)."""
+        restart; for --resume, the wall time of the redone steps) and, where the world changed
+        size since the attempt before, `membership`. Returns the line written."""
         step, now = int(resumed["resumed_from_step"]), time.time()
         kept, dropped = keep_until(self.path, step) if self.path else ([], [])
         if self.path and (kept or dropped):
@@ -284,8 +285,13 @@ class MetricsLog:
         lost = until - since if since is not None and until is not None else \
             sum(r.get("step_time_s") or 0.0 for r in redone)
         known = bool(self.path)
-        self.write({**resumed, "steps_redone": len({r["step"] for r in redone}) if known else None,
-                    "time_lost_s": round(max(lost, 0.0), 3) if known else None})
+        record = {**resumed, "steps_redone": len({r["step"] for r in redone}) if known else None,
+                  "time_lost_s": round(max(lost, 0.0), 3) if known else None}
+        change = membership_change(previous_attempt([r for _, r in kept]), resumed)
+        if change:
+            record["membership"] = change
+        self.write(record)
+        return record
 
     def whole_run(self, summary: dict) -> dict:
         """`summary` over every attempt of the run on the writing rank: first_loss and first_step
@@ -344,6 +350,25 @@ class RunHistory:
         first = {"first_loss": self.first.get("loss"), "first_step": self.first["step"]} if self.first else {}
         return {**first, "restarts": self.restarts, "resumes": self.resumes, "time_lost_s": round(self.time_lost, 3),
                 "membership_changes": self.membership_changes}
+
+
+def previous_attempt(records: list[dict]) -> dict | None:
+    """The newest start, restart or resume record: what the attempt before this one ran on."""
+    attempts = [r for r in records if r.get("event") in ("start", "restart", "resume") and "world_size" in r]
+    return attempts[-1] if attempts else None
+
+
+def membership_change(before: dict | None, now: dict) -> dict | None:
+    """{"step", "from", "to", "world_size_from", "world_size_to", micro-batches}: an elastic
+    change of the world between the attempt `before` and this one (`now`, its restart or resume
+    record); None where the size is the same, or nothing is known of the attempt before (the
+    record keeps what the trainer found from the checkpoint it loaded)."""
+    if before is None or before.get("world_size") == now.get("world_size"):
+        return now.get("membership") if before is None else None
+    micro = before.get("microbatches") or (before.get("config") or {}).get("layout", {}).get("microbatches")
+    return {"step": int(now["resumed_from_step"]) + 1, "from": before.get("layout"), "to": now.get("layout"),
+            "world_size_from": before.get("world_size"), "world_size_to": now.get("world_size"),
+            "micro_batches_from": micro, "micro_batches_to": now.get("microbatches")}
 
 
 def is_number(value: object) -> bool:

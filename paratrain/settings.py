@@ -13,7 +13,8 @@ from typing import Any
 from paratrain.config import ConfigError, LayoutConfig, RunConfig, TrainConfig, merge
 
 CHECKPOINT_SETTINGS = {"checkpoint_dir": "dir", "checkpoint_every": "every", "keep_checkpoints": "keep",
-                       "resume": "resume", "async_checkpoint": "async_save"}
+                       "resume": "resume", "async_checkpoint": "async_save", "snapshot_every": "snapshot_every",
+                       "snapshot_dir": "snapshot_dir"}
 API_DEFAULTS = {"lr": 1e-3, "weight_decay": 0.0, "warmup_steps": 0, "min_lr_ratio": 1.0, "eval_every": 0}
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -25,10 +24,12 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
-from paratrain.checkpoint import Checkpointer, agree_on_latest, full_state_dict, guard_sharded_optimizer
+from paratrain.checkpoint import Checkpointer, agree_on_latest, full_state_dict, guard_sharded_optimizer, read_manifest
+from paratrain.checkpoint.snapshot import Snapshots
 from paratrain.comm import parse_compress
 from paratrain.comm.flight import Watchdog
 from paratrain.config import RunConfig, format_layout, validate_settings
+from paratrain.faults import parse_fault, strike
 from paratrain.data import DataPosition, TokenLoader, as_pair, call_model, first_tensor, split_batch, to_device
 from paratrain.fit import StepStats, peak_memory_bytes, run
 from paratrain.group import init
@@ -149,25 +150,42 @@ class Trainer:
         """Fault aids, the hang watchdog and checkpoints (metrics, profiler: fit.py)."""
         tr, ck = self.cfg.train, self.cfg.checkpoint
         first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
-        # --simulate-failure RANK:STEP[:HOW] (config.FAULTS), a transient fault in the first attempt only
-        who, at, how = ((tr.simulate_failure or "") + "::").split(":")[:3]
-        fault = (int(who), int(at)) if tr.simulate_failure and first_attempt else None
-        self.fail_at = fault if how in ("", "kill") else None
-        self.fail_kill = how == "kill"
-        save_fault = (fault[1], how) if fault and fault[0] == self.rank and how.startswith("save") else None
+        # --simulate-failure RANK:STEP[:HOW] (faults.py), in the first attempt only: at the start of the step,
+        # or (HOW save-...) in the checkpoint save of that step
+        who, at, how = (parse_fault(tr.simulate_failure) if first_attempt else None) or (-1, 0, "")
+        self.fail_at = (at, how) if who == self.rank and not how.startswith("save") else None
+        save_fault = (at, how) if who == self.rank and how.startswith("save") else None
         who, _, seconds = (tr.simulate_straggler or "-1:0").partition(":")
         self.straggle = float(seconds) if int(who) == self.rank else 0.0
         self.watchdog = Watchdog(self.mesh.comm.flight, tr.collective_timeout) if tr.collective_timeout > 0 else None
         if self.watchdog and getattr(self.model, "reduction", None) is not None:
             self.watchdog.also(self.model.reduction.flight)  # the --allreduce thread's steps
-        self.resumed_from = None
+        self.resumed_from = self.restored_from = self.snapshots = None
         self._ckpts: dict[str, Checkpointer] = {}
         self.ckpt = self._checkpointer(ck.dir) if ck.dir else None
         if self.ckpt:
             self.ckpt.fault = save_fault
             folder = self.ckpt.open(resume=ck.resume, restart=not first_attempt)
-            if folder is not None:
-                self._load(self.ckpt, folder)
+            if ck.snapshot_every:
+                self.snapshots = Snapshots(self.ckpt, self.mesh, ck.snapshot_every, ck.snapshot_dir)
+            self._start_from(folder)
+
+    def _start_from(self, folder: str | None) -> None:
+        """Load the disk checkpoint `folder` (the newest of a restart, or the one --resume asked
+        for), or this node's in-memory snapshot where every node holds a newer one."""
+        disk = read_manifest(folder)["step"] if folder else None
+        snapshot, why_not = self.snapshots.choose(disk) if self.snapshots else (None, None)
+        if why_not and self.rank == 0:
+            print(f"paratrain: {why_not}; resuming from {folder or 'the first step'}", flush=True)
+        if snapshot is not None:
+            step = self.ckpt.load(snapshot, group=self.snapshots.group)
+            self.resumed_from, self.restored_from = snapshot, "snapshot"
+            if self.rank == 0:
+                print(f"paratrain: restored the in-memory snapshot of step {step} into {self.layout_name} (the "
+                      f"disk checkpoint is {'at step ' + str(disk) if folder else 'not written yet'})", flush=True)
+        elif folder is not None:
+            self._load(self.ckpt, folder)
+            self.restored_from = "disk"
 
     def _checkpointer(self, root: str) -> Checkpointer:
         """The checkpointer of `root` (one per folder: it holds the folder's lock and run id)."""
@@ -244,10 +262,9 @@ class Trainer:
         return total / scale
 
     def simulate_faults(self, step: int) -> None:
-        """The fault aids: --simulate-failure RANK:STEP[:kill] and --simulate-straggler RANK:SECONDS."""
-        if self.fail_at == (self.rank, step):
-            if self.fail_kill:
-                os.kill(os.getpid(), signal.SIGKILL)
+        """The fault aids: --simulate-failure RANK:STEP[:kill|permanent] and --simulate-straggler RANK:SECONDS."""
+        if self.fail_at and self.fail_at[0] == step:
+            strike(self.fail_at[1])  # kill, permanent: does not return
             raise RuntimeError(f"simulated failure of rank {self.rank} at step {step} (--simulate-failure)")
         if self.straggle:
             time.sleep(self.straggle)

@@ -119,11 +119,17 @@ def boxes_state(entries: list[Entry], saving: bool) -> dict:
     return {e.key: Boxes(e.shape, e.pieces) for e in entries if e.pieces and (e.owner or not saving)}
 
 
-def planners():
-    """DCP's default planners, taught to find a `Boxes` piece by its offset."""
+def planners(cache_as: str | None = None):
+    """DCP's default planners, taught to find a `Boxes` piece by its offset. `cache_as`: the save
+    planner keeps its plans under that name between saves of the same boxes (DCP's plan caching:
+    the planning collectives are skipped once the plans are known)."""
     from torch.distributed.checkpoint import DefaultLoadPlanner, DefaultSavePlanner
 
     class SavePlanner(DefaultSavePlanner):
+        def __init__(self):
+            super().__init__(enable_plan_caching=cache_as is not None)
+            self._cached_plans_key = cache_as or type(self).__name__
+
         def lookup_object(self, index):
             obj = self.state_dict[index.fqn]
             return obj.__get_tensor_shard__(index) if isinstance(obj, Boxes) else super().lookup_object(index)

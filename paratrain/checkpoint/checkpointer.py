@@ -35,8 +35,11 @@ def agreed_aliases(local: dict[str, str], group) -> dict[str, str]:
 def open_run(root: str, run: dict, resume: bool, restart: bool, group=None) -> tuple[str, str | None]:
     """Every rank of `group`: (run id, checkpoint to load or None) for a run on `root`. Rank 0
     takes the folder's lock (if its launcher has not) and chooses (store.start_point); a refusal
-    is a CheckpointError on every rank."""
+    is a CheckpointError on every rank. It is a `restart` where any rank's is."""
     answer: list = [None]
+    flags = torch.tensor([int(restart)])
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+    restart = bool(flags.item())  # a restart if any rank's workers restart: a joining node's do not
     if dist.get_rank() == 0:
         try:
             runs.acquire(root)
@@ -86,7 +89,7 @@ class Checkpointer:
         self.run, self.run_id = runs.run_identity(config, identity), None  # the run id: open()
         self.flight = getattr(getattr(mesh, "comm", None), "flight", None) or FlightRecorder()
         self.background = FlightRecorder()  # the asynchronous writer's collectives
-        self.fault: tuple[int, str] | None = None  # testing aid: (step, "save-kill" | "save-freeze")
+        self.fault: tuple[int, str] | None = None  # testing aid: (step, "save-kill" | "save-permanent" | ...)
         self.refreshed = 0.0
         self.rank = dist.get_rank()
         self.group = dist.new_group(backend="gloo")  # checkpoint traffic apart from training's
@@ -123,15 +126,11 @@ class Checkpointer:
                 runs.record_run(self.root, self.run_id, finished=True)
 
     def _simulate_fault(self, step: int) -> None:
-        import signal
+        """--simulate-failure RANK:STEP:save-...: fail here, once the other ranks have begun the save."""
+        from paratrain.faults import strike
 
-        if self.fault is None or self.fault[0] != step:
-            return
-        if self.fault[1] == "save-kill":
-            os.kill(os.getpid(), signal.SIGKILL)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # frozen, but the launcher can still stop it
-        while True:
-            time.sleep(3600)
+        if self.fault is not None and self.fault[0] == step:
+            strike(self.fault[1])
 
     def save(self, step: int) -> None:
         t0 = time.perf_counter()
@@ -184,21 +183,25 @@ class Checkpointer:
             end = future.result()  # every rank's write, and rank 0's publication, are done (or SaveFailed)
         self.events.append({"step": step, "blocked_s": blocked + time.perf_counter() - w0, "total_s": end - t0})
 
-    def load(self, folder: str) -> int:
-        """Load `folder` into this layout; returns the step it was saved at."""
+    def load(self, folder: str, group=None) -> int:
+        """Load `folder` into this layout (every rank of `group`, default the world, reads the
+        same folder); returns the step it was saved at."""
         import torch.distributed.checkpoint as dcp
 
         manifest = read_manifest(folder)
         state = boxes_state(renamed(self._entries(), manifest.get("aliases", {})), saving=False)
         state["meta"] = self._meta()
         same_layout = manifest["layout"] == self.layout and manifest["world_size"] == dist.get_world_size()
+        rng = f"rng/{self.rank}"
+        same_layout = same_layout and rng in dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
         if same_layout:
-            state[f"rng/{self.rank}"] = torch.get_rng_state()
-        with quiet(), self.flight.watch("checkpoint: load (DCP)", self.group, os.path.basename(folder)):
-            dcp.load(state, checkpoint_id=folder, process_group=self.group, planner=planners()[1])
+            state[rng] = torch.get_rng_state()
+        group = group or self.group
+        with quiet(), self.flight.watch("checkpoint: load (DCP)", group, os.path.basename(folder)):
+            dcp.load(state, checkpoint_id=folder, process_group=group, planner=planners()[1])
         self._restore(state["meta"], folder)
         if same_layout:
-            torch.set_rng_state(state[f"rng/{self.rank}"])
+            torch.set_rng_state(state[rng])
         if hasattr(self.engine, "publish"):  # ZeRO: the loaded master shards into what compute uses
             self.engine.publish()
         if self.on_load is not None:

@@ -11,7 +11,8 @@ The folder's lock (`DIR/.lock`, JSON: host, pid and start time of its owner, the
 held by the process that outlives the workers' restarts: `paratrain train` itself, the elastic
 agent under torchrun, or the process of a Python script. A lock whose owner is gone (no such
 process on this host, a process of that pid started later, or no refresh from another host for
-`STALE_S`) is stale and taken over with a warning.
+`STALE_S`) is stale and taken over with a warning. The lock names the launcher's job too: in an
+elastic run the agents of every node share it, and a node that joins continues the run.
 """
 
 from __future__ import annotations
@@ -90,6 +91,24 @@ def _start_time(pid: int) -> str | None:
         return "?"
 
 
+def gone(pid: int) -> bool:
+    """No process `pid` runs on this host."""
+    return _start_time(pid) is None
+
+
+def job_id() -> str | None:
+    """The launcher's job (torchrun's --rdzv-id, our launcher's own id): every node's agent of
+    one elastic run shares it."""
+    return os.environ.get("TORCHELASTIC_RUN_ID")
+
+
+def joins_running_job(root: str) -> bool:
+    """Whether `root`'s lock is held for a live run of this launcher job: a node that joins an
+    elastic run (its workers' restart count is 0) continues that run."""
+    lock, job = read_lock(root) or {}, job_id()
+    return bool(job and lock.get("job") == job and lock.get("run") and not lock.get("finished"))
+
+
 def lock_owner() -> int:
     """The process that holds the lock for this one: the elastic agent (our launcher or torchrun)
     for a worker, since it outlives the workers' restarts; else this process."""
@@ -150,7 +169,8 @@ def acquire(root: str, owner: int | None = None, run_id: str | None = None) -> d
     owner = lock_owner() if owner is None else owner
     os.makedirs(root, exist_ok=True)
     path = os.path.join(root, LOCK)
-    mine = {"host": socket.gethostname(), "pid": owner, "start": _start_time(owner), "since": time.time()}
+    mine = {"host": socket.gethostname(), "pid": owner, "start": _start_time(owner), "since": time.time(),
+            **({"job": job_id()} if job_id() else {})}
     for _ in range(3):
         if _write_lock(path, {**mine, **({"run": run_id} if run_id else {})}, exclusive=True):
             return read_lock(root) or mine
@@ -159,6 +179,9 @@ def acquire(root: str, owner: int | None = None, run_id: str | None = None) -> d
             continue  # released meanwhile
         if held.get("host") == mine["host"] and held.get("pid") == owner:
             return held  # ours: taken by the launcher, or before a restart
+        if mine.get("job") and held.get("job") == mine["job"] and not held.get("finished") \
+                and _stale_reason(held, path) is None:
+            return held  # another node's agent of this elastic job holds it for the same run
         reason = "its run has finished" if held.get("finished") else _stale_reason(held, path)
         if reason is None:
             since = time.strftime("%Y-%m-%d %H:%M", time.localtime(held.get("since", 0)))

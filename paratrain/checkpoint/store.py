@@ -331,7 +331,8 @@ def agree(error: str | None, group, step: int, tmp: str, first: bool) -> None:
                      f"and the run stopped (the last published checkpoint is intact)", step)
 
 
-def write_and_publish(state: dict, tmp: str, group, first: bool, root: str, step: int, info: dict, keep: int) -> None:
+def write_and_publish(state: dict, tmp: str, group, first: bool, root: str, step: int, info: dict, keep: int,
+                      planner=None) -> None:
     """Every rank of `group` writes its part; DCP's save returns on the first rank once all parts
     and the metadata are written, so that rank then publishes. Every rank returns once the
     checkpoint is published, or raises SaveFailed on every rank."""
@@ -340,7 +341,7 @@ def write_and_publish(state: dict, tmp: str, group, first: bool, root: str, step
     error = None
     try:
         with quiet():
-            dcp.save(state, checkpoint_id=tmp, process_group=group, planner=planners()[0])
+            dcp.save(state, checkpoint_id=tmp, process_group=group, planner=planner or planners()[0])
         if first:
             publish(root, tmp, step, info, keep)
     except (Exception, CheckpointException) as e:
