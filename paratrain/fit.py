@@ -201,6 +201,10 @@ def after_step(t, log: MetricsLog, s: StepStats, val_losses: list) -> None:
     """Step `s`'s record, then its evaluation and checkpoint when due."""
     tr, ck, k = t.cfg.train, t.cfg.checkpoint, s.step
     log.step(s.as_metrics())
+    recovered = log.recovered(k) if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0" else None
+    if recovered is not None:
+        print(f"paratrain: recovered: step {k} trained {recovered:.1f} s after the last step before the failure",
+              flush=True)
     if tr.eval_every and k % tr.eval_every == 0 and k != tr.steps and t.eval_data is not None:
         val_losses.append((k, t.evaluate()))
         log.event({"event": "eval", "step": k, "val_loss": val_losses[-1][1]})

@@ -201,6 +201,7 @@ class MetricsLog:
         self.ended = False
         self.closed = False
         self.history = RunHistory()
+        self.last_step_time: float | None = None  # an attempt that carries on: the last step of the one before
 
     def write(self, record: dict) -> None:
         """One strict JSON line with its wall-clock `time`, flushed (a fresh run truncates the file)."""
@@ -279,6 +280,8 @@ class MetricsLog:
         if not any(r.get("event") == "start" for _, r in kept):
             self.write(start)
         redone = [r for _, r in dropped if is_step(r)]
+        steps_before = [r["time"] for _, r in kept + dropped if is_step(r) and is_number(r.get("time"))]
+        self.last_step_time = max(steps_before, default=None)  # the last step before the failure
         since = max((r["time"] for _, r in kept if is_number(r.get("time"))), default=None)
         until = now if resumed["event"] == "restart" else max(
             (r["time"] for r in redone if is_number(r.get("time"))), default=since)
@@ -292,6 +295,15 @@ class MetricsLog:
             record["membership"] = change
         self.write(record)
         return record
+
+    def recovered(self, step: int) -> float | None:
+        """After the first step of an attempt that carries on a restarted one: a `recovered` line
+        with the seconds from the last step before the failure to now; returns them."""
+        if self.last_step_time is None:
+            return None
+        seconds, self.last_step_time = round(time.time() - self.last_step_time, 3), None
+        self.event({"event": "recovered", "step": step, "since_last_step_s": seconds})
+        return seconds
 
     def whole_run(self, summary: dict) -> dict:
         """`summary` over every attempt of the run on the writing rank: first_loss and first_step

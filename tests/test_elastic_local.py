@@ -15,8 +15,9 @@ import uuid
 
 import pytest
 
-from helpers import cli
+from helpers import cli, refused
 from paratrain.cluster import ELASTIC_ENV, FAST_RDZV, read_records
+from paratrain.faults import descendants, is_torchrun_agent, lose_node
 
 STEPS = 20
 FLAGS = ["--model", "tiny", "--global-batch", "8", "--seq-len", "32", "--seed", "5", "--no-progress",
@@ -161,3 +162,32 @@ def test_a_node_lost_before_a_checkpoint_or_in_a_save(tmp_path, one_process, fau
     check_survivor(records, one_process, resumed_from)
     saved = [r["step"] for r in records if r.get("event") == "checkpoint"]
     assert 10 in saved and saved.count(10) == 1  # step 10 published once: by the survivor, after the loss
+
+
+@pytest.mark.parametrize("how", ["permanent", "save-permanent"])
+def test_a_node_loss_is_refused_outside_torchrun(capsys, how):
+    # paratrain's own launcher is the only node: its workers die with it, and nothing would go on
+    code, err = refused(capsys, "train", *FLAGS, "--dp", "2", "--simulate-failure", f"1:3:{how}")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and f"--simulate-failure 1:3:{how}" in lines[0] and "torchrun" in lines[0], err
+
+
+def test_a_node_is_its_agents_process_tree_and_another_parent_is_never_signalled():
+    if is_torchrun_agent(os.getppid()):
+        pytest.skip("pytest runs under torchrun: lose_node() would take this node")
+    grandchild = "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])"
+    child = subprocess.Popen([sys.executable, "-c", f"import subprocess, sys, time; {grandchild}; time.sleep(60)"])
+    try:
+        deadline = time.monotonic() + 30
+        while not descendants(child.pid) and time.monotonic() < deadline:  # other tests may leave children too
+            time.sleep(0.05)
+        below = descendants(child.pid)
+        assert len(below) == 1 and child.pid in descendants(os.getpid()) and below[0] in descendants(os.getpid())
+        with pytest.raises(RuntimeError, match="not a torchrun agent"):
+            lose_node()  # this process's parent is no torchrun agent: nothing is signalled
+        assert child.poll() is None
+    finally:
+        for pid in descendants(child.pid):
+            os.kill(pid, signal.SIGKILL)
+        child.kill()
+        child.wait()

@@ -30,6 +30,9 @@ def test_a_restart_restores_the_snapshot_and_redoes_no_step(tmp_path):
     restart = next(r for r in got if r.get("event") == "restart")
     assert restart["restored_from"] == "snapshot" and restart["resumed_from_step"] == 8
     assert restart["steps_redone"] == 0  # the disk checkpoint (step 5) would have cost steps 6-8
+    recovered = next(r for r in got if r.get("event") == "recovered")
+    assert recovered["step"] == 9 and recovered["since_last_step_s"] > 0
+    assert "paratrain: recovered: step 9 trained" in out.stdout
     assert sorted(r["step"] for r in got if "event" not in r) == list(range(1, 13))
     end = got[-1]
     assert end["final_loss"] == pytest.approx(records(tmp_path / "ref.jsonl")[-1]["final_loss"], rel=1e-5)
