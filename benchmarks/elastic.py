@@ -42,14 +42,20 @@ def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--kills", type=int, default=3, help="runs per mode, one kill each")
     p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--model", default="tiny", help="model preset (tiny: recovery is all start-up; small: the "
-                   "redone steps weigh)")
+    p.add_argument(
+        "--model",
+        default="tiny",
+        help="model preset (tiny: recovery is all start-up; small: the " "redone steps weigh)",
+    )
     p.add_argument("--seq-len", type=int, default=32, help="longer sequences: dearer steps to redo")
     p.add_argument("--snapshot-every", type=int, default=1, help="the snapshot mode's --snapshot-every")
     p.add_argument("--checkpoint-every", type=int, default=5)
     p.add_argument("--seed", type=int, default=1, help="draws the kill steps (after the first checkpoint)")
-    p.add_argument("--modes", default="elastic,snapshot,plain",
-                   help="comma-separated: elastic, snapshot (elastic with --snapshot-every 1), plain")
+    p.add_argument(
+        "--modes",
+        default="elastic,snapshot,plain",
+        help="comma-separated: elastic, snapshot (elastic with --snapshot-every 1), plain",
+    )
     p.add_argument("--timeout", type=float, default=400)
     p.add_argument("--json", help="also write the figures to this file")
     return p.parse_args()
@@ -61,13 +67,33 @@ def one_kill(cluster, tmp: str, kill_at: int, mode: str, args: argparse.Namespac
 
     elastic = mode != "plain"
     path, ck = os.path.join(tmp, f"m-{mode}-{kill_at}.jsonl"), os.path.join(tmp, f"ck-{mode}-{kill_at}")
-    argv = ["train", "--model", args.model, "--dp", "auto" if elastic else "4", "--steps", str(args.steps),
-            "--global-batch", "8", "--seq-len", str(args.seq_len), "--seed", "5", "--no-progress", "--metrics", path,
-            "--checkpoint-dir", ck, "--checkpoint-every", str(args.checkpoint_every)]
+    argv = [
+        "train",
+        "--model",
+        args.model,
+        "--dp",
+        "auto" if elastic else "4",
+        "--steps",
+        str(args.steps),
+        "--global-batch",
+        "8",
+        "--seq-len",
+        str(args.seq_len),
+        "--seed",
+        "5",
+        "--no-progress",
+        "--metrics",
+        path,
+        "--checkpoint-dir",
+        ck,
+        "--checkpoint-every",
+        str(args.checkpoint_every),
+    ]
     argv += ["--snapshot-every", str(args.snapshot_every)] if mode == "snapshot" else []
     nnodes = "1:2" if elastic else "2"
-    launch = cluster.start(argv, launcher_args=["--nnodes", nnodes, "--max-restarts", "3"], rdzv_conf=FAST_RDZV,
-                           env=ELASTIC_ENV)
+    launch = cluster.start(
+        argv, launcher_args=["--nnodes", nnodes, "--max-restarts", "3"], rdzv_conf=FAST_RDZV, env=ELASTIC_ENV
+    )
     steps = lambda: [r for r in read_records(path) if "event" not in r]  # noqa: E731
     if not launch.wait_until(lambda: any(r["step"] >= kill_at for r in steps()), args.timeout):
         return {"failed": launch.wait(1).summary()}
@@ -89,13 +115,23 @@ def one_kill(cluster, tmp: str, kill_at: int, mode: str, args: argparse.Namespac
     first = min(after, key=lambda r: r["time"])
     caught_up = min((r["time"] for r in after if r["step"] > last), default=float("nan"))
     end = records[-1]
-    return {"kill_at": kill_at, "last_step_before": last, "resumed_from": restart["resumed_from_step"],
-            "steps_redone": restart.get("steps_redone"), "restart_record_s": restart["time"] - killed,
-            "first_step_s": first["time"] - killed, "first_step": first["step"], "caught_up_s": caught_up - killed,
-            "layout_after": end["layout"], "final_loss": end["final_loss"], "restored_from": restart.get("restored_from"),
-            "membership_changes": end.get("membership_changes"), "time_lost_s": restart.get("time_lost_s"),
-            "snapshot_s": statistics.median(s["s"] for s in end["snapshots"]) if end.get("snapshots") else None,
-            "step_s": statistics.median(r["step_time_s"] for r in records if "event" not in r)}
+    return {
+        "kill_at": kill_at,
+        "last_step_before": last,
+        "resumed_from": restart["resumed_from_step"],
+        "steps_redone": restart.get("steps_redone"),
+        "restart_record_s": restart["time"] - killed,
+        "first_step_s": first["time"] - killed,
+        "first_step": first["step"],
+        "caught_up_s": caught_up - killed,
+        "layout_after": end["layout"],
+        "final_loss": end["final_loss"],
+        "restored_from": restart.get("restored_from"),
+        "membership_changes": end.get("membership_changes"),
+        "time_lost_s": restart.get("time_lost_s"),
+        "snapshot_s": statistics.median(s["s"] for s in end["snapshots"]) if end.get("snapshots") else None,
+        "step_s": statistics.median(r["step_time_s"] for r in records if "event" not in r),
+    }
 
 
 def parent(pid: int) -> int | None:
@@ -108,23 +144,29 @@ def parent(pid: int) -> int | None:
 
 
 def print_table(rows: dict) -> None:
-    print(f"\n{'mode':<8} {'kill after':>10} {'resumed from':>12} {'redone':>6} {'restart record (s)':>18} "
-          f"{'first step (s)':>14} {'caught up (s)':>13}  restored from, layout after, final loss")
+    print(
+        f"\n{'mode':<8} {'kill after':>10} {'resumed from':>12} {'redone':>6} {'restart record (s)':>18} "
+        f"{'first step (s)':>14} {'caught up (s)':>13}  restored from, layout after, final loss"
+    )
     for mode, runs in rows.items():
         for r in runs:
-            print(f"{mode:<8} {r['last_step_before']:>10} {r['resumed_from']:>12} {r['steps_redone']:>6} "
-                  f"{r['restart_record_s']:>18.2f} {r['first_step_s']:>14.2f} {r['caught_up_s']:>13.2f}  "
-                  f"{r['restored_from']}, "
-                  f"{r['layout_after']}, {r['final_loss']:.6f}")
+            print(
+                f"{mode:<8} {r['last_step_before']:>10} {r['resumed_from']:>12} {r['steps_redone']:>6} "
+                f"{r['restart_record_s']:>18.2f} {r['first_step_s']:>14.2f} {r['caught_up_s']:>13.2f}  "
+                f"{r['restored_from']}, "
+                f"{r['layout_after']}, {r['final_loss']:.6f}"
+            )
     for mode, runs in rows.items():
         med = statistics.median(r["first_step_s"] for r in runs)
         up = statistics.median(r["caught_up_s"] for r in runs)
         snap = [r["snapshot_s"] for r in runs if r["snapshot_s"]]
         cost = f"; a snapshot takes {statistics.median(snap):.3f} s" if snap else ""
-        print(f"{mode}: median kill -> first step {med:.2f} s, -> past the step reached before {up:.2f} s, over "
-              f"{len(runs)} kills; steps redone "
-              f"{[r['steps_redone'] for r in runs]}, median step {statistics.median(r['step_s'] for r in runs):.3f} s"
-              f"{cost}")
+        print(
+            f"{mode}: median kill -> first step {med:.2f} s, -> past the step reached before {up:.2f} s, over "
+            f"{len(runs)} kills; steps redone "
+            f"{[r['steps_redone'] for r in runs]}, median step {statistics.median(r['step_s'] for r in runs):.3f} s"
+            f"{cost}"
+        )
 
 
 def main() -> None:
@@ -140,8 +182,9 @@ def main() -> None:
         print("elastic.py: --kills: at least 1; --steps: at least 2 x --checkpoint-every + 4", file=sys.stderr)
         sys.exit(2)
     draw = random.Random(args.seed)
-    kill_steps = [draw.randint(args.checkpoint_every + 1, args.steps - args.checkpoint_every - 2)
-                  for _ in range(args.kills)]
+    kill_steps = [
+        draw.randint(args.checkpoint_every + 1, args.steps - args.checkpoint_every - 2) for _ in range(args.kills)
+    ]
     modes = [m for m in args.modes.split(",") if m]
     if not modes or set(modes) - {"elastic", "snapshot", "plain"}:
         print(f"elastic.py: --modes: elastic, snapshot or plain, got {args.modes!r}", file=sys.stderr)
@@ -156,8 +199,11 @@ def main() -> None:
                     print(f"elastic.py: {mode} run killed at step {kill_at} failed\n{r['failed']}", file=sys.stderr)
                     sys.exit(1)
                 rows[mode].append(r)
-                print(f"{mode}, kill after step {r['last_step_before']}: first step {r['first_step_s']:.2f} s "
-                      f"after the kill, {r['steps_redone']} redone", flush=True)
+                print(
+                    f"{mode}, kill after step {r['last_step_before']}: first step {r['first_step_s']:.2f} s "
+                    f"after the kill, {r['steps_redone']} redone",
+                    flush=True,
+                )
     print_table(rows)
     print(f"load average {os.getloadavg()[0]:.1f}, wall time {time.monotonic() - started:.0f} s")
     if args.json:

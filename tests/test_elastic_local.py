@@ -20,8 +20,19 @@ from paratrain.cluster import ELASTIC_ENV, FAST_RDZV, read_records
 from paratrain.faults import descendants, is_torchrun_agent, lose_node
 
 STEPS = 20
-FLAGS = ["--model", "tiny", "--global-batch", "8", "--seq-len", "32", "--seed", "5", "--no-progress",
-         "--steps", str(STEPS)]
+FLAGS = [
+    "--model",
+    "tiny",
+    "--global-batch",
+    "8",
+    "--seq-len",
+    "32",
+    "--seed",
+    "5",
+    "--no-progress",
+    "--steps",
+    str(STEPS),
+]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MARK = "PARATRAIN_ELASTIC_LOCAL"  # in the environment of every process a test starts, to find them all
 
@@ -46,9 +57,28 @@ def free_port() -> int:
 def agent_argv(port: int, run_id: str, host: bool, args: list[str]) -> list[str]:
     """One torchrun agent of the run: 2 workers, elastic 1 to 2 nodes, FAST_RDZV, hosting the store or not."""
     conf = ",".join(f"{k}={v}" for k, v in {**FAST_RDZV, "is_host": int(host)}.items())
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1:2", "--nproc-per-node", "2",
-            "--max-restarts", "3", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
-            "--rdzv-id", run_id, "--rdzv-conf", conf, "-m", "paratrain", *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1:2",
+        "--nproc-per-node",
+        "2",
+        "--max-restarts",
+        "3",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{port}",
+        "--rdzv-id",
+        run_id,
+        "--rdzv-conf",
+        conf,
+        "-m",
+        "paratrain",
+        *args,
+    ]
 
 
 def marked_pids(mark: str) -> list[int]:
@@ -84,15 +114,31 @@ def run_two_agents(tmp_path, args: list[str], timeout: float = 240) -> tuple[lis
     rendezvous orders nodes by pid, so the first agent holds ranks 0-1 (it hosts the store, which must
     outlive the loss) and the second ranks 2-3. Every process started is SIGKILLed at the end."""
     mark = uuid.uuid4().hex
-    env = {**os.environ, **ELASTIC_ENV, MARK: mark,
-           "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
+    env = {
+        **os.environ,
+        **ELASTIC_ENV,
+        MARK: mark,
+        "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p),
+    }
     procs = []
     try:
         port, run_id = free_port(), f"paratrain-local-{mark[:8]}"
         for k in range(2):
             out, err = open(tmp_path / f"agent{k}.out", "w+"), open(tmp_path / f"agent{k}.err", "w+")
-            procs.append((subprocess.Popen(agent_argv(port, run_id, k == 0, args), env=env, stdout=out, stderr=err,
-                                           stdin=subprocess.DEVNULL, start_new_session=True), out, err))
+            procs.append(
+                (
+                    subprocess.Popen(
+                        agent_argv(port, run_id, k == 0, args),
+                        env=env,
+                        stdout=out,
+                        stderr=err,
+                        stdin=subprocess.DEVNULL,
+                        start_new_session=True,
+                    ),
+                    out,
+                    err,
+                )
+            )
         assert procs[0][0].pid < procs[1][0].pid, "pids wrapped around: the rendezvous would rank the host second"
         deadline = time.monotonic() + timeout
         for p, _, _ in procs:
@@ -128,8 +174,20 @@ def lose_a_node(tmp_path, fault: str) -> tuple[list[dict], list[subprocess.Compl
     """Train on two local agents with `--simulate-failure fault`; the agent of ranks 2-3 must be gone
     (SIGKILLed) and the other finish; returns the metrics records and the agents' results."""
     metrics = str(tmp_path / "metrics.jsonl")
-    args = ["train", *FLAGS, "--dp", "auto", "--checkpoint-dir", str(tmp_path / "ck"), "--checkpoint-every", "5",
-            "--metrics", metrics, "--simulate-failure", fault]
+    args = [
+        "train",
+        *FLAGS,
+        "--dp",
+        "auto",
+        "--checkpoint-dir",
+        str(tmp_path / "ck"),
+        "--checkpoint-every",
+        "5",
+        "--metrics",
+        metrics,
+        "--simulate-failure",
+        fault,
+    ]
     agents, summary = run_two_agents(tmp_path, args)
     assert agents[0].returncode == 0, summary
     assert agents[1].returncode == -signal.SIGKILL, summary  # the node of rank 2, lost for good
@@ -155,8 +213,9 @@ def test_a_node_lost_for_good_leaves_the_other_agent_to_finish(tmp_path, one_pro
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fault,resumed_from", [("2:3:permanent", 0), ("3:10:save-permanent", 5)],
-                         ids=["before-any-checkpoint", "in-a-save"])
+@pytest.mark.parametrize(
+    "fault,resumed_from", [("2:3:permanent", 0), ("3:10:save-permanent", 5)], ids=["before-any-checkpoint", "in-a-save"]
+)
 def test_a_node_lost_before_a_checkpoint_or_in_a_save(tmp_path, one_process, fault, resumed_from):
     records, _ = lose_a_node(tmp_path, fault)
     check_survivor(records, one_process, resumed_from)

@@ -21,9 +21,26 @@ def test_a_restart_restores_the_snapshot_and_redoes_no_step(tmp_path):
     ref = cli("train", *FLAGS, "--dp", "1", "--metrics", str(tmp_path / "ref.jsonl"))
     assert ref.returncode == 0, ref.stderr
     shm = tmp_path / "shm"
-    out = cli("train", *FLAGS, "--dp", "2", "--max-restarts", "1", "--simulate-failure", "1:9",
-              "--checkpoint-dir", str(tmp_path / "ck"), "--checkpoint-every", "5", "--snapshot-every", "1",
-              "--snapshot-dir", str(shm), "--metrics", str(tmp_path / "m.jsonl"))
+    out = cli(
+        "train",
+        *FLAGS,
+        "--dp",
+        "2",
+        "--max-restarts",
+        "1",
+        "--simulate-failure",
+        "1:9",
+        "--checkpoint-dir",
+        str(tmp_path / "ck"),
+        "--checkpoint-every",
+        "5",
+        "--snapshot-every",
+        "1",
+        "--snapshot-dir",
+        str(shm),
+        "--metrics",
+        str(tmp_path / "m.jsonl"),
+    )
     assert out.returncode == 0, out.stderr
     assert "restored the in-memory snapshot of step 8" in out.stdout
     got = records(tmp_path / "m.jsonl")
@@ -88,10 +105,13 @@ def test_a_node_holds_the_whole_state_only_where_the_model_is_replicated_across_
         assert not zero[3] and "holds only its ranks' shards" in zero[4] and "lost node" in zero[4]
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--snapshot-every", "2"], "--snapshot-every: snapshots stand in front of the disk checkpoints"),
-    (["--snapshot-every", "-1", "--checkpoint-dir", "ck"], "--snapshot-every: must be at least 0"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--snapshot-every", "2"], "--snapshot-every: snapshots stand in front of the disk checkpoints"),
+        (["--snapshot-every", "-1", "--checkpoint-dir", "ck"], "--snapshot-every: must be at least 0"),
+    ],
+)
 def test_bad_snapshot_flags_are_one_line_and_exit_2(tmp_path, flags, message):
     out = cli("train", *FLAGS, *flags)
     assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr

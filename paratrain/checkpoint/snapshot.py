@@ -28,8 +28,16 @@ import torch.distributed as dist
 
 from paratrain.checkpoint import runs
 from paratrain.checkpoint.boxes import Entry, boxes_state, planners
-from paratrain.checkpoint.store import (PREFIX, CheckpointError, begin_save, checkpoints, run_info,
-                                        run_of, verify, write_and_publish)
+from paratrain.checkpoint.store import (
+    PREFIX,
+    CheckpointError,
+    begin_save,
+    checkpoints,
+    run_info,
+    run_of,
+    verify,
+    write_and_publish,
+)
 
 DEFAULT_ROOT = "/dev/shm/paratrain-snapshots"
 KEEP = 2  # snapshots kept per node
@@ -43,8 +51,7 @@ def node_name() -> str:
 def missing_on_node(entries: list[Entry], group) -> str | None:
     """The first tensor of the state (over the world) that the ranks of `group` do not hold
     whole between them, or None: their snapshot restores the whole state."""
-    mine = {e.key: (math.prod(e.shape), {(tuple(p.offset), tuple(p.tensor.shape)) for p in e.pieces})
-            for e in entries}
+    mine = {e.key: (math.prod(e.shape), {(tuple(p.offset), tuple(p.tensor.shape)) for p in e.pieces}) for e in entries}
     everyone: list = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, sorted(mine))
     node: list = [None] * dist.get_world_size(group)
@@ -112,12 +119,27 @@ class Snapshots:
         state = boxes_state([Entry(e.key, e.shape, e.pieces, True) for e in ck._entries()], saving=True)
         state["meta"] = ck._meta()
         state[f"rng/{self.rank}"] = torch.get_rng_state()
-        info = {**run_info(ck.identity, ck.config, step, ck.layout, ck.aliases, ck.run_id),
-                "snapshot": {"node": self.node, "ranks": self.ranks, "complete": self.missing is None,
-                             "missing": self.missing}}
+        info = {
+            **run_info(ck.identity, ck.config, step, ck.layout, ck.aliases, ck.run_id),
+            "snapshot": {
+                "node": self.node,
+                "ranks": self.ranks,
+                "complete": self.missing is None,
+                "missing": self.missing,
+            },
+        }
         with ck.flight.watch("snapshot: save (DCP)", self.group, f"step {step}"):
-            write_and_publish(state, tmp, self.group, self.first, self.folder, step, info, KEEP,
-                              partial_planner(f"snapshot-{id(self)}"))
+            write_and_publish(
+                state,
+                tmp,
+                self.group,
+                self.first,
+                self.folder,
+                step,
+                info,
+                KEEP,
+                partial_planner(f"snapshot-{id(self)}"),
+            )
         self.events.append({"step": step, "s": round(time.perf_counter() - t0, 4)})
 
     def held(self) -> dict[int, dict]:
@@ -129,15 +151,21 @@ class Snapshots:
             except CheckpointError:
                 continue
             if run_of(folder) == self.ckpt.run_id:
-                out[manifest["step"]] = {**manifest.get("snapshot", {}), "layout": manifest["layout"],
-                                         "world_size": manifest["world_size"]}
+                out[manifest["step"]] = {
+                    **manifest.get("snapshot", {}),
+                    "layout": manifest["layout"],
+                    "world_size": manifest["world_size"],
+                }
         return out
 
     def usable(self, record: dict) -> bool:
         """Whether this rank can restore a snapshot of its node: a whole one, or in a restart of
         the same layout with the node's ranks as they were, the shards they saved."""
-        return record.get("complete") or (record["layout"] == self.ckpt.layout and record.get("ranks") == self.ranks
-                                          and record["world_size"] == dist.get_world_size())
+        return record.get("complete") or (
+            record["layout"] == self.ckpt.layout
+            and record.get("ranks") == self.ranks
+            and record["world_size"] == dist.get_world_size()
+        )
 
     def choose(self, disk_step: int | None) -> tuple[str | None, str | None]:
         """Every rank, at the start: (this node's snapshot folder to restore, or None for the disk
@@ -168,9 +196,11 @@ def why_not(everyone: list, step: int) -> str:
     """Why the nodes' snapshots (node, {step: record}, usable steps) cannot restore `step`."""
     for node, held, ok in everyone:
         if step in held and step not in ok:
-            return (f"node {node} holds only its ranks' shards (of {held[step].get('missing')}, for one), and the "
-                    f"world changed: the only copy of the others was on a lost node, as under ZeRO or tp or pp "
-                    f"across nodes")
+            return (
+                f"node {node} holds only its ranks' shards (of {held[step].get('missing')}, for one), and the "
+                f"world changed: the only copy of the others was on a lost node, as under ZeRO or tp or pp "
+                f"across nodes"
+            )
     node = next(n for n, held, _ in everyone if step not in held)
     return f"node {node} has none (it joined since, or lost it)"
 
@@ -184,4 +214,3 @@ def remove_gone_nodes(root: str) -> None:
             who, _, pid = name.rpartition("-")
             if who == host and pid.isdigit() and runs.gone(int(pid)):
                 shutil.rmtree(os.path.join(run, name), ignore_errors=True)
-
