@@ -68,11 +68,11 @@ def netns_pids(name: str) -> list[int]:
     return [int(p) for p in _cmd("ip", "netns", "pids", name, check=False).stdout.split()]
 
 
-def kill_netns(name: str) -> None:
-    """SIGKILL every process of namespace `name` (torchrun's workers run in sessions of their own,
-    so killing the agent alone would leave them), until none is left."""
-    for _ in range(50):
-        pids = netns_pids(name)
+def kill_until_gone(pids_of, pause: float = 0.02, rounds: int = 50) -> None:
+    """SIGKILL every pid `pids_of()` lists, again and again (a dying launcher may start more),
+    until it lists none or `rounds` are spent."""
+    for _ in range(rounds):
+        pids = pids_of()
         if not pids:
             return
         for pid in pids:
@@ -80,7 +80,13 @@ def kill_netns(name: str) -> None:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        time.sleep(0.02)
+        time.sleep(pause)
+
+
+def kill_netns(name: str) -> None:
+    """SIGKILL every process of namespace `name` (torchrun's workers run in sessions of their own,
+    so killing the agent alone would leave them), until none is left."""
+    kill_until_gone(lambda: netns_pids(name))
 
 
 def remove_netns(name: str) -> None:

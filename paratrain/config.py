@@ -61,7 +61,7 @@ class TrainConfig:
     sync: str = "allreduce"
     servers: int = 0
     staleness: int = 0
-    simulate_failure: str | None = None  # "RANK:STEP[:HOW]": raise there, or HOW (FAULTS); a testing aid
+    simulate_failure: str | None = None  # "RANK:STEP[:HOW]": raise there, or HOW (faults.FAULTS); a testing aid
     simulate_straggler: str | None = None  # "RANK:SECONDS": that worker sleeps every step
     progress: bool = True
     activation_checkpointing: bool = False  # recompute each block's activations in backward
@@ -120,9 +120,6 @@ class RunConfig:
         return cfg
 
 
-# --simulate-failure RANK:STEP[:HOW]: raise at the step; kill: SIGKILL there; permanent: lose its node for
-# good (torchrun only); save-kill, save-permanent, save-freeze: the same, or a freeze, in that step's save
-FAULTS = ("", "kill", "permanent", "save-kill", "save-permanent", "save-freeze")
 SECTIONS = ("model", "layout", "train", "data", "checkpoint")
 ALLREDUCE = ("backend", "ring", "tree", "hierarchical", "auto")
 MAX_WAIT_S = 7 * 24 * 3600  # --collective-timeout: a week; below 1 s a busy rank looks hung
@@ -398,22 +395,11 @@ def _validate_precision_and_device(cfg: RunConfig, world_size: int | None) -> No
                 f"{torch.cuda.device_count()}; use torchrun across nodes or a smaller layout"
             )
     if tr.simulate_failure is not None:
-        _validate_simulate_failure(tr.simulate_failure, lay.world_size, world_size)
+        from paratrain.faults import fault_problem
 
-
-def _validate_simulate_failure(text: str, ranks: int, world_size: int | None) -> None:
-    """RANK:STEP[:HOW] with a rank of the run and a HOW of FAULTS; a node lost for good (faults.lose_node)
-    only under torchrun, whose other agents go on (paratrain's own launcher is one node: the run would end)."""
-    rank, _, step = text.partition(":")
-    step, _, how = step.partition(":")
-    later = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"  # past the fault: the world may be smaller
-    if not (rank.isdigit() and step.isdigit()) or (int(rank) >= ranks and not later) or how not in FAULTS:
-        raise ConfigError(f"--simulate-failure: expected RANK:STEP[:HOW] with RANK < {ranks} and HOW one of "
-                          f"{', '.join(h for h in FAULTS if h)}, got {text!r}")
-    if how.endswith("permanent") and world_size is None:
-        raise ConfigError(f"--simulate-failure {text}: {how} loses the node of rank {rank} for good, which only an "
-                          f"elastic torchrun run survives; start it under torchrun --nnodes MIN:MAX, or use "
-                          f"{how.replace('permanent', 'kill')}")
+        problem = fault_problem(tr.simulate_failure, lay.world_size, world_size)
+        if problem:
+            raise ConfigError(problem)
 
 
 def _validate_data(cfg: RunConfig) -> None:

@@ -1,6 +1,6 @@
 """Fault aids (`--simulate-failure RANK:STEP[:HOW]`): the ways a worker fails on purpose, to test recovery.
 
-HOW (config.FAULTS) is empty (raise an error at the step: the launcher restarts the workers), `kill`
+HOW (FAULTS) is empty (raise an error at the step: the launcher restarts the workers), `kill`
 (SIGKILL the worker), `permanent` (its node is lost for good, as a machine that dies: its torchrun agent
 and every worker of that agent are SIGKILLed, so only an elastic run, `torchrun --nnodes MIN:MAX`, goes
 on, at a smaller world), or one of these in the checkpoint save of that step: `save-kill`,
@@ -13,6 +13,9 @@ import os
 import signal
 import time
 
+# --simulate-failure RANK:STEP[:HOW]: raise at the step; kill: SIGKILL there; permanent: lose its node for
+# good (torchrun only); save-kill, save-permanent, save-freeze: the same, or a freeze, in that step's save
+FAULTS = ("", "kill", "permanent", "save-kill", "save-permanent", "save-freeze")
 NODE_LOSS = ("permanent", "save-permanent")
 
 
@@ -22,6 +25,23 @@ def parse_fault(text: str | None) -> tuple[int, int, str] | None:
         return None
     rank, step, how = (text + "::").split(":")[:3]
     return int(rank), int(step), how
+
+
+def fault_problem(text: str, ranks: int, world_size: int | None) -> str | None:
+    """What is wrong with --simulate-failure `text` (one line), or None: RANK:STEP[:HOW] with a rank
+    of the run and a HOW of FAULTS; a node lost for good only under torchrun (`world_size`
+    given), whose other agents go on (paratrain's own launcher is one node: the run would end)."""
+    rank, _, step = text.partition(":")
+    step, _, how = step.partition(":")
+    later = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"  # past the fault: the world may be smaller
+    if not (rank.isdigit() and step.isdigit()) or (int(rank) >= ranks and not later) or how not in FAULTS:
+        return (f"--simulate-failure: expected RANK:STEP[:HOW] with RANK < {ranks} and HOW one of "
+                f"{', '.join(h for h in FAULTS if h)}, got {text!r}")
+    if how in NODE_LOSS and world_size is None:
+        return (f"--simulate-failure {text}: {how} loses the node of rank {rank} for good, which only an elastic "
+                f"torchrun run survives; start it under torchrun --nnodes MIN:MAX, or use "
+                f"{how.replace('permanent', 'kill')}")
+    return None
 
 
 def strike(how: str) -> None:

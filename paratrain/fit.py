@@ -201,7 +201,7 @@ def after_step(t, log: MetricsLog, s: StepStats, val_losses: list) -> None:
     """Step `s`'s record, then its evaluation and checkpoint when due."""
     tr, ck, k = t.cfg.train, t.cfg.checkpoint, s.step
     log.step(s.as_metrics())
-    recovered = log.recovered(k) if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0" else None
+    recovered = log.recovered(k)
     if recovered is not None:
         print(f"paratrain: recovered: step {k} trained {recovered:.1f} s after the last step before the failure",
               flush=True)

@@ -281,7 +281,8 @@ class MetricsLog:
             self.write(start)
         redone = [r for _, r in dropped if is_step(r)]
         steps_before = [r["time"] for _, r in kept + dropped if is_step(r) and is_number(r.get("time"))]
-        self.last_step_time = max(steps_before, default=None)  # the last step before the failure
+        if resumed["event"] == "restart":  # the last step before the failure (not for --resume)
+            self.last_step_time = max(steps_before, default=None)
         since = max((r["time"] for _, r in kept if is_number(r.get("time"))), default=None)
         until = now if resumed["event"] == "restart" else max(
             (r["time"] for r in redone if is_number(r.get("time"))), default=since)

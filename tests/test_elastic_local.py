@@ -16,7 +16,7 @@ import uuid
 import pytest
 
 from helpers import cli, refused
-from paratrain.cluster import ELASTIC_ENV, FAST_RDZV, read_records
+from paratrain.cluster import ELASTIC_ENV, FAST_RDZV, kill_until_gone, read_records
 from paratrain.faults import descendants, is_torchrun_agent, lose_node
 
 STEPS = 20
@@ -97,16 +97,7 @@ def marked_pids(mark: str) -> list[int]:
 
 
 def kill_marked(mark: str) -> None:
-    for _ in range(50):
-        pids = marked_pids(mark)
-        if not pids:
-            return
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.05)
+    kill_until_gone(lambda: marked_pids(mark), pause=0.05)
 
 
 def run_two_agents(tmp_path, args: list[str], timeout: float = 240) -> tuple[list[subprocess.CompletedProcess], str]:
