@@ -31,6 +31,10 @@ FLAGS: dict[str, tuple[str, str, type, str]] = {
     "--schedule": ("layout", "schedule", str, "pipeline schedule: gpipe, 1f1b, interleaved"),
     "--microbatches": ("layout", "microbatches", int, "micro-batches per step (pipeline; gradient accumulation in dp)"),
     "--virtual-stages": ("layout", "virtual_stages", int, "model chunks per rank for --schedule interleaved"),
+    "--pp-split": ("layout", "pp_split", str, "the pipeline's stage split: auto (by modelled cost) or "
+                   "auto-measured (by each layer's timed forward and backward, printed)"),
+    "--balance": ("train", "balance", str, "each dp replica's share of the global batch: even (default) or "
+                  "dynamic (by its measured speed, the same math)"),
     "--global-batch": ("train", "global_batch", int, "sequences per optimizer step, over all ranks"),
     "--seq-len": ("train", "seq_len", int, "tokens per sequence"),
     "--steps": ("train", "steps", int, "optimizer steps"),
@@ -60,6 +64,8 @@ FLAGS: dict[str, tuple[str, str, type, str]] = {
     "--profile": ("train", "profile", str, "profile the last steps with torch.profiler; traces and tables per rank go here"),
     "--profile-steps": ("train", "profile_steps", int, "how many of the last steps --profile records (default 3)"),
     "--simulate-straggler": ("train", "simulate_straggler", str, "testing aid: RANK:SECONDS delays that worker every step"),
+    "--simulate-slowdown": ("train", "simulate_slowdown", str, "testing aid: RANK:FACTOR makes that worker's "
+                            "work take FACTOR times as long"),
     "--report-to": ("train", "report_to", str, "experiment trackers, comma-separated: tensorboard, wandb, mlflow"),
     "--log-dir": ("train", "log_dir", str, "where the trackers write (default runs/)"),
     "--data": ("data", "path", str, "'stdlib' (default), a text file or folder, .jsonl/.parquet records, or "

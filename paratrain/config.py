@@ -63,6 +63,8 @@ class TrainConfig:
     staleness: int = 0
     simulate_failure: str | None = None  # "RANK:STEP[:HOW]": raise there, or HOW (faults.FAULTS); a testing aid
     simulate_straggler: str | None = None  # "RANK:SECONDS": that worker sleeps every step
+    simulate_slowdown: str | None = None  # "RANK:FACTOR": that worker's work takes FACTOR times as long
+    balance: str = "even"  # each dp replica's share of the global batch: even, or dynamic (balance.py)
     progress: bool = True
     activation_checkpointing: bool = False  # recompute each block's activations in backward
     compile: bool = False  # torch.compile each transformer block
@@ -213,6 +215,7 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     _validate_optimizer(cfg)
     _validate_precision_and_device(cfg, world_size)
     _validate_sync(cfg)
+    _validate_balance(cfg)
     _validate_local_memory(cfg, world_size)
     _validate_checkpoint(cfg)
     _validate_trackers(cfg)
@@ -234,6 +237,15 @@ def validate_settings(cfg: RunConfig) -> None:
     _validate_precision_and_device(cfg, cfg.layout.world_size)
     _validate_checkpoint(cfg)
     _validate_trackers(cfg)
+    _validate_balance(cfg)
+
+
+def _validate_balance(cfg: RunConfig) -> None:
+    from paratrain.balance import balance_problem
+
+    problem = balance_problem(cfg)
+    if problem:
+        raise ConfigError(problem)
 
 
 def _validate_trackers(cfg: RunConfig) -> None:

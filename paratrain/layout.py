@@ -17,6 +17,7 @@ class LayoutConfig:
     microbatches: int = 1  # per optimizer step: gradient accumulation in dp, pipeline micro-batches in pp
     sequence_parallel: bool = False  # with tp > 1: norms and dropout on sequence shards
     virtual_stages: int = 2  # model chunks per pipeline rank with the interleaved schedule
+    pp_split: str = "auto"  # the stage split: auto (by modelled cost), auto-measured (by timed layers)
 
     @property
     def world_size(self) -> int:

@@ -94,6 +94,7 @@ class FlightRecorder:
         self.step = 0
         self.current: Fingerprint | None = None
         self.since = 0.0
+        self.blocked_s = 0.0  # seconds spent waiting in collectives, all told (balance.py subtracts them)
 
     def record(self, op: str, tensor: torch.Tensor, group) -> Fingerprint:
         self.seq += 1
@@ -114,6 +115,8 @@ class FlightRecorder:
         self.current, self.since = fp, time.monotonic()
 
     def end(self) -> None:
+        if self.current is not None:
+            self.blocked_s += time.monotonic() - self.since
         self.current = None
 
     def track(self, work, fp: Fingerprint):

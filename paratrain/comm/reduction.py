@@ -15,6 +15,7 @@ fingerprinted in a flight recorder of its own that the hang watchdog also reads.
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -33,7 +34,9 @@ class _Pending:
         self.future, self.stats, self.into = future, stats, into
 
     def wait(self) -> None:
+        t0 = time.monotonic()
         self.future.result()
+        self.into.flight.blocked_s += time.monotonic() - t0
         self.into.bytes += self.stats.bytes
         self.into.inter_bytes += self.stats.inter_bytes
         self.into.calls.update(self.stats.calls)
