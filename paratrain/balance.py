@@ -69,7 +69,7 @@ def balance_problem(cfg) -> str | None:
     unit, least, _ = units_of(lay, tr.global_batch)
     per_replica = tr.global_batch // unit // lay.dp if lay.dp else 0
     if lay.dp > 1 and per_replica <= least:
-        what = "sequences" if unit == 1 else "micro-batches"
+        what = ("sequence" if unit == 1 else "micro-batch") + ("" if per_replica == 1 else "s" if unit == 1 else "es")
         return (f"--balance dynamic: each replica holds {per_replica} {what}, the least it may keep ({least}); "
                 f"nothing could move: use more --microbatches" + (" or a larger --global-batch" if unit == 1 else ""))
     return None
@@ -88,8 +88,8 @@ def units_of(lay, global_batch: int) -> tuple[int, int, int]:
 class Balancer:
     """The shares of `dp` replicas in a global batch of `global_batch` rows (see the module)."""
 
-    def __init__(self, dp: int, global_batch: int, lay, max_move: int | None = None):
-        self.dp, self.global_batch, self.passes = dp, global_batch, lay.microbatches
+    def __init__(self, dp: int, global_batch: int, lay, moving: bool = True, max_move: int | None = None):
+        self.dp, self.global_batch, self.passes, self.moving = dp, global_batch, lay.microbatches, moving
         self.unit, self.least, self.grain = units_of(lay, global_batch)
         self.fixed_passes = self.unit == 1 and lay.zero >= 2
         self.units = global_batch // self.unit
@@ -98,9 +98,11 @@ class Balancer:
 
     def reset(self) -> None:
         self.shares = [self.units // self.dp] * self.dp
-        self.per_unit: list[float | None] = [None] * self.dp
-        self.slow_steps = [0] * self.dp  # steps in a row each replica was SLOW x the fastest
+        self.seconds: list[float | None] = [None] * self.dp  # averaged compute time at the present share
+        self.before: list[tuple[int, float] | None] = [None] * self.dp  # (share, time) at the one before
+        self.slow_steps = [0] * self.dp  # steps in a row each replica was SLOW x the fastest per unit
         self.moves = 0
+        self.measured: list[float] | None = None  # seconds per unit at the last step
 
     # ------------------------------------------------------------------ this replica's part
     def rows(self, replica: int) -> tuple[int, int]:
@@ -119,33 +121,54 @@ class Balancer:
     def observe(self, seconds: list[float]) -> bool:
         """Each replica's compute seconds for its shares this step; moves units when it pays.
         Returns whether the shares changed."""
-        for r, s in enumerate(seconds):
-            t = max(s, 1e-9) / self.shares[r]
-            old = self.per_unit[r]
-            self.per_unit[r] = t if old is None else (1 - SMOOTHING) * old + SMOOTHING * t
-        fastest = min(self.per_unit)
-        self.slow_steps = [n + 1 if t > SLOW * fastest else 0 for n, t in zip(self.slow_steps, self.per_unit)]
+        for r, t in enumerate(seconds):
+            old = self.seconds[r]
+            self.seconds[r] = t if old is None else (1 - SMOOTHING) * old + SMOOTHING * t
+        per_unit = self.measured = self.per_unit()
+        fastest = min(per_unit)
+        self.slow_steps = [n + 1 if t > SLOW * fastest else 0 for n, t in zip(self.slow_steps, per_unit)]
+        if not self.moving:  # --balance even: measured, not moved
+            return False
         proposal = self._greedy(list(self.shares))
         if self.predicted(proposal) < (1 - HYSTERESIS) * self.predicted(self.shares):
+            for r, (new, old) in enumerate(zip(proposal, self.shares)):
+                if new != old:  # a new share: its time is measured afresh
+                    self.before[r], self.seconds[r] = (old, self.seconds[r]), None
             self.shares = proposal
             self.moves += 1
             return True
         return False
 
+    def per_unit(self) -> list[float]:
+        return [max(t, 1e-9) / n for t, n in zip(self.seconds, self.shares)]
+
+    def time_at(self, r: int, n: int) -> float:
+        """Replica r's predicted compute seconds for n units: a line through its time at the present
+        share and at the one before (what a pass costs whatever its rows, plus a time per unit), or
+        through zero when that line is not one of rising cost."""
+        now, t = self.shares[r], max(self.seconds[r], 1e-9)
+        if self.before[r] is not None and self.before[r][0] != now:
+            n0, t0 = self.before[r]
+            slope = (t - t0) / (now - n0)
+            if slope > 0:
+                fixed = min(max(t - slope * now, 0.0), t)
+                return fixed + (t - fixed) / now * n
+        return t / now * n
+
     def predicted(self, shares: list[int]) -> float:
-        return max(n * t for n, t in zip(shares, self.per_unit))
+        return max(self.time_at(r, n) for r, n in enumerate(shares))
 
     def _greedy(self, shares: list[int]) -> list[int]:
         """Up to max_move units, one grain at a time, from the last to finish to the first."""
         g = self.grain
         for _ in range(self.max_move // g):
-            finish = [n * t for n, t in zip(shares, self.per_unit)]
+            finish = [self.time_at(r, n) for r, n in enumerate(shares)]
             donors = [r for r in range(self.dp) if shares[r] - g >= self.least]
             if not donors:
                 break
             slow = max(donors, key=lambda r: finish[r])
-            fast = min(range(self.dp), key=lambda r: (shares[r] + g) * self.per_unit[r])
-            if fast == slow or (shares[fast] + g) * self.per_unit[fast] >= finish[slow]:
+            fast = min(range(self.dp), key=lambda r: self.time_at(r, shares[r] + g))
+            if fast == slow or self.time_at(fast, shares[fast] + g) >= finish[slow]:
                 break
             shares[slow] -= g
             shares[fast] += g
@@ -157,18 +180,49 @@ class Balancer:
 
     def speeds(self) -> list[float | None]:
         """Measured sequences per second of each replica (the averaged compute time per unit)."""
-        return [self.unit / t if t else None for t in self.per_unit]
+        return [self.unit / t for t in self.measured] if self.measured else [None] * self.dp
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
-        return {"dp": self.dp, "units": self.units, "shares": list(self.shares), "per_unit": list(self.per_unit)}
+        return {"dp": self.dp, "units": self.units, "shares": list(self.shares), "seconds": list(self.seconds),
+                "before": [list(b) if b else None for b in self.before], "moves": self.moves}
 
     def load_state_dict(self, state: dict) -> None:
         """The shares a run saved, where the replicas and units are the same (else the even split:
         a restart in another world starts from even and learns again)."""
         self.reset()
         if state.get("dp") == self.dp and state.get("units") == self.units and sum(state["shares"]) == self.units:
-            self.shares, self.per_unit = list(state["shares"]), list(state["per_unit"])
+            self.shares, self.seconds = list(state["shares"]), list(state["seconds"])
+            self.before = [tuple(b) if b else None for b in state["before"]]
+            self.moves = state.get("moves", 0)
+
+
+def report(b: Balancer, last_per_rank: list[float], replica_of: list[int]) -> dict:
+    """The end summary's `balance`: shares (sequences), measured speeds, moves, and the ranks
+    (the slowest of each persistently slow replica) to look at."""
+    slow = []
+    for r in b.slow_replicas():
+        ranks = [k for k, x in enumerate(replica_of) if x == r]
+        slow.append(max(ranks, key=lambda k: last_per_rank[k]))
+    speeds = b.speeds()
+    fastest = max((v for v in speeds if v), default=None)
+    return {"mode": "dynamic" if b.moving else "even", "shares": [b.rows(r)[1] for r in range(b.dp)],
+            "seq_per_s": speeds, "moves": b.moves, "slow_ranks": slow,
+            "slow_vs_fastest": [speeds[replica_of[k]] / fastest for k in slow] if fastest else []}
+
+
+def describe(rep: dict) -> str:
+    """The summary's line for `report`."""
+    speeds = "/".join(f"{v:,.1f}" if v else "-" for v in rep["seq_per_s"])
+    line = (f"  balance ({rep['mode']}): shares {'/'.join(map(str, rep['shares']))} sequences per replica, "
+            f"measured {speeds} sequences/s of compute")
+    if rep["mode"] == "dynamic":
+        line += f", {rep['moves']} moves"
+    for k, x in zip(rep["slow_ranks"], rep["slow_vs_fastest"]):
+        line += f"; rank {k} is persistently slow ({x:.2f}x the fastest replica)"
+    if rep["slow_ranks"] and rep["mode"] == "even":
+        line += "; --balance dynamic would give it less of the batch"
+    return line
 
 
 def replica_seconds(per_rank: list[float], replica_of: list[int], dp: int) -> list[float]:

@@ -182,10 +182,13 @@ class TokenLoader(DataPosition):
         return Batch(inputs=w[:, :-1], targets=w[:, 1:])
 
     def local_batch(self, step: int, dp_rank: int, dp: int, split: str = "train") -> Batch:
-        full = self.batch(step, split)
         n = self.global_batch // dp
-        sl = slice(dp_rank * n, (dp_rank + 1) * n)
-        return Batch(inputs=full.inputs[sl], targets=full.targets[sl])
+        return self.rows(step, dp_rank * n, (dp_rank + 1) * n, split)
+
+    def rows(self, step: int, start: int, stop: int, split: str = "train") -> Batch:
+        """Rows [start, stop) of step `step`'s global batch (a replica's share under --balance dynamic)."""
+        full = self.batch(step, split)
+        return Batch(inputs=full.inputs[start:stop], targets=full.targets[start:stop])
 
     def validation(self) -> "_Split":
         """The held-out split as a data source (the same windows in every layout)."""
@@ -197,20 +200,51 @@ def split_microbatches(batch: Batch, n: int) -> list[Batch]:
 
 
 # ------------------------------------------------------------------ any model's batches
-def split_batch(x, n: int) -> list:
-    """`x` (a tensor, or tuples, lists and dicts of them) as `n` micro-batches along dim 0;
-    anything that is not a tensor is given to every micro-batch as it is."""
+def split_batch(x, n: int | list[int]) -> list:
+    """`x` (a tensor, or tuples, lists and dicts of them) as `n` equal micro-batches along dim 0, or
+    as micro-batches of the rows `n` lists; anything that is not a tensor is given to every
+    micro-batch as it is."""
+    if isinstance(n, list):
+        if torch.is_tensor(x):
+            if x.dim() == 0 or x.shape[0] != sum(n):
+                raise ValueError(f"a batch of {x.shape[0] if x.dim() else 'no'} rows does not split into {n}")
+            return list(x.split(n))
+        count = len(n)
+    else:
+        count = n
     if torch.is_tensor(x):
         if x.dim() == 0 or x.shape[0] % n:
             raise ValueError(f"a batch of {x.shape[0] if x.dim() else 'no'} rows does not split into {n} micro-batches")
         return list(x.chunk(n))
     if isinstance(x, dict):
         parts = {k: split_batch(v, n) for k, v in x.items()}
-        return [{k: parts[k][i] for k in x} for i in range(n)]
+        return [{k: parts[k][i] for k in x} for i in range(count)]
     if isinstance(x, (tuple, list)):
         parts = [split_batch(v, n) for v in x]
-        return [type(x)(p[i] for p in parts) for i in range(n)]
-    return [x] * n
+        return [type(x)(p[i] for p in parts) for i in range(count)]
+    return [x] * count
+
+
+def take_rows(x, start: int, stop: int):
+    """Rows [start, stop) of every tensor in `x` (tensors, tuples, lists and dicts of them)."""
+    if torch.is_tensor(x):
+        return x[start:stop] if x.dim() else x
+    if isinstance(x, dict):
+        return {k: take_rows(v, start, stop) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(take_rows(v, start, stop) for v in x)
+    return x
+
+
+def batch_rows(source, step: int, start: int, stop: int):
+    """Rows [start, stop) of step `step`'s global batch from `source`: its own `rows`, else the
+    whole global batch (`local_batch(step, 0, 1)`) cut."""
+    if hasattr(source, "rows"):
+        return source.rows(step, start, stop)
+    full = source.local_batch(step, 0, 1)
+    if isinstance(full, Batch):
+        return Batch(full.inputs[start:stop], full.targets[start:stop])
+    return take_rows(full, start, stop)
 
 
 def to_device(x, device: torch.device):
@@ -282,7 +316,11 @@ class DatasetLoader(DataPosition):
         if self.global_batch % dp:
             raise ValueError(f"data: a global batch of {self.global_batch} does not split over dp={dp}")
         n = self.global_batch // dp
-        idx = self._indices(step)[dp_rank * n : (dp_rank + 1) * n]
+        return self.rows(step, dp_rank * n, (dp_rank + 1) * n)
+
+    def rows(self, step: int, start: int, stop: int):
+        """Items [start, stop) of step `step`'s global batch, collated."""
+        idx = self._indices(step)[start:stop]
         return self.collate([self.dataset[int(i)] for i in idx])
 
 

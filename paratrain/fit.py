@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 from tqdm.std import TqdmDefaultWriteLock
 
+from paratrain import balance
 from paratrain.checkpoint import PREFIX
 from paratrain.config import format_layout
 from paratrain.metrics import MetricsLog, check_report_to
@@ -48,11 +49,15 @@ class StepStats:
     loss_scale: float | None = None  # fp16
     skipped: bool = False  # fp16: the step overflowed and was skipped
     comm_bytes_inter_node: int | None = None  # across nodes: of comm_bytes, those sent to another node
+    shares: list[int] | None = None  # dp > 1: each replica's sequences this step (balance.py)
+    replica_s: list[float] | None = None  # and its compute seconds (less the time waited in collectives)
 
     def as_metrics(self) -> dict:
         extra = {"pipeline_idle": sum(self.idle_per_rank) / len(self.idle_per_rank)} if self.idle_per_rank else {}
         if self.loss_scale is not None:
             extra.update(loss_scale=self.loss_scale, skipped=self.skipped)
+        if self.shares is not None:
+            extra.update(shares=self.shares, compute_s=self.replica_s)
         if self.comm_bytes_inter_node is not None:
             extra.update(comm_bytes_inter_node=self.comm_bytes_inter_node,
                          comm_bytes_intra_node=self.comm_bytes - self.comm_bytes_inter_node)
@@ -255,7 +260,9 @@ def end_summary(t, steps: list, val: float | None) -> dict:
             "param_bytes_per_rank": [m["params"] for m in memory],
             "memory_per_rank": memory, "checkpoints": t.ckpt.events if t.ckpt else [], "resumed_from": t.resumed_from,
             "snapshots": t.snapshots.events if getattr(t, "snapshots", None) else [],
-            "layout": format_layout(t.cfg.layout), "sample": t.sample(), **pipe, **allreduce_report(t)}
+            "layout": format_layout(t.cfg.layout), "sample": t.sample(), **pipe, **allreduce_report(t),
+            **({"balance": balance.report(t.balancer, t.last_compute, t.replica_of)}
+               if getattr(t, "balancer", None) and hasattr(t, "last_compute") else {})}
 
 
 def allreduce_report(t) -> dict:
@@ -294,5 +301,7 @@ def print_summary(t, summary: dict) -> None:
     if "pipeline_idle_per_stage" in summary:
         idle = ", ".join(f"stage {i} {f:.1%}" for i, f in enumerate(summary["pipeline_idle_per_stage"]))
         print(f"  pipeline idle (measured): {idle}; schedule bubble (theory) {summary['pipeline_bubble_theory']:.1%}")
+    if "balance" in summary:
+        print(balance.describe(summary["balance"]))
     if summary["sample"]:
         print(f"  sample: {summary['sample']!r}", flush=True)

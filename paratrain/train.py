@@ -24,13 +24,14 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
+from paratrain.balance import Balancer, parse_slowdown, replica_seconds, slowed
 from paratrain.checkpoint import Checkpointer, agree_on_latest, full_state_dict, guard_sharded_optimizer, read_manifest
 from paratrain.checkpoint.snapshot import Snapshots
 from paratrain.comm import parse_compress
 from paratrain.comm.flight import Watchdog
 from paratrain.config import RunConfig, format_layout, validate_settings
 from paratrain.faults import parse_fault, strike
-from paratrain.data import DataPosition, TokenLoader, as_pair, call_model, first_tensor, split_batch, to_device
+from paratrain.data import DataPosition, TokenLoader, as_pair, batch_rows, call_model, first_tensor, split_batch, to_device
 from paratrain.fit import StepStats, peak_memory_bytes, run
 from paratrain.group import init
 from paratrain.mesh import Mesh
@@ -81,6 +82,7 @@ class Trainer:
         self.cfg = cfg = api_config(settings, config)
         cfg.layout.dp, cfg.layout.tp, cfg.layout.pp = mesh.size("dp"), mesh.size("tp"), mesh.size("pp")
         if config is None:
+            cfg.train.global_batch = getattr(data, "global_batch", None) or cfg.train.global_batch
             validate_settings(cfg)
         if isinstance(model, ModelSpec):
             self.spec = model
@@ -157,6 +159,11 @@ class Trainer:
         save_fault = (at, how) if who == self.rank and how.startswith("save") else None
         who, _, seconds = (tr.simulate_straggler or "-1:0").partition(":")
         self.straggle = float(seconds) if int(who) == self.rank else 0.0
+        who, factor = parse_slowdown(tr.simulate_slowdown) or (-1, 1.0)
+        self.slowdown = factor if who == self.rank else 1.0
+        if self.pipeline:
+            self.pipeline.executor.slowdown = self.slowdown
+        self.balancer = self._balancer()
         self.watchdog = Watchdog(self.mesh.comm.flight, tr.collective_timeout) if tr.collective_timeout > 0 else None
         if self.watchdog and getattr(self.model, "reduction", None) is not None:
             self.watchdog.also(self.model.reduction.flight)  # the --allreduce thread's steps
@@ -169,6 +176,15 @@ class Trainer:
             if ck.snapshot_every:
                 self.snapshots = Snapshots(self.ckpt, self.mesh, ck.snapshot_every, ck.snapshot_dir)
             self._start_from(folder)
+
+    def _balancer(self) -> Balancer | None:
+        """Each replica's measured speed (dp > 1), and with --balance dynamic its share of the batch."""
+        if self.mesh.size("dp") == 1:
+            return None
+        lay, tr = self.cfg.layout, self.cfg.train
+        self.replica_of = [self.mesh.coords(r)["dp"] for r in range(self.mesh.world_size)]
+        rows = getattr(self.data, "global_batch", None) or tr.global_batch
+        return Balancer(self.dp, rows, lay, moving=tr.balance == "dynamic")
 
     def _start_from(self, folder: str | None) -> None:
         """Load the disk checkpoint `folder` (the newest of a restart, or the one --resume asked
@@ -193,7 +209,8 @@ class Trainer:
             return self._ckpts[root]
         ck = self.cfg.checkpoint
         ckpt = Checkpointer(root, self.model, self.optimizer, self.mesh, self.par.names,
-                            state={"loader": self.position, "scaler": self.scaler}, identity=self.spec.identity,
+                            state={"loader": self.position, "scaler": self.scaler,
+                                   **({"balance": self.balancer} if self.balancer else {})}, identity=self.spec.identity,
                             layout=self.layout_name, config=self.cfg.to_dict(), keep=ck.keep,
                             async_save=ck.async_save, aliases=self.par.aliases, buffer_names=self.par.buffer_names,
                             on_load=self.after_load)
@@ -239,26 +256,34 @@ class Trainer:
     def _loss(self, outputs, targets) -> torch.Tensor:
         return self.loss_fn(outputs, to_device(targets, self.device)).float()
 
-    def forward_backward(self, batch) -> torch.Tensor:
-        """Forward and backward of this rank's part of the global batch, in micro-batches; the
-        gradients are those of the global mean loss (times the fp16 scale). Returns this rank's
-        part of that loss, a device tensor (zero on ranks that do not hold the loss)."""
+    def forward_backward(self, batch, sizes: list[int] | None = None) -> torch.Tensor:
+        """Forward and backward of this rank's part of the global batch, in micro-batches (`sizes`:
+        their rows, under --balance dynamic; else `microbatches` equal ones); the gradients are
+        those of the global mean loss (times the fp16 scale): each micro-batch's mean loss weighs
+        its rows over the global batch. Returns this rank's part of that loss, a device tensor
+        (zero on ranks that do not hold the loss); `compute_s` is its time less the waits."""
         inputs, targets = as_pair(batch)
-        m = self.cfg.layout.microbatches
-        xs = split_batch(inputs, m)
-        ts = split_batch(targets, m) if targets is not None else [None] * m
+        xs = split_batch(inputs, sizes or self.cfg.layout.microbatches)
+        m = len(xs)
+        ts = split_batch(targets, sizes or m) if targets is not None else [None] * m
         scale = self.scaler.scale
-        weight = scale / (self.dp * m)
+        rows = self.balancer.global_batch if sizes else None
+        weights = [scale * n / rows for n in sizes] if sizes else [scale / (self.dp * m)] * m
+        flight = self.mesh.comm.flight
+        t0, waited = time.perf_counter(), flight.blocked_s
         if self.pipeline:
             total = self.pipeline.run([to_device(x, self.device) for x in xs],
-                                      lambda out, i: self._loss(out, ts[i]) * weight)
-            return total / scale
-        total = torch.zeros((), device=self.device)
-        for i, (x, t) in enumerate(zip(xs, ts)):
-            with nullcontext() if i == m - 1 else self.model.no_sync():  # communicate after the last
-                loss = self._loss(call_model(self.model, to_device(x, self.device)), t) * weight
-                loss.backward()
-            total += loss.detach()
+                                      lambda out, i: self._loss(out, ts[i]) * weights[i])
+        else:
+            total = torch.zeros((), device=self.device)
+            for i, (x, t) in enumerate(zip(xs, ts)):
+                with nullcontext() if i == m - 1 else self.model.no_sync(), slowed(self.slowdown, flight, self.device):
+                    loss = self._loss(call_model(self.model, to_device(x, self.device)), t) * weights[i]
+                    loss.backward()  # communicates after the last micro-batch
+                total += loss.detach()
+        if sizes and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the time of the work, not of its launch
+        self.compute_s = time.perf_counter() - t0 - (flight.blocked_s - waited)
         return total / scale
 
     def simulate_faults(self, step: int) -> None:
@@ -269,8 +294,9 @@ class Trainer:
         if self.straggle:
             time.sleep(self.straggle)
 
-    def train_step(self, step: int, batch) -> tuple[torch.Tensor, torch.Tensor | float, float]:
-        """Forward, backward and update for `step` on this rank's `batch`. Returns (this rank's
+    def train_step(self, step: int, batch, sizes: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | float, float]:
+        """Forward, backward and update for `step` on this rank's `batch` (in micro-batches of
+        `sizes` rows, or `microbatches` equal ones). Returns (this rank's
         loss part, grad norm, lr), the first two as device tensors; a skipped fp16 step sets
         `self.skipped`. A non-finite gradient norm, or too many fp16 steps skipped in a row,
         raise NonFiniteError on every rank alike (the norm and the overflow are global)."""
@@ -280,7 +306,7 @@ class Trainer:
         self.model.zero_grad()
         if self.compressor is not None:
             self.compressor.begin_step(step)
-        loss_part = self.forward_backward(batch)
+        loss_part = self.forward_backward(batch, sizes)
         factor = lr_at(step, 1.0, tr.warmup_steps, tr.steps, tr.min_lr_ratio)
         for group in self.optimizer.param_groups:
             group["lr"] = group["initial_lr"] * factor
@@ -339,8 +365,13 @@ class Trainer:
         self.mesh.comm.flight.step = step
         scale = self.scaler.scale
         t0 = time.perf_counter()
-        batch = self.data.local_batch(step, self.dp_rank, self.dp)
-        loss_part, grad_norm, lr = self.train_step(step, batch)
+        shares, sizes = self._share()
+        if sizes:
+            start, n = self.balancer.rows(self.dp_rank)
+            batch = batch_rows(self.data, step, start, start + n)
+        else:
+            batch = self.data.local_batch(step, self.dp_rank, self.dp)
+        loss_part, grad_norm, lr = self.train_step(step, batch, sizes)
         loss_value = float(loss_part) if self.is_loss_rank else 0.0  # float() waits for the device
         inputs = as_pair(batch)[0]
         self.unit = "tokens" if is_tokens(first_tensor(inputs)) else "items"
@@ -350,7 +381,8 @@ class Trainer:
         idle = self.pipeline.executor.idle_fraction() if self.pipeline else 0.0
         # the last column: a stop signal (SIGTERM, SIGINT) any rank received, for all to stop after this step
         g = self._gather([loss_value, self.mesh.comm.bytes, peak_memory_bytes(self.device), dt, idle, items,
-                          float(requested_signal()), self.mesh.comm.inter_bytes])
+                          float(requested_signal()), self.mesh.comm.inter_bytes, self.compute_s])
+        replica_s = self._observe(g[:, 8].tolist())
         self.peak_per_rank = [int(x) for x in g[:, 2]]
         self.agreed_signal = int(g[:, 6].max())
         loss = float(g[:, 0].sum())
@@ -361,7 +393,28 @@ class Trainer:
                          comm_bytes=int(g[:, 1].sum()), grad_norm=grad_norm, lr=lr,
                          idle_per_rank=[float(x) for x in g[:, 4]] if self.pipeline else None,
                          loss_scale=scale if self.scaler.enabled else None, skipped=self.skipped,
-                         comm_bytes_inter_node=int(g[:, 7].sum()) if self.mesh.node_size else None)
+                         comm_bytes_inter_node=int(g[:, 7].sum()) if self.mesh.node_size else None,
+                         shares=shares, replica_s=replica_s)
+
+    def _share(self) -> tuple[list[int] | None, list[int] | None]:
+        """(each replica's rows this step, this replica's micro-batch rows under --balance dynamic)."""
+        b = self.balancer
+        if b is None:
+            return None, None
+        shares = [b.rows(r)[1] for r in range(self.dp)]
+        return shares, b.pass_sizes(self.dp_rank) if b.moving else None
+
+    def _observe(self, per_rank: list[float]) -> list[float] | None:
+        """Each replica's compute seconds this step, given to the balancer (the first step of an
+        attempt pays for warm-up and is left out)."""
+        if self.balancer is None:
+            return None
+        self.last_compute = per_rank
+        seconds = replica_seconds(per_rank, self.replica_of, self.dp)
+        if getattr(self, "_warm", False):
+            self.balancer.observe(seconds)
+        self._warm = True
+        return seconds
 
     @torch.no_grad()
     def evaluate(self, batches: int | None = None) -> float | None:

@@ -24,6 +24,8 @@ from paratrain.checkpoint.store import (CheckpointError, begin_save, read_manife
                                         write_and_publish)
 from paratrain.comm.flight import FlightRecorder
 
+OPTIONAL_STATE = ("balance",)  # state a checkpoint may lack (one of a run that had no dp > 1): left as it is
+
 
 def agreed_aliases(local: dict[str, str], group) -> dict[str, str]:
     """Every rank's aliases (a pipeline stage sees only its own tied names), on every rank."""
@@ -210,11 +212,12 @@ class Checkpointer:
 
     def _restore(self, meta: dict, folder: str) -> None:
         """The meta's objects into `state`, and the optimizer's step count into every moment's state."""
-        missing = [k for k in self.state if k not in meta]
+        missing = [k for k in self.state if k not in meta and k not in OPTIONAL_STATE]
         if missing:
             raise CheckpointError(f"{folder} holds no {missing[0]!r} state (it has {sorted(meta)})")
         for k, obj in self.state.items():
-            obj.load_state_dict(meta[k])
+            if k in meta:
+                obj.load_state_dict(meta[k])
         for s in self.optimizer.state.values():
             if all(m in s for m in MOMENTS) and torch.is_tensor(s.get("step")):
                 s["step"] = torch.full_like(s["step"], float(meta["optim_step"]))

@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from paratrain.balance import slowed
 from paratrain.comm import isend, recv
 from paratrain.mesh import Mesh
 from paratrain.parallel.pipeline.schedule import Action, stage_of
@@ -42,6 +43,7 @@ class PipelineExecutor:
         self.no_sync = no_sync or nullcontext
         self.events: list[dict] = []  # {"rank", "name", "kind", "start", "end"} of the last run
         self.wall_start = 0.0  # time.time() when the last run began: aligns the ranks' events
+        self.slowdown = 1.0  # --simulate-slowdown: this rank's forwards and backwards take this many times as long
 
     def _tag(self, mb: int, stage: int, backward: bool) -> int:
         return (2 * mb + backward) * self.n_stages + stage
@@ -94,7 +96,7 @@ class PipelineExecutor:
                 else:
                     x = self._receive(stage - 1, a.mb, False, stage).requires_grad_(not forward_only)
                 t0 = time.perf_counter()
-                with torch.no_grad() if forward_only else nullcontext():
+                with torch.no_grad() if forward_only else nullcontext(), slowed(self.slowdown, self.mesh.comm.flight):
                     y = chunk(x)
                     if stage == self.n_stages - 1:
                         y = loss_fn(y, a.mb)
@@ -108,7 +110,7 @@ class PipelineExecutor:
                 x, y = saved.pop((a.mb, a.chunk))
                 grad = None if stage == self.n_stages - 1 else self._receive(stage + 1, a.mb, True, stage)
                 t0 = time.perf_counter()
-                with nullcontext() if i == last_backward else self.no_sync():
+                with nullcontext() if i == last_backward else self.no_sync(), slowed(self.slowdown, self.mesh.comm.flight):
                     torch.autograd.backward(y, grad)
                 self._event("B", str(a), t0)
                 if stage > 0:

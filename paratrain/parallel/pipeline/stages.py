@@ -25,13 +25,14 @@ from paratrain.parallel.roles import set_role
 class Pipeline:
     def __init__(self, stages: list[nn.Module], mesh: Mesh, schedule: str, microbatches: int, virtual_stages: int,
                  device: torch.device):
-        self.mesh, self.microbatches = mesh, microbatches
+        self.mesh, self.microbatches, self.schedule = mesh, microbatches, schedule
         p, rank = mesh.size("pp"), mesh.coord("pp")
-        v = virtual_stages if schedule == "interleaved" else 1
+        self.v = v = virtual_stages if schedule == "interleaved" else 1
         n = p * v
         if len(stages) != n:
             raise ValueError(f"pipeline: {len(stages)} stages given for pp={p} x {v} virtual stages")
         self.table = build_schedule(schedule, p, microbatches, v)  # refuses too few micro-batches
+        self.tables = {microbatches: self.table}  # by micro-batches: --balance dynamic changes them
         self.bubble_theory = bubble_fraction(self.table, p)
         self.tied = self._tie(stages, rank, p)
         self.stage_blocks = [list(getattr(s, "blocks", {}).keys()) for s in stages]  # names, for the split's report
@@ -93,6 +94,15 @@ class Pipeline:
             c.train(mode)
         ex.act_shape = shapes
 
+    def set_microbatches(self, m: int) -> None:
+        """Run `m` micro-batches per step from now on (a replica's share under --balance dynamic)."""
+        p = self.mesh.size("pp")
+        if m not in self.tables:
+            self.tables[m] = build_schedule(self.schedule, p, m, self.v)
+        self.microbatches, self.table = m, self.tables[m]
+        self.executor.actions = self.table[self.mesh.coord("pp")]
+        self.bubble_theory = bubble_fraction(self.table, p)
+
     def run(self, inputs: list, loss_fn: Callable[[torch.Tensor, int], torch.Tensor],
             forward_only: bool = False) -> torch.Tensor:
         """Run the schedule on the micro-batches `inputs` (read by the first stage; each a tensor);
@@ -101,6 +111,8 @@ class Pipeline:
         if not torch.is_tensor(inputs[0]):
             raise ValueError("pipeline: the first stage takes one tensor per micro-batch, got "
                              f"{type(inputs[0]).__name__}; pass the inputs as a tensor")
+        if len(inputs) != self.microbatches:
+            self.set_microbatches(len(inputs))
         key = (tuple(inputs[0].shape), inputs[0].dtype)
         if self._probed != key:
             self._probe_shapes(inputs[0])
