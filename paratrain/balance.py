@@ -11,15 +11,18 @@ under ZeRO-2/3, whose collectives follow the passes, every replica makes `microb
 a unit is one sequence.
 
 After every step each replica's compute time (its forward and backward, less the time it waited
-in collectives: its own work) per unit feeds an exponential average; the controller then moves
-units one at a time from the replica predicted to finish last to the one predicted to finish
-first, at most `max_move` per step, and keeps the move only if it cuts the predicted step by
-more than HYSTERESIS (noise alone does not move work). Every rank decides from the same gathered
-numbers, so the shares agree without a collective of their own.
+in collectives: its own work) feeds an exponential average at its present share; a line through
+that time and the one at its share before (a fixed cost per pass, plus a cost per unit; through
+zero until it has two) predicts its time at any share. The controller moves units one grain at a
+time from the replica predicted to finish last to the one predicted to finish first, at most
+`max_move` (a tenth of the batch) per step, and keeps the move only if it cuts the predicted step
+by more than HYSTERESIS, so noise alone does not move work. Every rank decides from the same
+gathered numbers, so the shares agree without a collective of their own.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from contextlib import contextmanager
@@ -184,17 +187,18 @@ class Balancer:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
-        return {"dp": self.dp, "units": self.units, "shares": list(self.shares), "seconds": list(self.seconds),
-                "before": [list(b) if b else None for b in self.before], "moves": self.moves}
+        """One JSON string (checkpoints flatten dicts and lists, whose lengths follow dp)."""
+        return {"json": json.dumps({"dp": self.dp, "units": self.units, "shares": self.shares, "seconds": self.seconds,
+                                    "before": self.before, "moves": self.moves})}
 
     def load_state_dict(self, state: dict) -> None:
         """The shares a run saved, where the replicas and units are the same (else the even split:
         a restart in another world starts from even and learns again)."""
         self.reset()
-        if state.get("dp") == self.dp and state.get("units") == self.units and sum(state["shares"]) == self.units:
-            self.shares, self.seconds = list(state["shares"]), list(state["seconds"])
-            self.before = [tuple(b) if b else None for b in state["before"]]
-            self.moves = state.get("moves", 0)
+        saved = json.loads(state["json"])
+        if saved["dp"] == self.dp and saved["units"] == self.units and sum(saved["shares"]) == self.units:
+            self.shares, self.seconds, self.moves = saved["shares"], saved["seconds"], saved["moves"]
+            self.before = [tuple(b) if b else None for b in saved["before"]]
 
 
 def report(b: Balancer, last_per_rank: list[float], replica_of: list[int]) -> dict:

@@ -3,8 +3,9 @@
 A model comes in as a spec (models/spec.py: paratrain's GPT, or any `nn.Module` with its loss),
 the strategies are applied by one `parallelize` (parallel/parallelize.py), and a step is the same
 math in every layout: the global batch of step k is a function of (seed, k) only, each
-data-parallel rank runs its slice in `microbatches` pieces, every micro-batch's mean loss is
-weighed by 1 / (dp x microbatches) so that summed gradients are those of the global mean loss,
+data-parallel rank runs its slice in `microbatches` pieces (or, under --balance dynamic, the share
+its measured speed earns: balance.py), every micro-batch's mean loss is weighed by its rows over
+the global batch so that summed gradients are those of the global mean loss,
 and one update step (`optim.apply_update`) finishes the reductions, clips on the global norm and
 steps. Checkpoints, metrics and trackers, evaluation, profiling and the hang watchdog are
 components the Trainer is given (fit.py runs them around the steps).
@@ -39,6 +40,7 @@ from paratrain.models.catalog import model_spec, user_spec
 from paratrain.models.spec import ModelSpec
 from paratrain.optim import LossScaler, NonFiniteNorm, apply_update, build_optimizer, lr_at, param_groups
 from paratrain.parallel.parallelize import apply_strategies
+from paratrain.parallel.pipeline.measure import pp_stages
 from paratrain.parallel.tensor import TPGroup
 from paratrain.parallel.zero import ZeroDataParallel
 from paratrain.settings import api_config
@@ -71,14 +73,16 @@ class Trainer:
     def __init__(self, model: nn.Module | ModelSpec, mesh: Mesh | None = None, loss_fn=None, *, data=None,
                  eval_data=None, optimizer=None, tp_plan: dict[str, str] | None = None,
                  blocks: list[nn.Module] | None = None, layers: list[nn.Module] | None = None,
-                 pp_split: list | None = None, device: torch.device | None = None, config: RunConfig | None = None,
-                 data_rank: tuple[int, int] | None = None, **settings):
+                 pp_split: list | str | None = None, device: torch.device | None = None,
+                 config: RunConfig | None = None, data_rank: tuple[int, int] | None = None, **settings):
         if mesh is None:
             mesh = init()
         if mesh.size("pp") > 1 and config is None:  # a pipeline needs at least one micro-batch per stage
             settings.setdefault("microbatches", mesh.size("pp"))
         if isinstance(settings.get("report_to"), (list, tuple)):
             settings["report_to"] = ",".join(settings["report_to"]) or "none"
+        if isinstance(pp_split, str):  # "auto" / "auto-measured": the layout's setting, not split points
+            settings["pp_split"], pp_split = pp_split, None
         self.cfg = cfg = api_config(settings, config)
         cfg.layout.dp, cfg.layout.tp, cfg.layout.pp = mesh.size("dp"), mesh.size("tp"), mesh.size("pp")
         if config is None:
@@ -127,7 +131,7 @@ class Trainer:
         self.par = apply_strategies(
             model, self.mesh, zero=lay.zero, precision=tr.precision, tp_plan=self.spec.tp_plan,
             sequence_parallel=lay.sequence_parallel, activation_checkpointing=tr.activation_checkpointing,
-            blocks=self.spec.blocks, stages=self.spec.stages, bucket_mb=tr.bucket_mb, compressor=self.compressor,
+            blocks=self.spec.blocks, stages=pp_stages(self), bucket_mb=tr.bucket_mb, compressor=self.compressor,
             seed=tr.seed, schedule=lay.schedule, microbatches=lay.microbatches, virtual_stages=lay.virtual_stages,
             compile=tr.compile, broadcast_buffers=tr.broadcast_buffers, sync_batchnorm=tr.sync_batchnorm,
             device=self.device, allreduce=tr.allreduce)

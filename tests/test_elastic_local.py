@@ -161,7 +161,7 @@ def one_process(tmp_path_factory):
     return read_records(str(path))[-1]["final_loss"]
 
 
-def lose_a_node(tmp_path, fault: str) -> tuple[list[dict], list[subprocess.CompletedProcess]]:
+def lose_a_node(tmp_path, fault: str, *more: str) -> tuple[list[dict], list[subprocess.CompletedProcess]]:
     """Train on two local agents with `--simulate-failure fault`; the agent of ranks 2-3 must be gone
     (SIGKILLed) and the other finish; returns the metrics records and the agents' results."""
     metrics = str(tmp_path / "metrics.jsonl")
@@ -178,6 +178,7 @@ def lose_a_node(tmp_path, fault: str) -> tuple[list[dict], list[subprocess.Compl
         metrics,
         "--simulate-failure",
         fault,
+        *more,
     ]
     agents, summary = run_two_agents(tmp_path, args)
     assert agents[0].returncode == 0, summary
@@ -212,6 +213,20 @@ def test_a_node_lost_before_a_checkpoint_or_in_a_save(tmp_path, one_process, fau
     check_survivor(records, one_process, resumed_from)
     saved = [r["step"] for r in records if r.get("event") == "checkpoint"]
     assert 10 in saved and saved.count(10) == 1  # step 10 published once: by the survivor, after the loss
+
+
+@pytest.mark.slow
+def test_balanced_shares_start_even_in_the_new_world_and_move_again(tmp_path, one_process):
+    """--balance dynamic across the loss: rank 1 (on the surviving node) slowed 2x; after the restart at
+    dp=2 the saved dp=4 shares do not apply, the run starts even and moves work off rank 1 again."""
+    records, _ = lose_a_node(tmp_path, "2:8:permanent", "--balance", "dynamic", "--simulate-slowdown", "1:2",
+                             "--microbatches", "2")
+    check_survivor(records, one_process, resumed_from=5)
+    steps = [r for r in records if "shares" in r]
+    before = [r["shares"] for r in steps if len(r["shares"]) == 4]
+    after = [r["shares"] for r in steps if len(r["shares"]) == 2]
+    assert before[0] == [2, 2, 2, 2] and before[-1] != before[0]
+    assert after[0] == [4, 4] and after[-1][0] > after[-1][1] and sum(after[-1]) == 8
 
 
 @pytest.mark.parametrize("how", ["permanent", "save-permanent"])

@@ -195,7 +195,11 @@ class Checkpointer:
         state["meta"] = self._meta()
         same_layout = manifest["layout"] == self.layout and manifest["world_size"] == dist.get_world_size()
         rng = f"rng/{self.rank}"
-        same_layout = same_layout and rng in dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
+        saved = dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
+        same_layout = same_layout and rng in saved
+        for key in OPTIONAL_STATE:  # not in a checkpoint of a run without it: left as it is
+            if not any(k.startswith(f"meta.{key}.") for k in saved):
+                state["meta"].pop(key, None)
         if same_layout:
             state[rng] = torch.get_rng_state()
         group = group or self.group
