@@ -164,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--ranks-per-node", type=int, help="with --calibrate --nodes: ranks on each node (default 2)")
     plan.add_argument("--rate", help="with --calibrate --nodes: each node's link, as tc says it (default 1gbit; "
                                      "none: no limit)")
+    from paratrain.horovod.run import add_parser as add_horovodrun
+
+    add_horovodrun(sub)
     return parser
 
 
@@ -442,6 +445,10 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_compare(args)
     if args.command == "plan":
         return cmd_plan(args)
+    if args.command == "horovodrun":
+        from paratrain.horovod.run import run as horovodrun
+
+        return horovodrun(args)
     parser.print_help()
     return 0
 

@@ -13,6 +13,12 @@ Elastic runs (`launcher_args` `--nnodes 1:N --max-restarts R`, `rdzv_conf=FAST_R
 on, `Launch.restart_node(k)` starts its agent again with the same command, so it rejoins at the
 next rendezvous. Node 0 hosts the rendezvous store: losing it ends an elastic torchrun run (the
 store is not replicated), so the node to lose is k > 0.
+
+A slow node: `cpu_quota={1: 0.5}` runs node 1's processes in a cgroup of their own that may use 0.5
+of one CPU per CFS period (paratrain.cgroups), `pin={0: [0], 1: [1]}` pins a node to CPUs (so that
+the workers size their thread pools to them). Both are per node, the way a machine has its cores:
+a node's ranks share its quota, and a slow rank is a node of one rank (`ranks_per_node=1`). A
+quota per rank would need the agent's forks of the workers wrapped, which torchrun does not offer.
 Root only: `available()` says why a cluster cannot be built here.
 """
 
@@ -31,6 +37,8 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+
+from paratrain import cgroups
 
 SUBNET = "10.213.0"
 FIRST_HOST = 100  # node k is SUBNET.(100+k): addresses of one length sort as the nodes do
@@ -121,7 +129,7 @@ def available() -> str | None:
 
 def cleanup_stale(name_prefix: str = "pt") -> list[str]:
     """Remove the namespaces of clusters whose process is gone (named `{prefix}node{k}-{pid}` or
-    `{prefix}br-{pid}`); return their names."""
+    `{prefix}br-{pid}`), and the cgroups of their nodes; return their names."""
     pattern = re.compile(rf"^{re.escape(name_prefix)}(node\d+|br)-(\d+)$")
     removed = []
     for name in namespaces():
@@ -129,6 +137,10 @@ def cleanup_stale(name_prefix: str = "pt") -> list[str]:
         if match and not _alive(int(match.group(2))):
             remove_netns(name)
             removed.append(name)
+    for group in cgroups.stale_groups(pattern, _alive):
+        kill_until_gone(group.pids)
+        group.remove()
+        removed.append(os.path.basename(group.path))
     return removed
 
 
@@ -179,10 +191,12 @@ class ClusterRun:
 
 class Cluster:
     """`nodes` namespaces of `ranks_per_node` ranks each, linked at `rate` (a tc rate such as "1gbit",
-    or None for no limit). A context manager: everything it built is removed on leaving it."""
+    or None for no limit); `cpu_quota` {node: CPUs per period} and `pin` {node: [CPU, ...]} make
+    nodes slower or pin them. A context manager: everything it built is removed on leaving it."""
 
     def __init__(self, nodes: int = 2, ranks_per_node: int = 2, rate: str | None = "1gbit",
-                 name_prefix: str = "pt"):
+                 name_prefix: str = "pt", cpu_quota: dict[int, float] | None = None,
+                 pin: dict[int, list[int]] | None = None):
         if not 1 <= nodes <= MAX_NODES or ranks_per_node < 1:
             raise ValueError(f"a cluster needs 1 to {MAX_NODES} nodes and ranks_per_node >= 1, "
                              f"not {nodes} and {ranks_per_node}")
@@ -190,7 +204,9 @@ class Cluster:
             raise ValueError(f"rate {rate!r} is not a tc rate (e.g. 1gbit, 100mbit, 125mbps)")
         if not re.fullmatch(r"[a-z][a-z0-9]{0,11}", name_prefix):
             raise ValueError(f"name_prefix {name_prefix!r}: use 1-12 lower-case letters and digits")
+        self.cpu_quota, self.pin = _check_cpus(nodes, cpu_quota or {}, pin or {})
         self.nodes, self.ranks_per_node, self.rate = nodes, ranks_per_node, rate
+        self.groups: dict[int, cgroups.CpuGroup] = {}  # node -> its cgroup, while the cluster is up
         pid = os.getpid()
         self.names = [f"{name_prefix}node{k}-{pid}" for k in range(nodes)]
         self.bridge = f"{name_prefix}br-{pid}"
@@ -238,12 +254,23 @@ class Cluster:
             if self.rate:  # what node k sends (its link) and what it receives (its bridge port)
                 _cmd("tc", "-n", ns, "qdisc", "add", "dev", link, "root", "tbf", "rate", self.rate, *TBF)
                 _cmd("tc", "-n", br, "qdisc", "add", "dev", port, "root", "tbf", "rate", self.rate, *TBF)
+        for k, cpus in sorted(self.cpu_quota.items()):
+            self.groups[k] = cgroups.CpuGroup.create(self.names[k], cpus)
 
     def down(self) -> None:
-        """Kill every process of the nodes, then delete the namespaces (their links go with them)."""
+        """Kill every process of the nodes, then delete the namespaces (their links go with them) and
+        the nodes' cgroups."""
         for name in self.names + [self.bridge]:
             remove_netns(name)
+        for k, group in list(self.groups.items()):
+            kill_until_gone(group.pids)
+            group.remove()
+            del self.groups[k]
         _LIVE.discard(self)
+
+    def cpu_stat(self, k: int) -> dict[str, int]:
+        """Node k's `cpu.stat` (nr_periods, nr_throttled, ...): it needs a cpu_quota."""
+        return self.groups[k].stat()
 
     def pids(self, k: int) -> list[int]:
         """The pids living in node k now."""
@@ -258,7 +285,10 @@ class Cluster:
         full = {**os.environ, "GLOO_SOCKET_IFNAME": self.ifname(k), **(env or {})}
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         full["PYTHONPATH"] = os.pathsep.join(p for p in (root, full.get("PYTHONPATH")) if p)
-        return subprocess.Popen(["ip", "netns", "exec", self.names[k], *argv], env=full, **kw)
+        argv = ["ip", "netns", "exec", self.names[k], *argv]
+        if k in self.groups or k in self.pin:  # in its cgroup before it forks anything; outside the
+            argv = cgroups.wrap(argv, self.groups.get(k), self.pin.get(k))  # namespace (which remounts /sys)
+        return subprocess.Popen(argv, env=full, **kw)
 
     def torchrun_argv(self, k: int, args: list[str], module: str | None, launcher_args: list[str],
                       rdzv_conf: dict | None = None) -> list[str]:
@@ -287,6 +317,22 @@ class Cluster:
             env: dict | None = None, launcher_args: list[str] = (), rdzv_conf: dict | None = None) -> ClusterRun:
         """`start(...)` then `wait(timeout)`: at the timeout every process of every node is killed."""
         return self.start(args, module, env, launcher_args, rdzv_conf).wait(timeout)
+
+
+def _check_cpus(nodes: int, quota: dict, pin: dict) -> tuple[dict[int, float], dict[int, list[int]]]:
+    """`cpu_quota` and `pin` checked against the nodes and this machine's CPUs (ValueError, one line)."""
+    for what, d in (("cpu_quota", quota), ("pin", pin)):
+        bad = [k for k in d if not (isinstance(k, int) and 0 <= k < nodes)]
+        if bad:
+            raise ValueError(f"{what}: node {bad[0]!r} is not one of 0..{nodes - 1}")
+    for k, cpus in quota.items():
+        if not cpus >= cgroups.MIN_QUOTA:
+            raise ValueError(f"cpu_quota of node {k}: {cpus!r} CPUs, not at least {cgroups.MIN_QUOTA}")
+    have = sorted(os.sched_getaffinity(0))
+    for k, cpus in pin.items():
+        if not cpus or not set(cpus) <= set(have):
+            raise ValueError(f"pin of node {k}: {cpus!r} is not a non-empty subset of this process's CPUs {have}")
+    return {k: float(v) for k, v in quota.items()}, {k: list(v) for k, v in pin.items()}
 
 
 def read_records(path: str) -> list[dict]:
@@ -414,7 +460,8 @@ def _install_safety_net() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m paratrain.cluster [--nodes N] [--ranks-per-node R] [--rate 1gbit] ARGS...`: run
+    """`python -m paratrain.cluster [--nodes N] [--ranks-per-node R] [--rate 1gbit] [--cpu-quota K:CPUS]
+    [--pin K:CPU,...] ARGS...`: run
     `paratrain ARGS` (e.g. `train --dp 4`) across N namespaces of this machine, print each node's
     output, tear the cluster down, and exit with the first failing node's status (2 if it cannot run)."""
     import argparse
@@ -424,15 +471,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nodes", type=int, default=2)
     p.add_argument("--ranks-per-node", type=int, default=2)
     p.add_argument("--rate", default="1gbit", help="the link of each node, as tc says it (none: unlimited)")
+    p.add_argument("--cpu-quota", action="append", default=[], metavar="NODE:CPUS",
+                   help="node NODE may use CPUS CPUs per period (e.g. 1:0.5); repeatable")
+    p.add_argument("--pin", action="append", default=[], metavar="NODE:CPU[,CPU]", help="pin a node; repeatable")
     p.add_argument("--timeout", type=float, default=3600)
     p.add_argument("args", nargs=argparse.REMAINDER, help="paratrain's arguments, e.g. train --dp 4")
     a = p.parse_args(argv)
-    why = available()
-    if why or not a.args:
-        print(f"paratrain.cluster: error: {why or 'give paratrain arguments, e.g. train --dp 4'}", file=sys.stderr)
+    why = available() or (None if a.args else "give paratrain arguments, e.g. train --dp 4")
+    try:
+        quota = {int(k): float(v) for k, _, v in (q.partition(":") for q in a.cpu_quota)}
+        pin = {int(k): [int(c) for c in v.split(",")] for k, _, v in (q.partition(":") for q in a.pin)}
+    except ValueError:
+        why = f"--cpu-quota takes NODE:CPUS, --pin NODE:CPU[,CPU], not {a.cpu_quota + a.pin}"
+    try:
+        cluster = None if why else Cluster(a.nodes, a.ranks_per_node, None if a.rate == "none" else a.rate,
+                                           cpu_quota=quota, pin=pin)
+    except ValueError as e:
+        why = str(e)
+    if why:
+        print(f"paratrain.cluster: error: {why}", file=sys.stderr)
         return 2
-    with Cluster(a.nodes, a.ranks_per_node, None if a.rate == "none" else a.rate) as cluster:
-        result = cluster.run(a.args, timeout=a.timeout)
+    try:
+        with cluster:
+            result = cluster.run(a.args, timeout=a.timeout)
+    except cgroups.CgroupError as e:
+        print(f"paratrain.cluster: error: {e}", file=sys.stderr)
+        return 2
     for node in result.nodes:
         print(f"--- node {node.node} (exit {node.returncode})\n{node.stdout}{node.stderr}", end="")
     return next((n.returncode or 1 for n in result.nodes if n.returncode != 0), 0)

@@ -238,6 +238,7 @@ def validate_settings(cfg: RunConfig) -> None:
     _validate_checkpoint(cfg)
     _validate_trackers(cfg)
     _validate_balance(cfg)
+    _validate_pp_split(lay)
 
 
 def _validate_balance(cfg: RunConfig) -> None:
@@ -294,6 +295,7 @@ def _validate_model_and_layout(cfg: RunConfig):
 def _validate_pipeline(cfg: RunConfig, preset) -> None:
     """Enough layers for the stages, enough micro-batches to fill them, and the interleaved chunks."""
     lay, tr = cfg.layout, cfg.train
+    _validate_pp_split(lay, cfg.model.name)
     if lay.pp > 1:
         v = lay.virtual_stages if lay.schedule == "interleaved" else 1
         if preset is not None and preset.n_layer < lay.pp * v:
@@ -318,6 +320,20 @@ def _validate_pipeline(cfg: RunConfig, preset) -> None:
                           "add those or leave it out")
     if tr.timeline is not None and lay.pp == 1:
         raise ConfigError("--timeline: draws the pipeline schedule and needs --pp 2 or more")
+
+
+def _validate_pp_split(lay: LayoutConfig, model: str | None = None) -> None:
+    """`--pp-split`: auto, or auto-measured (parallel/pipeline/measure.py) under a pipeline of a model
+    whose layers it can time (a preset or a factory's; a folder is cut by its family's adapter)."""
+    from paratrain.models.catalog import kind_of
+
+    if lay.pp_split not in ("auto", "auto-measured"):
+        raise ConfigError(f"--pp-split: must be auto or auto-measured, got {lay.pp_split!r}")
+    if lay.pp_split == "auto-measured" and lay.pp < 2:
+        raise ConfigError(f"--pp-split: auto-measured cuts pipeline stages and needs --pp 2 or more, got --pp {lay.pp}")
+    if lay.pp_split == "auto-measured" and model is not None and kind_of(model) == "hf":
+        raise ConfigError(f"--pp-split: auto-measured times paratrain's presets and sequential models; {model} is "
+                          "cut by its family's adapter: use --pp-split auto")
 
 
 def _validate_steps_and_batch(cfg: RunConfig, preset) -> None:

@@ -254,6 +254,8 @@ def end_summary(t, steps: list, val: float | None) -> dict:
         t.peak_per_rank = [peak_memory_bytes(t.device)] * t.mesh.world_size
     memory = t.memory_report()
     pipe = pipeline_report(t, steps[1:] or steps) if t.pipeline else {}
+    if hasattr(t, "pp_split_measured"):  # --pp-split auto-measured (parallel/pipeline/measure.py)
+        pipe["pp_split_measured"] = t.pp_split_measured
     return {"event": "end", "steps": tr.steps, "final_loss": steps[-1].loss, "first_loss": steps[0].loss,
             "first_step": steps[0].step, "val_loss": val, "tokens_per_s": throughput, "tflops_per_device": tflops,
             "mfu": mfu, "peak_mem_bytes_per_rank": t.peak_per_rank,

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from paratrain.models.gpt import GPT
 from paratrain.models.spec import ModelSpec, sample_text, token_cross_entropy, vocab_parallel_loss
+from paratrain.parallel.pipeline.measure import gpt_stages_at, gpt_units
 from paratrain.parallel.pipeline.partition import build_stages, split_gpt
 from paratrain.planner.cost import flops_per_token
 
@@ -235,4 +236,6 @@ def llama_spec(name: str, seed: int, seq_len: int, dropout: float = 0.0, vocab_s
         identity=llama_identity(name, vocab_size),
         flops_per_token=flops_per_token(cfg, seq_len),
         sample=sample_text,
+        pp_units=gpt_units,
+        stages_at=gpt_stages_at,
     )

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from paratrain.data import ByteTokenizer
 from paratrain.models.gpt import PRESETS, GPTConfig, build_model
-from paratrain.parallel.pipeline.partition import build_stages, sequential_stages, split_gpt
+from paratrain.parallel.pipeline.measure import gpt_stages_at, gpt_units
+from paratrain.parallel.pipeline.partition import build_stages, sequence_of, sequential_stages, split_gpt
 from paratrain.parallel.tensor import GPT_PLAN, ColumnParallelLinear, TPGroup, vocab_parallel_cross_entropy
 from paratrain.planner.cost import flops_per_token
 
@@ -31,7 +32,9 @@ class ModelSpec:
     it under tensor parallelism when the outputs stay sharded (a vocabulary-parallel head).
     `stages(model, n)` cuts the (tensor-parallel) model into n pipeline stage modules whose
     parameters keep the full model's names. `blocks(module)` lists the repeated layers of a model
-    or a stage. `identity` is what a checkpoint must match to load."""
+    or a stage. `identity` is what a checkpoint must match to load. For `--pp-split auto-measured`
+    (parallel/pipeline/measure.py), `pp_units(model)` lists the units a split may cut between with
+    the layers timed in each, and `stages_at(model, ranges)` builds the stages of a split of them."""
 
     name: str
     build: Callable[[], nn.Module]
@@ -44,6 +47,8 @@ class ModelSpec:
     flops_per_token: float | None = None  # training FLOPs per token (MFU); None when unknown
     sample: Callable | None = None  # sample(model, device, seed) -> text, for the summary
     source: str | None = None  # the --model it came from (a folder, MODULE:FUNCTION): checkpoints record it
+    pp_units: Callable[[nn.Module], list] | None = None
+    stages_at: Callable[[nn.Module, list[range]], list[nn.Module]] | None = None
 
 
 def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -73,6 +78,8 @@ def gpt_spec(name: str, seed: int, seq_len: int, dropout: float = 0.0, tie_embed
         identity=gpt_identity(name, tie_embeddings, vocab_size),
         flops_per_token=flops_per_token(preset, seq_len),
         sample=sample_text,
+        pp_units=gpt_units,
+        stages_at=gpt_stages_at,
     )
 
 
@@ -105,7 +112,20 @@ def module_spec(model: nn.Module, loss_fn: Callable, *, tp_plan: dict[str, str] 
         stages=lambda m, n: sequential_stages(m, n, layers, pp_split),
         blocks=(lambda m: chosen if m is model else None) if chosen is not None else None,
         identity=module_identity(model),
+        pp_units=lambda m: sequence_units(m, layers, pp_split),
+        stages_at=lambda m, ranges: sequential_stages(m, len(ranges), layers, None, ranges),
     )
+
+
+def sequence_units(model: nn.Module, layers: list[nn.Module] | None, split) -> list:
+    """A sequential model's layers as the units of a measured split (each its own unit)."""
+    if split is not None:
+        raise ValueError(f"pp_split: the split points {split!r} are given and auto-measured would choose them; "
+                         "give one or the other")
+    if layers is None and not isinstance(model, nn.Sequential):
+        raise ValueError(f"pp_split: auto-measured times the layers of an nn.Sequential or layers=[...], not a "
+                         f"{type(model).__name__}; use pp_split='auto'")
+    return [(name, [(name, layer)]) for name, layer in zip(*sequence_of(model, layers))]
 
 
 @torch.no_grad()

@@ -80,7 +80,8 @@ def sync_module_states(module: nn.Module, mesh: Mesh) -> None:
 
 class DataParallel(SyncSwitch, nn.Module):
     def __init__(self, module: nn.Module, mesh: Mesh, bucket_mb: float = 25.0, average: bool = False,
-                 compressor: Compressor | None = None, broadcast_buffers: bool = True, allreduce: str = "backend"):
+                 compressor: Compressor | None = None, broadcast_buffers: bool = True, allreduce: str = "backend",
+                 sync_states: bool = True):
         super().__init__()
         self.module = module
         self.broadcast_buffers = broadcast_buffers
@@ -93,7 +94,8 @@ class DataParallel(SyncSwitch, nn.Module):
         self.require_sync = True
         self.reduction = GradientAllReduce(allreduce, mesh)  # --allreduce: the backend's, or ours on a thread
         params = [p for p in module.parameters() if p.requires_grad]
-        sync_module_states(module, mesh)
+        if sync_states:  # off for Horovod's optimizer: its script broadcasts the parameters itself
+            sync_module_states(module, mesh)
         self.buckets: list[Bucket] = []
         self._slot_of: dict[nn.Parameter, tuple[int, int]] = {}  # param -> (bucket, index)
         self._next_to_launch = 0

@@ -217,20 +217,26 @@ class SequentialStage(nn.Module):
         return x
 
 
-def sequential_stages(model: nn.Module, n: int, layers: list[nn.Module] | None,
-                      split: list[int] | list[str] | None) -> list[nn.Module]:
-    """A sequence of layers cut into n contiguous stages (balanced by parameter count, or at
-    `split`); each layer keeps its name in the sequence (an index for `layers=[...]`)."""
+def sequence_of(model: nn.Module, layers: list[nn.Module] | None) -> tuple[list[str], list[nn.Module]]:
+    """(names, layers) of a model given as a sequence: an `nn.Sequential`'s children under their
+    names, or `layers=[...]` under their indices."""
     if layers is None:
         if not isinstance(model, nn.Sequential):
             raise ValueError("parallelize: pipeline parallelism needs the model as a sequence of layers: "
                              "pass an nn.Sequential, or layers=[...] (each layer takes the previous one's output)")
-        names, layers = list(model._modules), list(model)  # (named_children would skip a repeated layer)
-    else:
-        names = [str(i) for i in range(len(layers))]
-    if split is None:  # balanced by parameter count (a layer without parameters costs little)
+        return list(model._modules), list(model)  # (named_children would skip a repeated layer)
+    return [str(i) for i in range(len(layers))], list(layers)
+
+
+def sequential_stages(model: nn.Module, n: int, layers: list[nn.Module] | None,
+                      split: list[int] | list[str] | None, ranges: list[range] | None = None) -> list[nn.Module]:
+    """A sequence of layers cut into n contiguous stages (balanced by parameter count, at `split`,
+    or as `ranges` of the layers say); each layer keeps its name in the sequence (an index for
+    `layers=[...]`)."""
+    names, layers = sequence_of(model, layers)
+    if ranges is None and split is None:  # balanced by parameter count (a layer without parameters costs little)
         ranges = balanced_partition([1 + sum(x.numel() for x in layer.parameters()) for layer in layers], n)
-    else:
+    elif ranges is None:
         starts = [names.index(str(x)) if str(x) in names else -1 for x in split]
         if len(starts) != n - 1 or starts != sorted(set(starts)) or not all(0 < a < len(layers) for a in starts):
             raise ValueError(f"parallelize: pp_split must name {n - 1} increasing layers where stages 2..{n} begin "
