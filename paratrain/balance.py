@@ -15,8 +15,9 @@ in collectives: its own work) feeds an exponential average at its present share;
 that time and the one at its share before (a fixed cost per pass, plus a cost per unit; through
 zero until it has two) predicts its time at any share. The controller moves units one grain at a
 time from the replica predicted to finish last to the one predicted to finish first, at most
-`max_move` (a tenth of the batch) per step, and keeps the move only if it cuts the predicted step
-by more than HYSTERESIS, so noise alone does not move work. Every rank decides from the same
+`max_move` (a tenth of the batch) per step, and makes the move only if it cuts the predicted step
+by more than HYSTERESIS and the step before called for the same move, so noise and a burst of
+outside load alone do not move work. Every rank decides from the same
 gathered numbers, so the shares agree without a collective of their own.
 """
 
@@ -106,6 +107,7 @@ class Balancer:
         self.slow_steps = [0] * self.dp  # steps in a row each replica was SLOW x the fastest per unit
         self.moves = 0
         self.measured: list[float] | None = None  # seconds per unit at the last step
+        self.proposed: list[int] | None = None  # the move the last step called for
 
     # ------------------------------------------------------------------ this replica's part
     def rows(self, replica: int) -> tuple[int, int]:
@@ -133,11 +135,15 @@ class Balancer:
         if not self.moving:  # --balance even: measured, not moved
             return False
         proposal = self._greedy(list(self.shares))
-        if self.predicted(proposal) < (1 - HYSTERESIS) * self.predicted(self.shares):
+        if self.predicted(proposal) >= (1 - HYSTERESIS) * self.predicted(self.shares):
+            self.proposed = None
+            return False
+        seen, self.proposed = self.proposed, proposal
+        if seen == proposal:  # the same move two steps in a row: not a burst of outside load
             for r, (new, old) in enumerate(zip(proposal, self.shares)):
                 if new != old:  # a new share: its time is measured afresh
                     self.before[r], self.seconds[r] = (old, self.seconds[r]), None
-            self.shares = proposal
+            self.shares, self.proposed = proposal, None
             self.moves += 1
             return True
         return False
