@@ -43,3 +43,29 @@ def print_speed(res: dict, ours: str, peer: str) -> float:
         print(f"{name:<10} {statistics.median(tps):>16,.0f} {min(tps):>9,.0f} {max(tps):>9,.0f}"
               f"   {res['first_loss'][name]:.6f}")
     return statistics.median(res["tokens_per_s"][ours]) / statistics.median(res["tokens_per_s"][peer])
+
+
+def run_peer(p: argparse.ArgumentParser, worker: Callable, ours: str, peer: str, detail: Callable) -> None:
+    """Check the shared options, run `worker` on --world ranks, print the speeds, the ratio
+    ours / peer (with `detail(args)` after it) and whether the first-step losses agree; write
+    --json; exit non-zero when they do not agree (the contenders compute different things)."""
+    import math
+
+    import torch
+
+    args = p.parse_args()
+    if args.global_batch % args.world:
+        p.error(f"--global-batch {args.global_batch} must be a multiple of --world {args.world}")
+    if min(args.warmup, args.steps, args.rounds) < 1:
+        p.error("--warmup, --steps and --rounds must be at least 1 (the loss check uses the first warm-up step)")
+    res = spawn_ranks(worker, args.world, args)
+    ratio = print_speed(res, ours, peer)
+    a, b = res["first_loss"][ours], res["first_loss"][peer]
+    agree = math.isclose(a, b, rel_tol=1e-5)
+    print(f"first-step loss: {ours} {a:.6f}, {peer} {b:.6f}: {'agree' if agree else 'DIFFER'}")
+    print(f"ratio {ours}/{peer} tokens/s: {ratio:.2f}x ({detail(args)}, torch {torch.__version__})")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({**res, "ratio": ratio, "first_loss_agree": agree, "args": vars(args)}, fh, indent=1)
+    if not agree:
+        raise SystemExit("the contenders disagree on the first-step loss: they do not compute the same thing")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 
 import torch
@@ -21,7 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from common import peer_parser, print_speed, spawn_ranks
+from common import peer_parser, run_peer
 from paratrain.data import TokenLoader, load_corpus
 from paratrain.launch import threads_per_worker
 from paratrain.mesh import Mesh
@@ -96,24 +95,9 @@ def main() -> None:
     p = peer_parser(__doc__, warmup=3, steps=20)
     p.add_argument("--world", type=int, default=2)
     p.add_argument("--bucket-mb", type=float, default=25.0)
-    args = p.parse_args()
-    if args.global_batch % args.world:
-        p.error(f"--global-batch {args.global_batch} must be a multiple of --world {args.world}")
-    if min(args.warmup, args.steps, args.rounds) < 1:
-        p.error("--warmup, --steps and --rounds must be at least 1 (the loss check uses the first warm-up step)")
-    res = spawn_ranks(worker, args.world, args)
-    ratio = print_speed(res, "paratrain", "ddp")
-    ours, peer = res["first_loss"]["paratrain"], res["first_loss"]["ddp"]
-    agree = math.isclose(ours, peer, rel_tol=1e-5)
-    print(f"first-step loss: paratrain {ours:.6f}, ddp {peer:.6f}: {'agree' if agree else 'DIFFER'}")
-    print(f"ratio paratrain/ddp tokens/s: {ratio:.2f}x (world {args.world}, model {args.model}, "
-          f"batch {args.global_batch}x{args.seq_len}, bucket {args.bucket_mb:g} MB, "
-          f"{args.rounds} rounds of {args.steps} steps, torch {torch.__version__})")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({**res, "ratio": ratio, "first_loss_agree": agree, "args": vars(args)}, fh, indent=1)
-    if not agree:
-        raise SystemExit("the contenders disagree on the first-step loss: they do not compute the same thing")
+    detail = lambda a: (f"world {a.world}, model {a.model}, batch {a.global_batch}x{a.seq_len}, "  # noqa: E731
+                        f"bucket {a.bucket_mb:g} MB, {a.rounds} rounds of {a.steps} steps")
+    run_peer(p, worker, "paratrain", "ddp", detail)
 
 
 if __name__ == "__main__":
