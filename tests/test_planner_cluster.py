@@ -240,6 +240,7 @@ def test_plan_prices_the_all_reduce_it_is_asked_for(cache, capsys):
     assert "data-parallel all-reduce: hierarchical" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # 22 s; the two-node calibration itself stays in the default run
 def test_plan_calibrate_nodes_on_the_harness_then_plans(cache, capsys):
     """`paratrain plan --calibrate --nodes 2 --ranks-per-node 2 --rate 1gbit --model small` on a real
     cluster of this machine (a saved cpu-local spares its calibration): the link's rate measured,

@@ -128,8 +128,10 @@ def plan(args) -> list[tuple[str, list[str]]]:
         nnodes = f"{lo}:{hi}"
     endpoint, run_id = f"{used[0][0]}:{RDZV_PORT}", f"horovodrun-{uuid.uuid4().hex[:8]}"
     common = ["--nnodes", nnodes, "--nproc-per-node", str(per_host), "--rdzv-backend", "c10d", "--rdzv-endpoint",
-              endpoint, "--rdzv-id", run_id, "--rdzv-conf", f"join_timeout={args.start_timeout}", *restarts]
-    return [(h, [*common, *tail]) for h, _ in used]
+              endpoint, "--rdzv-id", run_id, *restarts]
+    # the first host keeps the rendezvous store; each agent is reached at the name it was given
+    return [(h, [*common, "--rdzv-conf", f"join_timeout={args.start_timeout},is_host={int(k == 0)}",
+                 "--local-addr", h, *tail]) for k, (h, _) in enumerate(used)]
 
 
 def remote(host: str, argv: list[str], args, env: dict[str, str]) -> list[str]:
