@@ -47,7 +47,7 @@ CASES.update(SLOW_CASES)
 
 
 @pytest.mark.parametrize("case", [c if c not in SLOW_CASES else pytest.param(c, marks=pytest.mark.slow)
-                                  for c in CASES])  # dp4 too: 4 ranks on 2 cores, the slowest of the default
+                                  for c in CASES])
 def test_dynamic_shares_move_to_fast_ranks_with_the_losses_of_one_process(tmp_path, reference, case):
     metrics = tmp_path / "m.jsonl"
     result = run_tiny(steps=STEPS, global_batch=16, balance="dynamic", simulate_slowdown="1:2",
