@@ -506,3 +506,27 @@ def test_a_horovod_script_runs_unchanged_under_torchrun(tmp_path):
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                           str(path)], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().splitlines()[-1] == "ok 2 2 1 1", out.stderr[-3000:]
+
+
+def _uneven_steps_with_join() -> str:
+    import paratrain.horovod as hvd
+
+    hvd.init()
+    model = _model()
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), named_parameters=model.named_parameters())
+    if hvd.rank() == 1:  # out of data at once
+        return f"joined {hvd.join()}"
+    x, y = _batch(1, 0)
+    opt.zero_grad()
+    try:
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        return "stepped"
+    except hvd.HorovodInternalError as e:
+        return f"{str(e).split(';')[0]}; joined {hvd.join()}"
+
+
+def test_uneven_steps_with_join_are_one_clear_error_not_a_hang():
+    out = spawn(_uneven_steps_with_join, 2, timeout=120)
+    assert out[0].startswith("DistributedOptimizer: 1 of 2 ranks have called hvd.join()"), out
+    assert out[1].startswith("joined")

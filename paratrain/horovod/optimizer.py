@@ -112,10 +112,29 @@ class _DistributedOptimizer:
             raise AssertionError("Gradients were computed more than backward_passes_per_step times before call to "
                                  "step(). Increase backward_passes_per_step to accumulate gradients locally.")
         last = self._delay[p] == 0
+        if last and self._engine is not None:
+            self._nobody_joined()  # before the first bucket of this step starts
         if last and self._predivide != 1.0:
             p.grad.div_(self._predivide)
         if self._engine is not None:
             self._engine.require_sync = last
+
+    def _nobody_joined(self) -> None:
+        """Once a step, before its buckets: every rank is stepping. A rank inside `hvd.join()` stands
+        in for Horovod's negotiated collectives but not for the engine's buckets, so uneven steps
+        with this optimizer are one clear error on every active rank instead of a hang."""
+        if getattr(self, "_checked", False) or dist.get_world_size() == 1:
+            return
+        from paratrain.horovod.exceptions import HorovodInternalError
+        from paratrain.horovod.ops import Sum, allreduce
+
+        self._checked = True
+        active = int(allreduce(torch.ones(1), op=Sum, name="DistributedOptimizer: every rank steps"))
+        if active < dist.get_world_size():
+            raise HorovodInternalError(
+                f"DistributedOptimizer: {dist.get_world_size() - active} of {dist.get_world_size()} ranks have called "
+                "hvd.join(); paratrain does not reduce the optimizer's gradients with joined ranks: give every rank "
+                "the same number of steps (e.g. drop_last, or a DistributedSampler without uneven tails)")
 
     def synchronize(self) -> None:
         """Finish the reduction of this step's gradients (every rank calls it)."""
@@ -123,6 +142,7 @@ class _DistributedOptimizer:
 
         size = dist.get_world_size()
         if self._engine is not None:
+            self._nobody_joined()
             self._engine.finish_grad_sync()
             if self._op == Average and size > 1:
                 for b in self._engine.buckets:
@@ -133,7 +153,7 @@ class _DistributedOptimizer:
                     p.grad = torch.zeros_like(p)
                 allreduce_(p.grad, op=self._op, name=self._names[p])
         self._delay = dict.fromkeys(self._delay, self._passes)
-        self._synchronized = True
+        self._synchronized, self._checked = True, False
 
     @contextmanager
     def skip_synchronize(self):
