@@ -54,8 +54,11 @@ def free_port() -> int:
     raise RuntimeError("no free port below the ephemeral range")
 
 
-def agent_argv(port: int, run_id: str, host: bool, args: list[str]) -> list[str]:
-    """One torchrun agent of the run: 2 workers, elastic 1 to 2 nodes, FAST_RDZV, hosting the store or not."""
+def agent_argv(
+    port: int, run_id: str, host: bool, args: list[str], entry: tuple[str, ...] = ("-m", "paratrain")
+) -> list[str]:
+    """One torchrun agent of the run: 2 workers, elastic 1 to 2 nodes, FAST_RDZV, hosting the store or
+    not, each worker running `entry ARGS` (paratrain's CLI, or a script)."""
     conf = ",".join(f"{k}={v}" for k, v in {**FAST_RDZV, "is_host": int(host)}.items())
     return [
         sys.executable,
@@ -75,8 +78,7 @@ def agent_argv(port: int, run_id: str, host: bool, args: list[str]) -> list[str]
         run_id,
         "--rdzv-conf",
         conf,
-        "-m",
-        "paratrain",
+        *entry,
         *args,
     ]
 
@@ -100,13 +102,20 @@ def kill_marked(mark: str) -> None:
     kill_until_gone(lambda: marked_pids(mark), pause=0.05)
 
 
-def run_two_agents(tmp_path, args: list[str], timeout: float = 240) -> tuple[list[subprocess.CompletedProcess], str]:
+def run_two_agents(
+    tmp_path,
+    args: list[str],
+    timeout: float = 240,
+    entry: tuple[str, ...] = ("-m", "paratrain"),
+    env: dict | None = None,
+) -> tuple[list[subprocess.CompletedProcess], str]:
     """Start the hosting agent, then the other, both running `paratrain ARGS`; wait for both. The
     rendezvous orders nodes by pid, so the first agent holds ranks 0-1 (it hosts the store, which must
     outlive the loss) and the second ranks 2-3. Every process started is SIGKILLed at the end."""
     mark = uuid.uuid4().hex
     env = {
         **os.environ,
+        **(env or {}),
         **ELASTIC_ENV,
         MARK: mark,
         "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p),
@@ -119,7 +128,7 @@ def run_two_agents(tmp_path, args: list[str], timeout: float = 240) -> tuple[lis
             procs.append(
                 (
                     subprocess.Popen(
-                        agent_argv(port, run_id, k == 0, args),
+                        agent_argv(port, run_id, k == 0, args, entry),
                         env=env,
                         stdout=out,
                         stderr=err,
@@ -219,8 +228,9 @@ def test_a_node_lost_before_a_checkpoint_or_in_a_save(tmp_path, one_process, fau
 def test_balanced_shares_start_even_in_the_new_world_and_move_again(tmp_path, one_process):
     """--balance dynamic across the loss: rank 1 (on the surviving node) slowed 2x; after the restart at
     dp=2 the saved dp=4 shares do not apply, the run starts even and moves work off rank 1 again."""
-    records, _ = lose_a_node(tmp_path, "2:8:permanent", "--balance", "dynamic", "--simulate-slowdown", "1:2",
-                             "--microbatches", "2")
+    records, _ = lose_a_node(
+        tmp_path, "2:8:permanent", "--balance", "dynamic", "--simulate-slowdown", "1:2", "--microbatches", "2"
+    )
     check_survivor(records, one_process, resumed_from=5)
     steps = [r for r in records if "shares" in r]
     before = [r["shares"] for r in steps if len(r["shares"]) == 4]

@@ -508,25 +508,47 @@ def test_a_horovod_script_runs_unchanged_under_torchrun(tmp_path):
     assert out.returncode == 0 and out.stdout.strip().splitlines()[-1] == "ok 2 2 1 1", out.stderr[-3000:]
 
 
-def _uneven_steps_with_join() -> str:
+def _uneven_steps_with_join(options: dict) -> list[torch.Tensor]:
+    """Rank 0 runs out of data after 2 steps and joins; rank 1 takes 2 more (Horovod's join)."""
     import paratrain.horovod as hvd
 
     hvd.init()
     model = _model()
-    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), named_parameters=model.named_parameters())
-    if hvd.rank() == 1:  # out of data at once
-        return f"joined {hvd.join()}"
-    x, y = _batch(1, 0)
-    opt.zero_grad()
-    try:
-        torch.nn.functional.mse_loss(model(x), y).backward()
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=LR), named_parameters=model.named_parameters(),
+                                   **options)
+    for step in range(2 if hvd.rank() == 0 else 4):
+        opt.zero_grad()
+        x, y = _batch(step, hvd.rank())
+        nn.functional.mse_loss(model(x), y).backward()
         opt.step()
-        return "stepped"
-    except hvd.HorovodInternalError as e:
-        return f"{str(e).split(';')[0]}; joined {hvd.join()}"
+    last = hvd.join()
+    params = hvd.broadcast_object([p.detach() for p in model.parameters()], root_rank=1)
+    return [last, [p.detach() for p in model.parameters()], params]
 
 
-def test_uneven_steps_with_join_are_one_clear_error_not_a_hang():
-    out = spawn(_uneven_steps_with_join, 2, timeout=120)
-    assert out[0].startswith("DistributedOptimizer: 1 of 2 ranks have called hvd.join()"), out
-    assert out[1].startswith("joined")
+def _uneven_reference(scale: float) -> list[torch.Tensor]:
+    """Steps 0-1: both ranks' gradients combined; steps 2-3: rank 1's with the joined rank's zeros."""
+    model = _model()
+    for step in range(4):
+        grads = [_local_grads(model, step, r, 1) if step < 2 or r == 1 else None for r in (0, 1)]
+        with torch.no_grad():
+            for i, p in enumerate(model.parameters()):
+                p -= LR * scale * sum(g[i] for g in grads if g is not None)
+    return [p.detach() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("options,scale", [({}, 0.5), ({"op": "Sum", "compression": "fp16"}, 1.0)])
+def test_uneven_steps_with_join_reduce_with_zeros_from_the_joined_rank(options, scale):
+    """The joined rank stands in for the optimizer's gradients: the others keep stepping, an
+    average divides by the whole world (Horovod's join), and join returns the last rank to join."""
+    import paratrain.horovod as hvd
+
+    resolved = {"op": getattr(hvd, options["op"])} if "op" in options else {}
+    if "compression" in options:
+        resolved["compression"] = hvd.Compression.fp16
+    out = spawn(_uneven_steps_with_join, 2, resolved, timeout=120)
+    want = _uneven_reference(scale)
+    tol = 2e-3 if "compression" in options else 1e-6
+    assert [o[0] for o in out] == [1, 1]
+    for got in (out[1][1], out[0][2]):  # rank 1's weights, as rank 1 has them and as broadcast to rank 0
+        assert all(torch.allclose(g, w, atol=tol) for g, w in zip(got, want)), (got[0][0], want[0][0])

@@ -11,7 +11,9 @@ gradients by Maleki et al. 2021's rule (per tensor: it is not a sum, so it canno
 `backward_passes_per_step` N gradients accumulate locally for N backward passes and are reduced
 on the N-th; `synchronize()` finishes the reduction (so that gradients can be clipped), and
 `step()` inside `skip_synchronize()` does not reduce again; `zero_grad()` between a backward and
-its `step()` is refused, as in Horovod.
+its `step()` is refused, as in Horovod. Once a step, one small negotiated all-reduce counts the ranks
+inside `hvd.join()`; when some are, that step's gradients go through the negotiated all-reduce, in
+which the joined ranks stand in with zeros (so uneven numbers of steps per rank train as Horovod's).
 """
 
 from __future__ import annotations
@@ -98,7 +100,7 @@ class _DistributedOptimizer:
         self._delay = {p: backward_passes_per_step for p in trained}
         for p in trained:  # before the engine's own hooks: they decide whether this backward reduces
             p.register_post_accumulate_grad_hook(self._arrived)
-        self._engine = None
+        self._engine, self._joined = None, None
         if op != Adasum:
             holder = nn.Module()
             holder.params = nn.ParameterList(trained)
@@ -113,28 +115,42 @@ class _DistributedOptimizer:
                                  "step(). Increase backward_passes_per_step to accumulate gradients locally.")
         last = self._delay[p] == 0
         if last and self._engine is not None:
-            self._nobody_joined()  # before the first bucket of this step starts
+            self._count_joined()  # before the first bucket of this step starts
         if last and self._predivide != 1.0:
             p.grad.div_(self._predivide)
         if self._engine is not None:
-            self._engine.require_sync = last
+            self._engine.require_sync = last and not self._joined
 
-    def _nobody_joined(self) -> None:
-        """Once a step, before its buckets: every rank is stepping. A rank inside `hvd.join()` stands
-        in for Horovod's negotiated collectives but not for the engine's buckets, so uneven steps
-        with this optimizer are one clear error on every active rank instead of a hang."""
-        if getattr(self, "_checked", False) or dist.get_world_size() == 1:
+    def _count_joined(self) -> None:
+        """Once a step, before its buckets: how many ranks are inside `hvd.join()`. With none, the
+        engine's buckets reduce as backward fills them; with some, this step's gradients go through
+        the negotiated all-reduce, in which a joined rank stands in with zeros (Horovod's join: an
+        average still divides by the whole world's size)."""
+        if self._joined is not None:
             return
-        from paratrain.horovod.exceptions import HorovodInternalError
-        from paratrain.horovod.ops import Sum, allreduce
+        self._joined = 0
+        if dist.get_world_size() > 1:
+            from paratrain.horovod.ops import Sum, allreduce
 
-        self._checked = True
-        active = int(allreduce(torch.ones(1), op=Sum, name="DistributedOptimizer: every rank steps"))
-        if active < dist.get_world_size():
-            raise HorovodInternalError(
-                f"DistributedOptimizer: {dist.get_world_size() - active} of {dist.get_world_size()} ranks have called "
-                "hvd.join(); paratrain does not reduce the optimizer's gradients with joined ranks: give every rank "
-                "the same number of steps (e.g. drop_last, or a DistributedSampler without uneven tails)")
+            active = int(allreduce(torch.ones(1), op=Sum, name="DistributedOptimizer: ranks stepping"))
+            self._joined = dist.get_world_size() - active
+
+    def _reduce_with_joined(self) -> None:
+        """This step's gradients through the negotiated all-reduce, one grouped call per bucket of
+        the engine (a joined rank stands in with zeros), fp16 on the wire under Compression.fp16."""
+        from paratrain.horovod.ops import Average, Sum, grouped_allreduce_
+
+        wire = torch.float16 if self._engine.compressor is not None else None
+        op = Average if self._op == Average else Sum
+        for i, b in enumerate(self._engine.buckets):
+            for p in b.params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            grads = [p.grad.to(wire) for p in b.params] if wire else [p.grad for p in b.params]
+            grouped_allreduce_(grads, op=op, postscale_factor=self._predivide, name=f"DistributedOptimizer: bucket {i}")
+            if wire:
+                for p, g in zip(b.params, grads):
+                    p.grad.copy_(g)
 
     def synchronize(self) -> None:
         """Finish the reduction of this step's gradients (every rank calls it)."""
@@ -142,18 +158,21 @@ class _DistributedOptimizer:
 
         size = dist.get_world_size()
         if self._engine is not None:
-            self._nobody_joined()
-            self._engine.finish_grad_sync()
-            if self._op == Average and size > 1:
-                for b in self._engine.buckets:
-                    b.buffer.mul_(self._predivide / size)
+            self._count_joined()
+            if self._joined:
+                self._reduce_with_joined()
+            else:
+                self._engine.finish_grad_sync()
+                if self._op == Average and size > 1:
+                    for b in self._engine.buckets:
+                        b.buffer.mul_(self._predivide / size)
         else:  # Adasum, per tensor, in the order of the optimizer's parameters
             for p in self._delay:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 allreduce_(p.grad, op=self._op, name=self._names[p])
         self._delay = dict.fromkeys(self._delay, self._passes)
-        self._synchronized, self._checked = True, False
+        self._synchronized, self._joined = True, None
 
     @contextmanager
     def skip_synchronize(self):
