@@ -31,13 +31,13 @@ def reference() -> list[float]:
 
 CASES = {
     "dp2": dict(dp=2, microbatches=4),
-    "dp4": dict(dp=4, microbatches=2),
     "dp2-zero3": dict(dp=2, zero=3, microbatches=2),
     "dp2-pp2": dict(dp=2, pp=2, microbatches=4),
 }
 
 
 SLOW_CASES = {
+    "dp4": dict(dp=4, microbatches=2),
     "dp2-zero1": dict(dp=2, zero=1, microbatches=4),
     "dp2-zero2": dict(dp=2, zero=2, microbatches=2),
     "dp2-tp2": dict(dp=2, tp=2, microbatches=4),

@@ -44,6 +44,7 @@ def test_resume_in_another_layout_continues_the_same_losses(tmp_path, saved, loa
     torch.testing.assert_close(torch.tensor(resumed["losses"]), torch.tensor(full["losses"][6:]), rtol=1e-5, atol=0)
 
 
+@pytest.mark.slow  # default-suite time; the cases beside it stay in the default run
 def test_resume_through_a_chain_of_layouts(tmp_path):
     """ZeRO-3 saved asynchronously -> dp x tp, which saves again -> pp: each resumed run
     continues with the losses of the uninterrupted ZeRO-3 run (three launches for two changes

@@ -133,6 +133,7 @@ def test_ten_random_kill_steps(cluster, reference, tmp_path, draw):
     check_run(records, reference(STEPS), STEPS, [(4, 2)])
 
 
+@pytest.mark.slow  # default-suite time; the cases beside it stay in the default run
 def test_a_node_lost_in_a_save_leaves_no_checkpoint_taken_for_complete(cluster, reference, tmp_path):
     """`--simulate-failure 2:10:save-permanent`: node 1 goes for good while the save of step 10 is begun.
     The survivor resumes from step 5, never from the half-written step 10, and ends with the loss of one

@@ -88,6 +88,7 @@ def test_the_end_record_counts_membership_changes():
     assert summary["restarts"] == 2 and summary["membership_changes"] == 1 and summary["time_lost_s"] == 3.0
 
 
+@pytest.mark.slow  # default-suite time; the cases beside it stay in the default run
 def test_resuming_in_another_world_is_recorded_as_a_membership_change(tmp_path):
     from helpers import cli
 

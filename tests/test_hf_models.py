@@ -168,6 +168,7 @@ def test_factory_builds_the_same_model_as_its_folder(tmp_path, monkeypatch):
     close(train("mymodels:build", tmp_path, "factory", tp=2), train(path, tmp_path, "folder"))
 
 
+@pytest.mark.slow  # default-suite time; the cases beside it stay in the default run
 def test_readme_command_a_folder_with_its_tokenizer_on_jsonl_under_tp_and_pp(tmp_path):
     """The README's one command: a model folder holding its tokenizer.json, records of text,
     `--tokenizer DIR --tp 2 --pp 2`, the losses of one process."""

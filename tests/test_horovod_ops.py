@@ -552,3 +552,31 @@ def test_uneven_steps_with_join_reduce_with_zeros_from_the_joined_rank(options, 
     assert [o[0] for o in out] == [1, 1]
     for got in (out[1][1], out[0][2]):  # rank 1's weights, as rank 1 has them and as broadcast to rank 0
         assert all(torch.allclose(g, w, atol=tol) for g, w in zip(got, want)), (got[0][0], want[0][0])
+
+
+def _sparse_checks() -> list:
+    """An embedding with sparse gradients, with and without sparse_as_dense, over two steps (the
+    second after zero_grad(set_to_none=True), when the gradient arrives sparse)."""
+    import paratrain.horovod as hvd
+
+    hvd.init()
+    out = []
+    for sparse_as_dense in (True, False):
+        torch.manual_seed(0)
+        model = nn.EmbeddingBag(10, 3, mode="sum", sparse=True)
+        opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=LR), sparse_as_dense=sparse_as_dense,
+                                       named_parameters=model.named_parameters())
+        for _ in range(2):
+            opt.zero_grad(set_to_none=True)
+            model(torch.tensor([[hvd.rank(), 3 + hvd.rank()]])).sum().backward()
+            opt.step()
+        out.append(model.weight.detach().clone())
+    return out
+
+
+def test_sparse_gradients_are_averaged_as_dense_ones():
+    out = spawn(_sparse_checks, 2)
+    torch.manual_seed(0)
+    want = nn.EmbeddingBag(10, 3, mode="sum").weight.detach().clone()
+    want[[0, 1, 3, 4]] -= 2 * LR * 0.5  # each rank's two rows get 1 a step, averaged over the two ranks
+    assert all(torch.allclose(w, want) for o in out for w in o), out

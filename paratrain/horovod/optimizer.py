@@ -109,6 +109,8 @@ class _DistributedOptimizer:
                                         sync_states=False)
 
     def _arrived(self, p: nn.Parameter) -> None:
+        if p.grad is not None and p.grad.is_sparse:  # into the dense buckets (the values of Horovod's sparse path)
+            p.grad = p.grad.to_dense()
         self._delay[p] -= 1
         if self._delay[p] < 0:
             raise AssertionError("Gradients were computed more than backward_passes_per_step times before call to "
@@ -208,7 +210,8 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None, bac
                          sparse_as_dense: bool = False, process_set=None):
     """Horovod's wrapper: an optimizer of the same class whose gradients are averaged (or summed,
     or Adasum-combined) over every rank before each step. `num_groups` / `groups` are accepted
-    (the engine's buckets group the reductions by size); sparse gradients are not supported."""
+    (the engine's buckets group the reductions by size); sparse gradients are always reduced as dense
+    ones (`sparse_as_dense`'s way; the same average as Horovod's all-gather of sparse rows)."""
     from paratrain.horovod.basics import global_process_set
     from paratrain.horovod.compression import Compression
     from paratrain.horovod.ops import Average
@@ -217,7 +220,8 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None, bac
             getattr(process_set, "ranks", None) not in (None, list(range(dist.get_world_size()))):
         raise ValueError("DistributedOptimizer: paratrain reduces gradients over the global process set only; "
                          "train a subset of ranks in a process group of its own")
-    cls = type(optimizer.__class__.__name__, (optimizer.__class__,), {k: v for k, v in _DistributedOptimizer.__dict__.items() if k not in ("__dict__", "__weakref__")})
+    methods = {k: v for k, v in _DistributedOptimizer.__dict__.items() if k not in ("__dict__", "__weakref__")}
+    cls = type(optimizer.__class__.__name__, (optimizer.__class__,), methods)
     return cls(optimizer.param_groups, named_parameters, compression or Compression.none, backward_passes_per_step,
                Average if op is None else op, gradient_predivide_factor)
 
