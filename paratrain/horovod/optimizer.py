@@ -100,7 +100,7 @@ class _DistributedOptimizer:
         self._delay = {p: backward_passes_per_step for p in trained}
         for p in trained:  # before the engine's own hooks: they decide whether this backward reduces
             p.register_post_accumulate_grad_hook(self._arrived)
-        self._engine, self._joined = None, None
+        self._engine, self._joined, self._count = None, None, None
         if op != Adasum:
             holder = nn.Module()
             holder.params = nn.ParameterList(trained)
@@ -116,26 +116,50 @@ class _DistributedOptimizer:
             raise AssertionError("Gradients were computed more than backward_passes_per_step times before call to "
                                  "step(). Increase backward_passes_per_step to accumulate gradients locally.")
         last = self._delay[p] == 0
-        if last and self._engine is not None:
-            self._count_joined()  # before the first bucket of this step starts
         if last and self._predivide != 1.0:
             p.grad.div_(self._predivide)
         if self._engine is not None:
+            if last:
+                self._start_count()
+                slot = self._engine._slot_of.get(p)
+                if slot is None or self._engine.buckets[slot[0]].pending <= 1:  # p may start a bucket's all-reduce
+                    self._finish_count()
             self._engine.require_sync = last and not self._joined
 
-    def _count_joined(self) -> None:
-        """Once a step, before its buckets: how many ranks are inside `hvd.join()`. With none, the
-        engine's buckets reduce as backward fills them; with some, this step's gradients go through
-        the negotiated all-reduce, in which a joined rank stands in with zeros (Horovod's join: an
-        average still divides by the whole world's size)."""
+    def _start_count(self) -> None:
+        """Once a step, at its first gradient: post the header of a barrier, which tells how many ranks
+        are inside `hvd.join()` (joined ranks answer it). It overlaps backward until a bucket is full."""
+        if self._joined is not None or self._count is not None:
+            return
+        if dist.get_world_size() == 1:
+            self._joined = 0
+            return
+        from paratrain.horovod.basics import global_process_set as ps, rank, world
+        from paratrain.horovod.negotiation import Call, post
+
+        call = Call("barrier", name="DistributedOptimizer: ranks stepping")
+        self._count = (call, *post(call, ps.group, len(ps.ranks), ps.ranks.index(rank()), world().comm,
+                                   world().header_device, async_op=True))
+
+    def _finish_count(self) -> None:
+        """Before the step's first bucket all-reduce: with no joined rank the engine's buckets reduce
+        as backward fills them; with some, the step's gradients take the negotiated all-reduce, in
+        which a joined rank stands in with zeros (Horovod's join: an average still divides by the
+        whole world's size)."""
+        self._start_count()
         if self._joined is not None:
             return
-        self._joined = 0
-        if dist.get_world_size() > 1:
-            from paratrain.horovod.ops import Sum, allreduce
+        from paratrain.horovod.basics import global_process_set as ps, rank
+        from paratrain.horovod.negotiation import check, read
 
-            active = int(allreduce(torch.ones(1), op=Sum, name="DistributedOptimizer: ranks stepping"))
-            self._joined = dist.get_world_size() - active
+        (call, h, work), self._count = self._count, None
+        work.wait()
+        agreed = read(h, len(ps.ranks))
+        check(agreed, call, ps.ranks.index(rank()), ps.ranks)
+        self._joined = len(ps.ranks) - len(agreed.active)
+        if self._joined:  # no bucket has started: the engine forgets the arrivals it counted
+            for bucket in self._engine.buckets:
+                bucket.pending = len(bucket.params)
 
     def _reduce_with_joined(self) -> None:
         """This step's gradients through the negotiated all-reduce, one grouped call per bucket of
@@ -160,7 +184,7 @@ class _DistributedOptimizer:
 
         size = dist.get_world_size()
         if self._engine is not None:
-            self._count_joined()
+            self._finish_count()
             if self._joined:
                 self._reduce_with_joined()
             else:
