@@ -580,3 +580,32 @@ def test_sparse_gradients_are_averaged_as_dense_ones():
     want = nn.EmbeddingBag(10, 3, mode="sum").weight.detach().clone()
     want[[0, 1, 3, 4]] -= 2 * LR * 0.5  # each rank's two rows get 1 a step, averaged over the two ranks
     assert all(torch.allclose(w, want) for o in out for w in o), out
+
+
+def _timeline_checks(path: str) -> str:
+    import paratrain.horovod as hvd
+
+    hvd.init()
+    hvd.start_timeline(path)
+    hvd.allreduce(torch.ones(3), name="loss")
+    h = hvd.allgather_async(torch.ones(hvd.rank() + 1), name="rows")
+    assert hvd.synchronize(h).shape == (3,)
+    model = _model()
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=LR), named_parameters=model.named_parameters())
+    nn.functional.mse_loss(model(_batch(0, 0)[0]), _batch(0, 0)[1]).backward()
+    opt.step()
+    hvd.shutdown()  # stops the timeline: rank 0 writes it
+    return "ok"
+
+
+def test_timeline_is_a_chrome_trace_of_horovods_phases(tmp_path):
+    import json
+
+    path = tmp_path / "timeline.json"
+    assert spawn(_timeline_checks, 2, str(path)) == ["ok"] * 2
+    trace = json.loads(path.read_text())["traceEvents"]
+    rows = {e["pid"]: e["args"]["name"] for e in trace if e["ph"] == "M"}
+    spans = {(rows[e["pid"]], e["name"]) for e in trace if e["ph"] == "X"}
+    assert {("loss", "NEGOTIATE_ALLREDUCE"), ("loss", "ALLREDUCE"), ("rows", "NEGOTIATE_ALLGATHER"),
+            ("rows", "ALLGATHER"), ("DistributedOptimizer.synchronize", "ALLREDUCE")} <= spans, spans
+    assert all(e["dur"] >= 0 and e["ts"] >= 0 and e["tid"] == 0 for e in trace if e["ph"] == "X")

@@ -9,8 +9,9 @@ SyncBatchNorm.
 
 Where this differs from Horovod: every rank of a process set must issue its collectives in the
 same order (Horovod matches them by name; here a mismatch raises on every rank, see
-negotiation.py); process sets need no "dynamic" mode; mpi4py communicators, sparse allreduce and
-the timeline are not supported.
+negotiation.py); process sets need no "dynamic" mode; mpi4py communicators and sparse allreduce are not
+supported (DistributedOptimizer reduces sparse gradients as dense ones); timeline.py writes
+Horovod's timeline as a Chrome trace.
 """
 
 from paratrain.horovod.basics import (
@@ -28,6 +29,7 @@ from paratrain.horovod.ops import (
     grouped_allreduce_async_, grouped_reducescatter, grouped_reducescatter_async, join, poll, reducescatter,
     reducescatter_async, synchronize,
 )
+from paratrain.horovod.timeline import start_timeline, stop_timeline
 from paratrain.horovod.optimizer import (
     DistributedOptimizer, SyncBatchNorm, broadcast_optimizer_state, broadcast_parameters,
 )
@@ -44,5 +46,6 @@ __all__ = [
     "grouped_allreduce", "grouped_allreduce_", "grouped_allreduce_async", "grouped_allreduce_async_",
     "grouped_reducescatter", "grouped_reducescatter_async", "init", "is_homogeneous", "is_initialized", "join",
     "local_rank", "local_size", "mpi_built", "mpi_enabled", "mpi_threads_supported", "nccl_built", "poll", "rank",
-    "reducescatter", "reducescatter_async", "remove_process_set", "rocm_built", "shutdown", "size", "synchronize",
+    "reducescatter", "reducescatter_async", "remove_process_set", "rocm_built", "shutdown", "size", "start_timeline",
+    "stop_timeline", "synchronize",
 ]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import operator
 import os
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +31,7 @@ import torch.distributed as dist
 
 from paratrain.comm import CommStats
 from paratrain.group import init_process_group, leave_at_exit, leave_process_group, under_torchrun
+from paratrain.horovod import timeline
 from paratrain.horovod.exceptions import HorovodInternalError, HostsUpdatedInterrupt
 from paratrain.horovod.negotiation import Call, agree
 
@@ -152,12 +154,15 @@ def init(comm=None, process_sets=None) -> None:
     if process_sets is not None and process_sets != "dynamic":
         for ps in process_sets:
             add_process_set(ps)
+    if os.environ.get("HOROVOD_TIMELINE"):  # Horovod's way to record from init on
+        timeline.start_timeline(os.environ["HOROVOD_TIMELINE"])
 
 
 def shutdown() -> None:
     """Forget process sets and pending handles; leave the default group if init() joined it."""
     if not _WORLD:
         return
+    timeline.stop_timeline()
     world = _WORLD.pop()
     for callback in _ON_SHUTDOWN:
         callback()
@@ -280,6 +285,7 @@ def resolve(process_set: ProcessSet | None, what: str) -> ProcessSet:
 def negotiate(ps: ProcessSet, call: Call):
     """Agree on `call` with the set's other ranks (nothing to agree on in a set of one)."""
     if len(ps.ranks) == 1:
+        timeline.negotiated(call.kind, call.name, time.perf_counter())
         if call.problem:
             raise call.error(call.problem)
         return None

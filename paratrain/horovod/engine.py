@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from paratrain.comm import all_gather_flat, all_reduce, broadcast, reduce_scatter_flat
-from paratrain.horovod import adasum
+from paratrain.horovod import adasum, timeline
 from paratrain.horovod.basics import _ON_SHUTDOWN, global_process_set, negotiate, rank, resolve, world
 from paratrain.horovod.exceptions import HorovodInternalError
 from paratrain.horovod.negotiation import Agreed, Call, post, read
@@ -48,6 +48,8 @@ WIDER = {torch.float16: torch.float32, torch.bfloat16: torch.float32, torch.int1
 class Pending:
     works: list  # torch.distributed work objects still running
     finish: Callable[[], Any]  # after they are done: the result
+    label: tuple[str, str] | None = None  # (name, phase) on the timeline
+    start: float = 0.0
 
 
 _HANDLES: dict[int, Pending] = {}
@@ -58,7 +60,7 @@ _NATIVE: dict[torch.dtype, bool] = {}  # does gloo take this dtype itself
 
 def handle(works: list, finish: Callable[[], Any]) -> int:
     h = next(_NEXT)
-    _HANDLES[h] = Pending([w for w in works if w is not None], finish)
+    _HANDLES[h] = Pending([w for w in works if w is not None], finish, timeline.take_label(), time.perf_counter())
     return h
 
 
@@ -85,7 +87,9 @@ def synchronize(h: int):
             w.wait()
     except RuntimeError as e:  # a peer died or the collective failed
         raise HorovodInternalError(str(e)) from e
-    return pending.finish()
+    result = pending.finish()
+    timeline.done(pending.label, pending.start)
+    return result
 
 
 def then(h: int, f: Callable[[Any], Any]) -> int:

@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from paratrain.comm import CommStats
+from paratrain.horovod import timeline
 from paratrain.horovod.exceptions import HorovodInternalError
 
 KINDS = ("none", "allreduce", "allgather", "broadcast", "alltoall", "reducescatter", "barrier",
@@ -186,7 +188,9 @@ def _global(set_ranks: list[int], ranks: list[int]) -> list[int]:
 
 def agree(call: Call, group, ranks: list[int], me: int, stats: CommStats, device: str = "cpu") -> Agreed:
     """Exchange headers over the set (`ranks`, this rank at index `me`) and check them."""
+    start = time.perf_counter()
     h, _ = post(call, group, len(ranks), me, stats, device)
+    timeline.negotiated(call.kind, call.name, start)
     agreed = read(h, len(ranks))
     check(agreed, call, me, ranks)
     return agreed

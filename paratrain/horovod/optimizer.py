@@ -18,6 +18,7 @@ which the joined ranks stand in with zeros (so uneven numbers of steps per rank 
 
 from __future__ import annotations
 
+import time
 import warnings
 from contextlib import contextmanager
 
@@ -26,6 +27,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from paratrain.comm import parse_compress
+from paratrain.horovod import timeline
 from paratrain.horovod.basics import _ON_SHUTDOWN
 from paratrain.mesh import Mesh
 from paratrain.parallel.batchnorm import SyncBatchNorm as _SyncBatchNorm
@@ -182,7 +184,7 @@ class _DistributedOptimizer:
         """Finish the reduction of this step's gradients (every rank calls it)."""
         from paratrain.horovod.ops import Average, allreduce_
 
-        size = dist.get_world_size()
+        size, start = dist.get_world_size(), time.perf_counter()
         if self._engine is not None:
             self._finish_count()
             if self._joined:
@@ -199,6 +201,7 @@ class _DistributedOptimizer:
                 allreduce_(p.grad, op=self._op, name=self._names[p])
         self._delay = dict.fromkeys(self._delay, self._passes)
         self._synchronized, self._joined = True, None
+        timeline.done(("DistributedOptimizer.synchronize", "ALLREDUCE"), start)
 
     @contextmanager
     def skip_synchronize(self):
