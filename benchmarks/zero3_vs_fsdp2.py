@@ -36,11 +36,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import memtimeline
 from common import peer_parser, print_speed, spawn_ranks
 from paratrain.data import TokenLoader, load_corpus
 from paratrain.launch import threads_per_worker
 from paratrain.mesh import Mesh
-from paratrain.models.gpt import build_model
+from paratrain.models.gpt import PRESETS, build_model
+from paratrain.models.llama import build_llama
 from paratrain.parallel.zero import ZeroDataParallel
 
 CONTENDERS = ("zero3", "fsdp2")
@@ -91,14 +93,21 @@ def worker(rank: int, world: int, init_file: str, args: argparse.Namespace, out:
         mesh = init_device_mesh(device.type, (world,))
     dist.barrier()
     base = current_bytes(device)  # the interpreter, torch, the process group, the corpus
-    model = build_model(args.model, seed=0, dropout=0.0, tie_embeddings=False).to(device)
+    if args.model in PRESETS:
+        model = build_model(args.model, seed=0, dropout=0.0, tie_embeddings=args.tied).to(device)
+    else:
+        model = build_llama(args.model, seed=0).to(device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.precision]
     if zero3:
-        engine = ZeroDataParallel(model, mesh, stage=3, dtype=torch.float32, tops=[model])
+        engine = ZeroDataParallel(model, mesh, stage=3, dtype=dtype, tops=[model])
         params = engine.master_params(True) + engine.master_params(False)
     else:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
         for block in model.blocks:
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+            fully_shard(block, mesh=mesh, mp_policy=policy)
+        fully_shard(model, mesh=mesh, mp_policy=policy)
         engine, params = model, list(model.parameters())
     opt = torch.optim.AdamW([{"params": params}], lr=1e-3, weight_decay=0.0)
 
@@ -110,19 +119,26 @@ def worker(rank: int, world: int, init_file: str, args: argparse.Namespace, out:
             engine.zero_grad()
         else:
             opt.zero_grad()
-        logits = engine(inputs)
-        if zero3:  # the global mean: gradients are summed over ranks
-            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum") / tokens
-        else:  # FSDP2 averages gradients over ranks: each rank takes its local mean
-            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="mean")
-        loss.backward()
+        with memtimeline.phase("forward"):
+            logits = engine(inputs).float()
+            if zero3:  # the global mean: gradients are summed over ranks
+                loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum") / tokens
+            else:  # FSDP2 averages gradients over ranks: each rank takes its local mean
+                loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="mean")
+            del logits
+        with memtimeline.phase("backward"):
+            loss.backward()
         if zero3:
-            engine.finish_grad_sync()
-            engine.unscale_grads(1.0)
-            opt.step()
-            engine.publish()
+            with memtimeline.phase("reduce"):
+                engine.finish_grad_sync()
+                engine.unscale_grads(1.0)
+            with memtimeline.phase("optimizer"):
+                opt.step()
+            with memtimeline.phase("publish"):
+                engine.publish()
         else:
-            opt.step()
+            with memtimeline.phase("optimizer"):
+                opt.step()
         return float(loss.detach()) * (1.0 if zero3 else 1.0 / world)
 
     first = torch.tensor([step(1)], dtype=torch.float64, device=device)
@@ -142,12 +158,18 @@ def worker(rank: int, world: int, init_file: str, args: argparse.Namespace, out:
     last = torch.tensor([last], dtype=torch.float64, device=device)
     dist.all_reduce(last)
     state = engine.memory_bytes(opt) if zero3 else fsdp2_state_bytes(model, opt)
+    peak = float(peak_bytes(device) - base)  # before the profiler, which holds memory of its own
+    timeline = None
+    if args.timeline:  # one more step, profiled (every rank runs it; rank 0 reports)
+        prof = memtimeline.record(lambda: step(1 + args.warmup + args.steps), device)
+        timeline = memtimeline.summary(prof, device) if rank == 0 else None
     peaks = [torch.zeros(1, dtype=torch.float64, device=device) for _ in range(world)]
-    dist.all_gather(peaks, torch.tensor([float(peak_bytes(device) - base)], dtype=torch.float64, device=device))
+    dist.all_gather(peaks, torch.tensor([peak], dtype=torch.float64, device=device))
     if rank == 0:
         with open(out, "w") as fh:
             json.dump({"tokens_per_s": tps, "first_loss": float(first), "last_loss": float(last),
-                       "peak_bytes": max(float(p) for p in peaks), "state_bytes": state}, fh)
+                       "peak_bytes": max(float(p) for p in peaks), "state_bytes": state,
+                       "timeline": timeline}, fh)
     dist.destroy_process_group()
 
 
@@ -155,6 +177,11 @@ def main() -> None:
     p = peer_parser(__doc__)
     p.add_argument("--world", type=int, default=2)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="what compute sees (bf16: fp32 masters and fp32 reductions, FSDP2's MixedPrecisionPolicy)")
+    p.add_argument("--tied", action="store_true", help="tie the GPT's head to its embedding")
+    p.add_argument("--timeline", action="store_true",
+                   help="profile one more step of the first round: live memory per phase, what is alive at the peak")
     args = p.parse_args()
     if args.global_batch % args.world:
         p.error(f"--global-batch {args.global_batch} must be a multiple of --world {args.world}")
@@ -162,9 +189,9 @@ def main() -> None:
         p.error("--warmup, --steps and --rounds must be at least 1 (the loss check uses the first warm-up step)")
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # inherited by the spawned ranks (see the docstring)
     runs: dict[str, list[dict]] = {c: [] for c in CONTENDERS}
-    for _ in range(args.rounds):
+    for k in range(args.rounds):
         for contender in CONTENDERS:
-            spawn_args = argparse.Namespace(**vars(args), contender=contender)
+            spawn_args = argparse.Namespace(**{**vars(args), "timeline": args.timeline and k == 0}, contender=contender)
             runs[contender].append(spawn_ranks(worker, args.world, spawn_args))
     res = {"tokens_per_s": {c: [r["tokens_per_s"] for r in runs[c]] for c in CONTENDERS},
            "first_loss": {c: runs[c][0]["first_loss"] for c in CONTENDERS},
@@ -179,6 +206,11 @@ def main() -> None:
         pk, st = [b / MiB for b in res["peak_bytes"][c]], res["state_bytes"][c]
         print(f"{c:<10} {statistics.median(pk):>16,.1f} {min(pk):>9,.1f} {max(pk):>9,.1f}   "
               f"{sum(st.values()) / MiB:,.1f} ({' + '.join(f'{v / MiB:,.1f}' for v in st.values())})")
+    if args.timeline:
+        print("\nmemory timeline of one step (rank 0; tensors only, as torch's memory profiler sees them)")
+        for c in CONTENDERS:
+            print(memtimeline.render(c, runs[c][0]["timeline"]))
+    res["timeline"] = {c: runs[c][0]["timeline"] for c in CONTENDERS}
     mem_ratio = statistics.median(res["peak_bytes"]["zero3"]) / statistics.median(res["peak_bytes"]["fsdp2"])
     ours, peer = res["first_loss"]["zero3"], res["first_loss"]["fsdp2"]
     agree = math.isclose(ours, peer, rel_tol=1e-5)

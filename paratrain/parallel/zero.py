@@ -31,7 +31,6 @@ gradients, of which this rank keeps its shard; a 16-bit cast stays a reduce-scat
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable
 
@@ -43,6 +42,9 @@ from paratrain.comm.reduction import GradientAllReduce
 from paratrain.mesh import Mesh
 from paratrain.parallel.data import SyncSwitch, sync_module_states
 from paratrain.parallel.roles import ParamRole, role_of, set_role
+from paratrain.parallel.zero3 import Site, Unit, blocks_of, root_holders, wrap
+
+__all__ = ["FlatGroup", "ZeroDataParallel", "blocks_of"]
 
 
 
@@ -98,13 +100,24 @@ class FlatGroup:
         if stage == 3:
             self.shard = self.master.data if dtype == torch.float32 else self.master.detach().to(dtype)
         # reduced gradient of the owned shard (stages 0 and 1: a view into full_grad)
-        if self.full_grad is not None:
-            self.grad_shard = self.full_grad[lo : lo + self.shard_size]
-        else:
-            self.grad_shard = torch.zeros(self.shard_size, dtype=dtype, device=device)
+        # stages 2 and 3: allocated by the step's first reduction (None: zero), dropped by zero_grad
+        self.grad_shard = self.full_grad[lo : lo + self.shard_size] if self.full_grad is not None else None
 
     def views(self, full: torch.Tensor) -> list[torch.Tensor]:
         return [full[s.offset : s.offset + s.numel].view(s.shape) for s in self.slots]
+
+    def add_grad(self, out: torch.Tensor, own: bool = False) -> None:
+        """grad_shard += out; the first of a step becomes the shard itself when it is `own` (a
+        buffer nobody else keeps) and of the shard's dtype, so no copy is made."""
+        if self.grad_shard is None:
+            self.grad_shard = out.to(self.dtype, copy=not own)
+        else:
+            self.grad_shard.add_(out.to(self.dtype))
+
+    def grad_or_zeros(self) -> torch.Tensor:
+        if self.grad_shard is None:
+            self.grad_shard = torch.zeros(self.shard_size, dtype=self.dtype, device=self.master.device)
+        return self.grad_shard
 
     def flat_grads(self, grads: list[torch.Tensor | None]) -> torch.Tensor:
         """The gradients of the slots as one padded fp32 vector (the reduction dtype)."""
@@ -113,98 +126,6 @@ class FlatGroup:
             if g is not None:
                 flat[s.offset : s.offset + s.numel] = g.detach().flatten()
         return flat
-
-
-class Unit:
-    """The flat groups of one module (a block, or the rest of a top module)."""
-
-    def __init__(self, engine: "ZeroDataParallel", module: nn.Module, groups: list[FlatGroup], name: str):
-        self.engine, self.module, self.groups, self.name = engine, module, groups, name
-        self.gathered: list[torch.Tensor] | None = None  # full buffers while in use
-        self.inflight: list | None = None  # (buffers, handles) of a prefetch
-        self.prev: Unit | None = None
-        self.next: Unit | None = None
-        device = groups[0].master.device if groups else None
-        self.anchor = torch.zeros((), device=device, requires_grad=True)  # puts the gather in autograd
-        self.save_hooks = True
-
-    # ---- stage 3: gather and release
-    def fetch(self) -> None:
-        """Start the all-gather of this unit's shards (a prefetch), unless done or in flight."""
-        if self.gathered is not None or self.inflight is not None:
-            return
-        e = self.engine
-        bufs, handles = [], []
-        for g in self.groups:
-            full = torch.empty(g.padded, dtype=g.dtype, device=g.shard.device)
-            handles.append(e.reduction.start_all_gather(full, g.shard))
-            bufs.append(full)
-        self.inflight = (bufs, handles)
-
-    def wait(self) -> list[torch.Tensor]:
-        if self.gathered is None:
-            self.fetch()
-            bufs, handles = self.inflight
-            for h in handles:
-                h.wait()
-            self.gathered, self.inflight = bufs, None
-            for b, g in zip(bufs, self.groups):
-                self.engine.live[b.untyped_storage().data_ptr()] = (self, self.groups.index(g))
-        return self.gathered
-
-    def views(self) -> tuple[torch.Tensor, ...]:
-        return tuple(v for b, g in zip(self.wait(), self.groups) for v in g.views(b))
-
-    def release(self) -> None:
-        if self.gathered is not None:
-            for b in self.gathered:
-                self.engine.live.pop(b.untyped_storage().data_ptr(), None)
-            self.gathered = None
-
-    def drain(self) -> None:
-        """Wait for a prefetch that nobody consumed (before the parameters change)."""
-        if self.inflight is not None:
-            for h in self.inflight[1]:
-                h.wait()
-            self.inflight = None
-        self.release()
-
-
-class _Gather(torch.autograd.Function):
-    """Forward: the unit's full parameters (views into gathered buffers). Backward: their
-    gradients, reduce-scattered to the owned shards (the full copy is released first)."""
-
-    @staticmethod
-    def forward(ctx, anchor, unit):
-        ctx.unit = unit
-        return unit.views()
-
-    @staticmethod
-    def backward(ctx, *grads):
-        unit = ctx.unit
-        unit.release()  # the parameters are no longer needed: free them before the reduction
-        i = 0
-        for g in unit.groups:
-            unit.engine.reduce_group(g, list(grads[i : i + len(g.slots)]))
-            i += len(g.slots)
-        return None, None
-
-
-def blocks_of(module: nn.Module) -> list[nn.Module]:
-    """The repeated layers of a model, ZeRO-3's units: its `blocks` (paratrain's GPT and pipeline
-    stages), else the longest ModuleList of layers of one type (a Hugging Face model's
-    `transformer.h`, a torchvision ResNet's stages are not: pass them yourself)."""
-    if hasattr(module, "blocks"):
-        return list(module.blocks.values() if isinstance(module.blocks, nn.ModuleDict) else module.blocks)
-    best: list[nn.Module] = []
-    for m in module.modules():
-        if isinstance(m, nn.ModuleList) and len(m) > len(best) and len({type(c) for c in m}) == 1:
-            best = list(m)
-    return best
-
-
-def _in_backward() -> bool:
-    return torch._C._current_autograd_node() is not None
 
 
 class ZeroDataParallel(SyncSwitch, nn.Module):
@@ -216,12 +137,14 @@ class ZeroDataParallel(SyncSwitch, nn.Module):
                  tops: list[nn.Module] | None = None, activation_checkpointing: bool = False,
                  compressor: Compressor | None = None, names: dict[int, str] | None = None,
                  find_blocks: Callable[[nn.Module], list[nn.Module]] | None = None,
-                 broadcast_buffers: bool = True, allreduce: str = "backend"):
+                 broadcast_buffers: bool = True, allreduce: str = "backend", split_root: bool = True):
         """`tops`: the modules whose forward is a whole model or pipeline chunk (each has a
         `blocks` container); default `[module]`. `compressor`: compress the gradient reduction.
         `names`: id(parameter) -> global name, kept with each slot for checkpoints.
         `find_blocks(top)`: a top module's repeated layers, the units (default `blocks_of`).
-        `broadcast_buffers`: dp rank 0's buffers before each forward, as DDP (`SyncSwitch.forward`)."""
+        `broadcast_buffers`: dp rank 0's buffers before each forward, as DDP (`SyncSwitch.forward`).
+        `split_root` (stage 3): gather an embedding, a final norm, a head around their own forward
+        (zero3.py's sites) rather than the top's parameters around the whole forward."""
         super().__init__()
         self.broadcast_buffers = broadcast_buffers
         self.require_forward_param_sync = True  # DDP's name: sync buffers before the next forward
@@ -246,19 +169,22 @@ class ZeroDataParallel(SyncSwitch, nn.Module):
             if not p.requires_grad and p.is_floating_point():
                 p.data = p.data.to(dtype)
         seen: set[int] = set()
+        self.linked: dict[int, bool] = {}  # stage 3: root sites whose order of sites is known
+        self.recording: list | None = None  # the order of sites being recorded by a first forward
         for t, top in enumerate(tops):
             blocks = (find_blocks or blocks_of)(top)
             in_blocks = {id(p) for b in blocks for p in b.parameters()}
             rest = [p for p in top.parameters() if id(p) not in in_blocks]
+            held, rest = root_holders(top, blocks, rest) if stage == 3 and split_root else ([], rest)
             root = self._make_unit(top, rest, refs, seen, f"top{t}")
+            held = [(ms, self._make_unit(ms[0], ps, refs, seen, f"top{t}.site{i}")) for i, (ms, ps) in enumerate(held)]
             chain = [self._make_unit(b, list(b.parameters()), refs, seen, f"top{t}.block{i}") for i, b in enumerate(blocks)]
-            for a, b in zip(chain, chain[1:]):
-                a.next, b.prev = b, a
             if stage == 3:
-                for u in chain:
-                    u.save_hooks = not activation_checkpointing
-                    self._wrap_forward(u)
-                self._wrap_forward(root, first_block=chain[0] if chain else None)
+                for b, u in zip(blocks, chain):
+                    wrap(self, Site(b, [u], save_hooks=not activation_checkpointing))
+                for m in {id(m): m for ms, _ in held for m in ms}.values():
+                    wrap(self, Site(m, [u for ms, u in held if any(x is m for x in ms)]))
+                wrap(self, Site(top, [root]), order=[])
         self.groups = [g for u in self.units for g in u.groups]
         self._key = {id(g): i for i, g in enumerate(self.groups)}  # the compressor's state key
         if stage < 3:
@@ -291,51 +217,6 @@ class ZeroDataParallel(SyncSwitch, nn.Module):
             self.units.append(unit)
         return unit
 
-    # ------------------------------------------------------------ stage 3: forward wrappers
-    def _wrap_forward(self, unit: Unit, first_block: Unit | None = None) -> None:
-        inner = unit.module.forward
-
-        def forward(*args, **kwargs):
-            if not unit.groups:
-                return inner(*args, **kwargs)
-            grad = torch.is_grad_enabled()
-            views = _Gather.apply(unit.anchor, unit) if grad else unit.views()
-            ahead = unit.prev if _in_backward() else (unit.next or first_block)
-            if ahead is not None:
-                ahead.fetch()  # overlap the next gather with this unit's compute
-            slots = [s for g in unit.groups for s in g.slots]
-            for s, v in zip(slots, views):
-                for m, name in s.refs:
-                    m.__dict__[name] = v
-            hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
-            try:
-                with hooks if (grad and unit.save_hooks) else nullcontext():
-                    return inner(*args, **kwargs)
-            finally:
-                for s in slots:
-                    for m, name in s.refs:
-                        m.__dict__.pop(name, None)
-                unit.release()
-
-        unit.module.forward = forward
-
-    def _pack(self, t: torch.Tensor):
-        """A saved tensor that is a view of a gathered parameter buffer is saved as a recipe, so
-        the buffer can be freed after forward and gathered again for backward."""
-        hit = self.live.get(t.untyped_storage().data_ptr()) if t.device.type != "meta" else None
-        if hit is None or t.dtype != hit[0].groups[hit[1]].dtype:
-            return t
-        return (hit[0], hit[1], t.size(), t.stride(), t.storage_offset())
-
-    def _unpack(self, packed):
-        if isinstance(packed, torch.Tensor):
-            return packed
-        unit, index, size, stride, offset = packed
-        bufs = unit.wait()
-        if unit.prev is not None:
-            unit.prev.fetch()  # backward runs the units in reverse: prefetch the previous one
-        return bufs[index].as_strided(size, stride, offset)
-
     # ------------------------------------------------------------ gradients
     def _on_grad_ready(self, p: nn.Parameter) -> None:
         g, i = self._slot_of[id(p)]
@@ -365,14 +246,14 @@ class ZeroDataParallel(SyncSwitch, nn.Module):
         if self.compressor is not None:
             key = self._key[id(g)]
             out = self.compressor.reduce_scatter(key, flat, g.views(flat), self.group, self.mesh.comm)
-            g.grad_shard.add_(out.to(g.dtype))  # done: the compressed round is synchronous
+            g.add_grad(out)  # done: the compressed round is synchronous
             return
         out = torch.empty(g.shard_size, dtype=torch.float32, device=flat.device)
         handle = self.reduction.start_reduce_scatter(out, flat)
         self.pending.append((g, out, handle))
         self._retire(self.MAX_IN_FLIGHT)
 
-    MAX_IN_FLIGHT = 2  # reductions left running: each holds a full fp32 gradient group
+    MAX_IN_FLIGHT = 1  # reductions left running while backward goes on: each holds a full fp32 gradient group
 
     def _retire(self, keep: int) -> None:
         """Wait for all but the newest `keep` reductions and add them to the shards."""
@@ -380,7 +261,7 @@ class ZeroDataParallel(SyncSwitch, nn.Module):
             g, out, handle = self.pending.pop(0)
             if handle is not None:
                 handle.wait()
-            g.grad_shard.add_(out.to(g.dtype))
+            g.add_grad(out, own=True)
 
     def finish_grad_sync(self) -> None:
         """Afterwards every group's `grad_shard` holds the dp-summed gradient of its shard."""
@@ -413,7 +294,7 @@ class ZeroDataParallel(SyncSwitch, nn.Module):
     def all_reduce_grads(self, flag: str, group) -> None:
         """Sum the owned gradient shards of groups with `flag` over `group` (the tied embedding
         over the first and last pipeline stage; sequence-parallel norms over tp)."""
-        shards = [g.grad_shard for g in self.groups if getattr(g.role, flag)]
+        shards = [g.grad_or_zeros() for g in self.groups if getattr(g.role, flag)]
         if shards and group is not None:
             flat = torch.cat([s.float() for s in shards])
             all_reduce(flat, group, self.mesh.comm)
@@ -424,12 +305,13 @@ class ZeroDataParallel(SyncSwitch, nn.Module):
 
     def zero_grad(self, set_to_none: bool = False) -> None:
         for g in self.groups:
-            g.grad_shard.zero_()
             if g.full_grad is not None:
                 g.full_grad.zero_()
                 for s, p in zip(g.slots, g.params):
                     p.grad = g.full_grad[s.offset : s.offset + s.numel].view(s.shape)
-            elif self.stage == 2:
+                continue
+            g.grad_shard = None
+            if self.stage == 2:
                 for p in g.params:
                     p.grad = None
 
@@ -443,7 +325,8 @@ class ZeroDataParallel(SyncSwitch, nn.Module):
         range and skip nothing, so they return False without the check, which would make the host
         wait for the device in the middle of every step."""
         for g in self.groups:
-            g.master.grad = g.grad_shard.float().div_(scale) if scale != 1.0 else g.grad_shard.float()
+            shard = g.grad_or_zeros()
+            g.master.grad = shard.float().div_(scale) if scale != 1.0 else shard.float()
         if self.dtype != torch.float16:
             return False
         bad = torch.stack([(~torch.isfinite(g.master.grad)).any() for g in self.groups]).any().float()
@@ -478,7 +361,7 @@ class ZeroDataParallel(SyncSwitch, nn.Module):
         params = sum(g.full.numel() * g.full.element_size() if g.full is not None
                      else (g.shard.numel() * g.shard.element_size() if g.dtype != torch.float32 else 0)
                      for g in self.groups)
-        grads = sum((g.full_grad if g.full_grad is not None else g.grad_shard).numel() * g.grad_shard.element_size()
+        grads = sum((g.full_grad.numel() if g.full_grad is not None else g.shard_size) * g.dtype.itemsize
                     for g in self.groups)
         opt = sum(g.master.numel() * 4 for g in self.groups if g.master_is_copy or self.stage == 3)
         if optimizer is not None:
