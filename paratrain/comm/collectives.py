@@ -156,12 +156,45 @@ def recv(tensor: torch.Tensor, src: int | None, group: dist.ProcessGroup | None,
     return _issue(stats, fp, lambda: dist.recv(tensor, src=src, group=group, tag=tag), False)
 
 
+class _Works:
+    """Several handles waited on as one."""
+
+    def __init__(self, works: list):
+        self.works = works
+
+    def wait(self, *args, **kwargs) -> bool:
+        for w in self.works:
+            w.wait(*args, **kwargs)
+        return True
+
+    def is_completed(self) -> bool:
+        return all(w.is_completed() for w in self.works)
+
+
+def _gather_in_place(out: torch.Tensor, shard: torch.Tensor, group: dist.ProcessGroup, async_op: bool):
+    """The all-gather as one broadcast per rank into its slice of `out`. gloo stages
+    all_gather_into_tensor through a temporary as large as `out` (ZeRO-3 prefetches one block
+    ahead, so a third block-sized buffer would be alive at backward's peak); a broadcast
+    reads and writes the tensor it is given."""
+    ranks = dist.get_process_group_ranks(group or dist.group.WORLD)
+    chunks = out.view(len(ranks), -1)
+    chunks[ranks.index(dist.get_rank())].copy_(shard.reshape(-1))
+    works = [dist.broadcast(chunks[i], src=r, group=group, async_op=True) for i, r in enumerate(ranks)]
+    return _Works(works) if async_op else _Works(works).wait() and None
+
+
+def _all_gather_into(out: torch.Tensor, shard: torch.Tensor, group: dist.ProcessGroup, async_op: bool):
+    if out.device.type == "cpu" and dist.get_backend(group) == "gloo" and shard.is_contiguous():
+        return _gather_in_place(out, shard, group, async_op)
+    return _all_gather_single(out, shard, group=group, async_op=async_op)
+
+
 @opaque
 def all_gather_flat(out: torch.Tensor, shard: torch.Tensor, group: dist.ProcessGroup, stats: CommStats,
                     async_op: bool = False):
     """`out` (n * shard.numel(), flat) receives every rank's `shard` in group-rank order."""
     fp = stats.record("all_gather", shard, group)
-    return _issue(stats, fp, lambda: _all_gather_single(out, shard, group=group, async_op=async_op), async_op)
+    return _issue(stats, fp, lambda: _all_gather_into(out, shard, group, async_op), async_op)
 
 
 @opaque

@@ -12,8 +12,11 @@ gradient arrives twice and is reduced twice into the one shard. Parameters held 
 else stay in the top's root unit, gathered around the whole forward.
 
 The sites of a top are linked in the order of the first forward (recorded, not assumed): a site's
-forward starts the gather of the next site, and in backward the unpacking of a site's saved
-tensors starts the gather of the one before (prefetch, one site ahead).
+forward starts the gather of the next site, and in backward the unpacking of the last of a site's
+saved parameter views starts the gather of the one before (prefetch, one site ahead). Not at the
+first one, as FSDP2's pre-backward hook does: the peak of a step is early in a block's backward,
+where its activations and their gradients are alive together, and a block gathered ahead there
+adds its size to the peak; by the last unpack most of the block's backward is done.
 """
 
 from __future__ import annotations
@@ -88,6 +91,7 @@ class Site:
         self.next: Site | None = None
         # backward needs the parameters again: its forward saved views of them, or it is recomputed
         self.in_backward = not save_hooks
+        self.saved = 0  # views of its parameters its last forward saved for backward, not yet unpacked
 
     def fetch(self) -> None:
         for u in self.units:
@@ -187,6 +191,7 @@ def wrap(engine, site: Site, order: list[Site] | None = None) -> None:
         for s, v in zip(slots, views):
             for m, name in s.refs:
                 m.__dict__[name] = v
+        site.saved = 0
         hooks = torch.autograd.graph.saved_tensors_hooks(partial(_pack, engine, site), partial(_unpack, engine))
         try:
             with hooks if (grad and site.save_hooks and site.units) else nullcontext():
@@ -217,6 +222,7 @@ def _pack(engine, site: Site, t: torch.Tensor):
     if hit is None or t.dtype != hit[0].groups[hit[1]].dtype:
         return t
     site.in_backward = True
+    site.saved += 1
     return (hit[0], hit[1], site, t.size(), t.stride(), t.storage_offset())
 
 
@@ -225,7 +231,8 @@ def _unpack(engine, packed):
         return packed
     unit, index, site, size, stride, offset = packed
     bufs = unit.wait()
+    site.saved -= 1
     before = site.before()
-    if before is not None:
+    if before is not None and site.saved == 0:
         before.fetch()  # backward runs the sites in reverse: prefetch the one before
     return bufs[index].as_strided(size, stride, offset)
