@@ -3,7 +3,11 @@
 Mixed precision as in the paper (bf16 parameters and gradients for compute, fp32 master weights
 and Adam moments): for P parameters over N data-parallel ranks, each rank holds
 
-    stage 0: 16P    stage 1: 2P + 2P + 12P/N    stage 2: 2P + 14P/N    stage 3: 16P/N  bytes.
+    stage 0: 16P    stage 1: 2P + 2P + 12P/N    stage 2: 2P + 16P/N    stage 3: 16P/N  bytes.
+
+(The paper's stage 2 has 14P/N: it counts the gradient shard in 2 bytes. Ours keeps it in fp32,
+the reduction's dtype, which the optimizer reads anyway; stage 3 does too, and keeps no 2-byte
+parameter shard: it gathers the fp32 master, cast on the way, as FSDP2 does.)
 
 Every (stage, N) runs in a fresh set of N spawned gloo ranks (one thread each). A rank builds
 the model, wraps it in `ZeroDataParallel`, and takes one training step with the exact sequence
@@ -72,8 +76,10 @@ def rss_bytes() -> int:
 
 
 def formula_bytes(stage: int, n: int, p: int) -> float:
-    """The ZeRO paper's model-state bytes per rank (2 + 2 + 12 bytes per parameter)."""
-    return {0: 16 * p, 1: 2 * p + 2 * p + 12 * p / n, 2: 2 * p + 14 * p / n, 3: 16 * p / n}[stage]
+    """The ZeRO paper's model-state bytes per rank (2 + 2 + 12 bytes per parameter), with the
+    gradient shard of stages 2 and 3 in fp32 (4 bytes: the reduction's dtype) and no 2-byte
+    parameter shard in stage 3 (the master is gathered), as ours keeps them."""
+    return {0: 16 * p, 1: 2 * p + 2 * p + 12 * p / n, 2: 2 * p + 16 * p / n, 3: 16 * p / n}[stage]
 
 
 def first_step(name: str, stage: int, mesh: Mesh, batch, tokens: int):

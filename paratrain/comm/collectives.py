@@ -178,7 +178,7 @@ def _gather_in_place(out: torch.Tensor, shard: torch.Tensor, group: dist.Process
     reads and writes the tensor it is given."""
     ranks = dist.get_process_group_ranks(group or dist.group.WORLD)
     chunks = out.view(len(ranks), -1)
-    chunks[ranks.index(dist.get_rank())].copy_(shard.reshape(-1))
+    chunks[ranks.index(dist.get_rank())].copy_(shard.reshape(-1))  # a no-op when already in place
     works = [dist.broadcast(chunks[i], src=r, group=group, async_op=True) for i, r in enumerate(ranks)]
     return _Works(works) if async_op else _Works(works).wait() and None
 

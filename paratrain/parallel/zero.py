@@ -95,10 +95,6 @@ class FlatGroup:
         self.master = nn.Parameter(owned if aliased else owned.clone())
         self.master_is_copy = not aliased
         set_role(self.master, **vars(role))
-        # stage 3: the shard that is gathered (in `dtype`; the master itself in fp32)
-        self.shard = None
-        if stage == 3:
-            self.shard = self.master.data if dtype == torch.float32 else self.master.detach().to(dtype)
         # reduced gradient of the owned shard (stages 0 and 1: a view into full_grad)
         # stages 2 and 3: allocated by the step's first reduction (None: zero), dropped by zero_grad
         self.grad_shard = self.full_grad[lo : lo + self.shard_size] if self.full_grad is not None else None
@@ -107,16 +103,18 @@ class FlatGroup:
         return [full[s.offset : s.offset + s.numel].view(s.shape) for s in self.slots]
 
     def add_grad(self, out: torch.Tensor, own: bool = False) -> None:
-        """grad_shard += out; the first of a step becomes the shard itself when it is `own` (a
-        buffer nobody else keeps) and of the shard's dtype, so no copy is made."""
+        """grad_shard += out (stages 2 and 3). The shard is fp32, the reduction's dtype, whatever
+        compute's: the optimizer reads fp32, and rounding the dp sum to bf16 first would lose its
+        low bits (as FSDP2's reduce_dtype=fp32, Megatron's fp32 main grads). The first of a step
+        becomes the shard itself when it is `own` (a buffer nobody else keeps): no copy."""
         if self.grad_shard is None:
-            self.grad_shard = out.to(self.dtype, copy=not own)
+            self.grad_shard = out.to(torch.float32, copy=not own)
         else:
-            self.grad_shard.add_(out.to(self.dtype))
+            self.grad_shard.add_(out)
 
     def grad_or_zeros(self) -> torch.Tensor:
         if self.grad_shard is None:
-            self.grad_shard = torch.zeros(self.shard_size, dtype=self.dtype, device=self.master.device)
+            self.grad_shard = torch.zeros(self.shard_size, dtype=torch.float32, device=self.master.device)
         return self.grad_shard
 
     def flat_grads(self, grads: list[torch.Tensor | None]) -> torch.Tensor:
@@ -345,9 +343,7 @@ class ZeroDataParallel(SyncSwitch, nn.Module):
             u.drain()
         for g in self.groups:
             g.master.grad = None
-            if self.stage == 3:
-                if g.shard.data_ptr() != g.master.data_ptr():
-                    g.shard.copy_(g.master)
+            if self.stage == 3:  # gathered from the master itself, cast to `dtype` on the way (zero3.py)
                 continue
             if g.master_is_copy:
                 g.full[g.lo : g.hi].copy_(g.master)
@@ -358,10 +354,8 @@ class ZeroDataParallel(SyncSwitch, nn.Module):
     def memory_bytes(self, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
         """Bytes of model states this rank holds: the parameters compute uses, gradients, and
         optimizer state (fp32 masters where they are copies, plus the optimizer's moments)."""
-        params = sum(g.full.numel() * g.full.element_size() if g.full is not None
-                     else (g.shard.numel() * g.shard.element_size() if g.dtype != torch.float32 else 0)
-                     for g in self.groups)
-        grads = sum((g.full_grad.numel() if g.full_grad is not None else g.shard_size) * g.dtype.itemsize
+        params = sum(g.full.numel() * g.full.element_size() for g in self.groups if g.full is not None)
+        grads = sum(g.full_grad.numel() * g.dtype.itemsize if g.full_grad is not None else g.shard_size * 4
                     for g in self.groups)
         opt = sum(g.master.numel() * 4 for g in self.groups if g.master_is_copy or self.stage == 3)
         if optimizer is not None:

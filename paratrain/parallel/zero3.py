@@ -38,7 +38,7 @@ class Unit:
     def __init__(self, engine, module: nn.Module, groups: list, name: str):
         self.engine, self.module, self.groups, self.name = engine, module, groups, name
         self.gathered: list[torch.Tensor] | None = None  # full buffers while in use
-        self.inflight: list | None = None  # (buffers, handles) of a prefetch
+        self.inflight: tuple | None = None  # (buffers, handles) of a prefetch
         device = groups[0].master.device if groups else None
         self.anchor = torch.zeros((), device=device, requires_grad=True)  # puts the gather in autograd
 
@@ -48,8 +48,13 @@ class Unit:
             return
         bufs, handles = [], []
         for g in self.groups:
-            full = torch.empty(g.padded, dtype=g.dtype, device=g.shard.device)
-            handles.append(self.engine.reduction.start_all_gather(full, g.shard))
+            # the fp32 master, cast to compute's dtype into its own place in the full buffer (as
+            # FSDP2 casts before its all-gather): no second copy of the shard is kept, and no
+            # temporary; the all-gather runs in place
+            full = torch.empty(g.padded, dtype=g.dtype, device=g.master.device)
+            mine = full[g.lo : g.hi]
+            mine.copy_(g.master.detach())
+            handles.append(self.engine.reduction.start_all_gather(full, mine))
             bufs.append(full)
         self.inflight = (bufs, handles)
 

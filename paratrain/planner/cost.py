@@ -23,7 +23,9 @@ Memory per device = reserve (CUDA context and NCCL; on cpu-local the measured wo
   as `parallel/zero.py` implements them. fp32: parameters 4, gradients 4, Adam moments 8 bytes per
   parameter; mixed precision: 2 + 2 + 12 (fp32 master copy and moments). ZeRO stage 1 shards the
   optimizer's part, stage 2 also the gradients, stage 3 everything: mixed 16P, 2P + 2P + 12P/d,
-  2P + 14P/d, 16P/d (Rajbhandari et al. 2020).
+  2P + 16P/d, 16P/d (Rajbhandari et al. 2020, whose stage 2 has 14P/d, a 2-byte gradient shard;
+  ours is fp32, the reduction's dtype, as FSDP2's and Megatron's; stage 3 keeps no 2-byte
+  parameter shard, it gathers the fp32 master cast on the way).
 - Activations kept for backward, per layer and micro-batch, counted tensor by tensor as
   Korthikanti et al. 2022 do, for this codebase's block. Korthikanti's 16-bit total is
   sbh(34 + 5as/h) bytes: 16 tensors of sbh 2-byte elements (32), two dropout masks (2), and the

@@ -69,7 +69,9 @@ def rank_params(cfg: GPTConfig, blocks: int, first: bool, last: bool, tp: int, p
 
 def model_state_bytes(n_params: float, zero: int, dp: int, precision: str) -> dict[str, float]:
     """Bytes of parameters, gradients and optimizer state for `n_params` on one rank (ZeRO paper's
-    accounting as parallel/zero.py implements it)."""
+    accounting as parallel/zero.py implements it: a sharded gradient is kept in fp32, the
+    reduction's dtype, 4 bytes where the paper counts 2; stage 3 keeps no 2-byte parameter shard,
+    it gathers the fp32 master cast on the way, so its total is the paper's 16)."""
     if precision == "fp32":
         p, g, o = 4.0, 4.0, 8.0  # Adam's two moments; the master is the parameter itself
     else:
@@ -77,9 +79,9 @@ def model_state_bytes(n_params: float, zero: int, dp: int, precision: str) -> di
     if zero >= 1:
         o /= dp
     if zero >= 2:
-        g /= dp
+        g = 4.0 / dp
     if zero >= 3:
-        p /= dp
+        p = 0.0 if precision != "fp32" else p / dp  # mixed: the master (in `o`) is what is gathered
     return {"params": n_params * p, "grads": n_params * g, "optimizer": n_params * o}
 
 
