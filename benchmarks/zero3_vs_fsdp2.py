@@ -1,12 +1,15 @@
 """Tokens/s and peak memory of paratrain's ZeRO-3 against torch FSDP2 (`fully_shard`), same run.
 
-Both contenders train the same GPT preset (untied embeddings, no dropout) from the same seed on
-the same deterministic batches, with the same world size, global batch and AdamW (lr 1e-3, no
-weight decay, one parameter group), in fp32. FSDP2 follows the usual recipe: `fully_shard` on
-each block of `model.blocks`, then on the root. paratrain sums gradients over dp (the loss is
-divided by the global token count), FSDP2 averages them (each rank takes its local mean loss),
-so both compute the same gradient; their first-step losses must agree (exit status 1 if not),
-and the loss of the last step, after the updates, is printed for each round as well.
+Both contenders train the same GPT or Llama preset (`--model`; GPT untied unless `--tied`, no
+dropout) from the same seed on the same deterministic batches, with the same world size, global
+batch and AdamW (lr 1e-3, no weight decay, one parameter group), in fp32 or, with `--precision
+bf16`, bf16 compute over fp32 masters with fp32 reductions (FSDP2: MixedPrecisionPolicy with
+param_dtype bf16, reduce_dtype fp32). FSDP2 follows the usual recipe: `fully_shard` on each block
+of `model.blocks`, then on the root. paratrain sums gradients over dp (the loss is divided by the
+global token count), FSDP2 averages them (each rank takes its local mean loss), so both compute
+the same gradient; their losses at the first step and at the last, after the updates, must agree
+in every round (exit status 1 if not). `--timeline` profiles one more step of the first round
+(memtimeline.py): live tensor bytes per phase and what is alive at the peak.
 
 Peak memory is a per-process high-water mark, so every round spawns fresh ranks for each
 contender in turn (ours, fsdp2, ours, fsdp2, ...; the noise of a shared machine falls on both).
@@ -18,7 +21,8 @@ returns them to the OS when freed: the resident set then follows the live tensor
 bytes per rank (parameters, gradients, optimizer state incl. ours' fp32 masters) are printed for
 reference: ours from `engine.memory_bytes(optimizer)`, FSDP2's from its local shards.
 
-    python benchmarks/zero3_vs_fsdp2.py --world 2
+    python benchmarks/zero3_vs_fsdp2.py --world 2 --rounds 2 --timeline
+    python benchmarks/zero3_vs_fsdp2.py --world 4 --model llama-small --rounds 2 --precision bf16
     python benchmarks/zero3_vs_fsdp2.py --world 2 --model gpt2 --seq-len 128 --global-batch 4 --steps 3 --rounds 2
 """
 
@@ -163,12 +167,17 @@ def worker(rank: int, world: int, init_file: str, args: argparse.Namespace, out:
     if args.timeline:  # one more step, profiled (every rank runs it; rank 0 reports)
         prof = memtimeline.record(lambda: step(1 + args.warmup + args.steps), device)
         timeline = memtimeline.summary(prof, device) if rank == 0 else None
-    peaks = [torch.zeros(1, dtype=torch.float64, device=device) for _ in range(world)]
-    dist.all_gather(peaks, torch.tensor([peak], dtype=torch.float64, device=device))
+    peak_t = torch.tensor([peak], dtype=torch.float64, device=device)
+    dist.all_reduce(peak_t, op=dist.ReduceOp.MAX)
+    # gloo's worker thread drops its reference to a finished collective's tensors after the wait
+    # returns, and that needs the GIL: were the interpreter already finalising, the thread would
+    # exit inside a C++ destructor and abort the process (SIGABRT, "terminate called without an
+    # active exception", seen about 1 run in 15 with --timeline). A barrier releases the GIL.
+    dist.barrier()
     if rank == 0:
         with open(out, "w") as fh:
             json.dump({"tokens_per_s": tps, "first_loss": float(first), "last_loss": float(last),
-                       "peak_bytes": max(float(p) for p in peaks), "state_bytes": state,
+                       "peak_bytes": float(peak_t), "state_bytes": state,
                        "timeline": timeline}, fh)
     dist.destroy_process_group()
 
@@ -216,17 +225,19 @@ def main() -> None:
     agree = math.isclose(ours, peer, rel_tol=1e-5)
     print(f"\nfirst-step loss: zero3 {ours:.6f}, fsdp2 {peer:.6f}: {'agree' if agree else 'DIFFER'}")
     last = res["last_loss"]
+    agree_last = all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(last["zero3"], last["fsdp2"]))
     print(f"loss of step {args.warmup + args.steps} (after the updates; every round): zero3 "
-          f"{', '.join(f'{x:.6f}' for x in last['zero3'])}, fsdp2 {', '.join(f'{x:.6f}' for x in last['fsdp2'])}")
+          f"{', '.join(f'{x:.6f}' for x in last['zero3'])}, fsdp2 {', '.join(f'{x:.6f}' for x in last['fsdp2'])}: "
+          f"{'agree' if agree_last else 'DIFFER'}")
     print(f"ratio zero3/fsdp2 tokens/s: {ratio:.2f}x, peak memory: {mem_ratio:.2f}x (world {args.world}, "
           f"model {args.model}, batch {args.global_batch}x{args.seq_len}, {args.device}, "
           f"{args.rounds} rounds of {args.warmup}+{args.steps} steps, torch {torch.__version__})")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({**res, "ratio": ratio, "peak_ratio": mem_ratio, "first_loss_agree": agree,
-                       "args": vars(args)}, fh, indent=1)
-    if not agree:
-        raise SystemExit("the contenders disagree on the first-step loss: they do not compute the same thing")
+                       "last_loss_agree": agree_last, "args": vars(args)}, fh, indent=1)
+    if not (agree and agree_last):
+        raise SystemExit("the contenders disagree on the loss: they do not compute the same thing")
 
 
 if __name__ == "__main__":
