@@ -165,7 +165,7 @@ class _Works:
     def wait(self, *args, **kwargs) -> bool:
         for w in self.works:
             w.wait(*args, **kwargs)
-        return True
+        return True  # as a c10d Work's wait
 
     def is_completed(self) -> bool:
         return all(w.is_completed() for w in self.works)
@@ -176,11 +176,12 @@ def _gather_in_place(out: torch.Tensor, shard: torch.Tensor, group: dist.Process
     all_gather_into_tensor through a temporary as large as `out` (ZeRO-3 prefetches one block
     ahead, so a third block-sized buffer would be alive at backward's peak); a broadcast
     reads and writes the tensor it is given."""
-    ranks = dist.get_process_group_ranks(group or dist.group.WORLD)
-    chunks = out.view(len(ranks), -1)
-    chunks[ranks.index(dist.get_rank())].copy_(shard.reshape(-1))  # a no-op when already in place
-    works = [dist.broadcast(chunks[i], src=r, group=group, async_op=True) for i, r in enumerate(ranks)]
-    return _Works(works) if async_op else _Works(works).wait() and None
+    chunks = out.view(dist.get_world_size(group), -1)
+    chunks[dist.get_rank(group)].copy_(shard.reshape(-1))  # a no-op when already in place
+    works = _Works([dist.broadcast(c, group=group, async_op=True, group_src=i) for i, c in enumerate(chunks)])
+    if async_op:
+        return works
+    works.wait()
 
 
 def _all_gather_into(out: torch.Tensor, shard: torch.Tensor, group: dist.ProcessGroup, async_op: bool):
